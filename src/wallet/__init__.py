@@ -1,0 +1,1 @@
+"""Prepaid wallets, orders and an append-only ledger."""

