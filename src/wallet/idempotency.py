@@ -1,0 +1,133 @@
+"""Idempotency-Key records, claimed and completed inside the caller's money transaction.
+
+A record is claimed with INSERT ... ON CONFLICT in the same transaction that moves the money, and
+its final response is written in the transaction that finishes the operation. So there is no
+moment where money moved and the key is unrecorded, or the reverse: if the transaction rolls
+back (validation, insufficient funds, crash), the claim disappears with it and the key is free.
+
+A concurrent request with the same key waits on the uncommitted claim's index entry, then sees
+the committed record: the stored response (replay), 409 while an order is still being
+fulfilled, or 422 if its body differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from wallet.errors import BadRequest, Conflict, IdempotencyMismatch
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    caller: str  # the client id, or "admin"
+    key: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    body: bytes
+
+
+def validate_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= 255 or not raw.isascii() or not raw.isprintable():
+        raise BadRequest(f"{HEADER} must be 1-255 printable ASCII characters", code="INVALID_IDEMPOTENCY_KEY")
+    return raw
+
+
+def _default(value: object) -> str:
+    if isinstance(value, Decimal):
+        return str(value.normalize())
+    raise TypeError
+
+
+def fingerprint(route: str, body: Any) -> bytes:
+    """What makes two requests "the same": the route and the parsed body, keys sorted."""
+    canonical = orjson.dumps(body, default=_default, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(route.encode() + b"\n" + canonical).digest()
+
+
+_CLAIM = text("""
+INSERT INTO idempotency_keys (caller, key, fingerprint, expires_at)
+VALUES (:caller, :key, :fingerprint, now() + make_interval(hours => :ttl_hours))
+ON CONFLICT (caller, key) DO UPDATE
+    SET fingerprint = EXCLUDED.fingerprint, order_id = NULL, response_status = NULL,
+        response_body = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
+    WHERE idempotency_keys.expires_at < now()
+RETURNING caller
+""")
+_EXISTING = text("""
+SELECT fingerprint, response_status, response_body FROM idempotency_keys
+WHERE caller = :caller AND key = :key
+""")
+_COMPLETE = text("""
+UPDATE idempotency_keys SET response_status = :status, response_body = :body
+WHERE caller = :caller AND key = :key
+""")
+_ATTACH_ORDER = text("UPDATE idempotency_keys SET order_id = :order_id WHERE caller = :caller AND key = :key")
+_COMPLETE_ORDER = text("""
+UPDATE idempotency_keys SET response_status = :status, response_body = :body
+WHERE order_id = :order_id AND response_status IS NULL
+""")
+_PURGE = text("""
+DELETE FROM idempotency_keys WHERE ctid IN (
+    SELECT ctid FROM idempotency_keys
+    WHERE expires_at < now() AND response_status IS NOT NULL
+    LIMIT :batch)
+""")
+
+
+async def claim(conn: AsyncConnection, idem: IdempotencyKey, ttl_hours: float) -> StoredResponse | None:
+    """Claim the key for this request, or return the response stored for it earlier."""
+    params = {
+        "caller": idem.caller,
+        "key": idem.key,
+        "fingerprint": idem.fingerprint,
+        "ttl_hours": ttl_hours,
+    }
+    if (await conn.execute(_CLAIM, params)).first() is not None:
+        return None
+    row = (await conn.execute(_EXISTING, {"caller": idem.caller, "key": idem.key})).one()
+    if row.fingerprint != idem.fingerprint:
+        raise IdempotencyMismatch(f"{HEADER} was already used with a different request body or endpoint")
+    if row.response_status is None:
+        raise Conflict(f"A request with this {HEADER} is still being processed; retry later")
+    return StoredResponse(row.response_status, row.response_body)
+
+
+async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, body: bytes) -> None:
+    params = {"caller": idem.caller, "key": idem.key, "status": status, "body": body}
+    await conn.execute(_COMPLETE, params)
+
+
+async def attach_order(conn: AsyncConnection, idem: IdempotencyKey, order_id: str) -> None:
+    await conn.execute(_ATTACH_ORDER, {"caller": idem.caller, "key": idem.key, "order_id": order_id})
+
+
+async def complete_order(conn: AsyncConnection, order_id: str, status: int, body: bytes) -> None:
+    """Store an order's final response under whatever key placed it (if one did)."""
+    await conn.execute(_COMPLETE_ORDER, {"order_id": order_id, "status": status, "body": body})
+
+
+async def purge_expired(engine: AsyncEngine, batch: int = 1000) -> int:
+    """Delete finished records past their expiry, in small batches to keep locks short."""
+    total = 0
+    while True:
+        async with engine.begin() as conn:
+            deleted = (await conn.execute(_PURGE, {"batch": batch})).rowcount
+        total += deleted
+        if deleted < batch:
+            return total

@@ -1,0 +1,91 @@
+"""Admin credits and debits, and balance reads: each one transaction, owned here.
+
+The Idempotency-Key is claimed and its response stored inside the same transaction as the
+movement, so a replay can never move money twice and a refused request leaves no record."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from wallet import idempotency, ledger
+from wallet.ledger import Balance, Movement
+from wallet.money import from_cents
+from wallet.wire import Reply, dumps, ok
+
+
+def _movement_json(movement: Movement, amount_field: str) -> dict[str, Any]:
+    return {
+        "clientId": movement.client_id,
+        "previousBalance": from_cents(movement.balance_before),
+        "newBalance": from_cents(movement.balance_after),
+        amount_field: from_cents(movement.amount),
+    }
+
+
+class Wallets:
+    def __init__(self, engine: AsyncEngine, *, idempotency_ttl_hours: float) -> None:
+        self.engine = engine
+        # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
+        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.idempotency_ttl_hours = idempotency_ttl_hours
+
+    async def _once(
+        self,
+        idem: idempotency.IdempotencyKey | None,
+        move: Callable[[AsyncConnection], Awaitable[Movement]],
+        render: Callable[[Movement], dict[str, Any]],
+        *,
+        single_statement: bool = False,
+    ) -> Reply:
+        if idem is None and single_statement:
+            async with self.single.connect() as conn:
+                return Reply(200, dumps(render(await move(conn))))
+        async with self.engine.begin() as conn:
+            if idem is not None:
+                stored = await idempotency.claim(conn, idem, self.idempotency_ttl_hours)
+                if stored is not None:
+                    return Reply(stored.status, stored.body, replayed=True)
+            reply = Reply(200, dumps(render(await move(conn))))
+            if idem is not None:
+                await idempotency.complete(conn, idem, reply.status, reply.body)
+        return reply
+
+    async def credit(
+        self,
+        client_id: str,
+        amount: int,
+        *,
+        idem: idempotency.IdempotencyKey | None,
+        description: str | None,
+        name: str | None,
+        email: str | None,
+    ) -> Reply:
+        return await self._once(
+            idem,
+            lambda conn: ledger.credit(
+                conn, client_id, amount, description=description, name=name, email=email
+            ),
+            lambda m: ok(_movement_json(m, "amountCredited"), "Wallet credited successfully"),
+        )
+
+    async def debit(
+        self,
+        client_id: str,
+        amount: int,
+        *,
+        idem: idempotency.IdempotencyKey | None,
+        description: str | None,
+    ) -> Reply:
+        return await self._once(
+            idem,
+            lambda conn: ledger.debit(conn, client_id, amount, description=description),
+            lambda m: ok(_movement_json(m, "amountDebited"), "Wallet debited successfully"),
+            single_statement=True,
+        )
+
+    async def balance(self, client_id: str) -> Balance:
+        async with self.single.connect() as conn:
+            return await ledger.balance(conn, client_id)
