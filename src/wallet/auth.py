@@ -1,0 +1,100 @@
+"""Who is calling: the admin (bearer key) or a client (`client-id`, plus its API key when
+CLIENT_AUTH=api_key). Secrets are compared as SHA-256 digests in constant time; client keys
+are stored only as their digest."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from wallet.settings import ClientAuth
+
+CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CLIENT_ID_RULE = "1-64 characters: letters, digits, '_', '.', ':' or '-'"
+KEY_PREFIX = "wk_"
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def valid_client_id(value: object, *, field: str = "client-id header") -> str:
+    if not isinstance(value, str) or not CLIENT_ID.fullmatch(value):
+        raise BadRequest(f"Invalid {field}: {CLIENT_ID_RULE}", code="INVALID_CLIENT_ID")
+    return value
+
+
+def check_admin(token: str | None, admin_key_digest: bytes) -> None:
+    """`token`: the credentials of an `Authorization: Bearer` header, None if there is none."""
+    if not token:
+        raise Unauthorized("Admin authentication required: Authorization: Bearer <ADMIN_API_KEY>")
+    if not hmac.compare_digest(digest(token), admin_key_digest):
+        raise Forbidden("Invalid admin API key", code="INVALID_API_KEY")
+
+
+_KEY_OWNER = text("SELECT client_id FROM api_keys WHERE key_hash = :hash AND revoked_at IS NULL")
+_CREATE_KEY = text("""
+INSERT INTO api_keys (key_id, client_id, key_hash)
+SELECT :key_id, client_id, :hash FROM clients WHERE client_id = :client_id
+RETURNING created_at
+""")
+_REVOKE_KEY = text("""
+UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+WHERE key_id = :key_id AND client_id = :client_id
+RETURNING revoked_at
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key_id: str
+    api_key: str
+    created_at: datetime
+
+
+class ClientAuthenticator:
+    def __init__(self, engine: AsyncEngine, mode: ClientAuth) -> None:
+        self.engine = engine
+        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.mode = mode
+
+    async def authenticate(self, client_id_header: str | None, token: str | None) -> str:
+        if client_id_header is None:
+            raise BadRequest("Missing client-id header", code="MISSING_CLIENT_ID")
+        client_id = valid_client_id(client_id_header)
+        if self.mode is ClientAuth.HEADER:
+            return client_id
+        if not token:
+            raise Unauthorized("Client authentication required: Authorization: Bearer <API key>")
+        async with self.single.connect() as conn:
+            owner = (await conn.execute(_KEY_OWNER, {"hash": digest(token)})).scalar()
+        # The lookup is by digest, so timing says nothing about the key; the owner check is
+        # a comparison of public ids.
+        if owner != client_id:
+            raise Forbidden("API key is not valid for this client", code="INVALID_API_KEY")
+        return client_id
+
+    async def issue(self, client_id: str) -> IssuedKey:
+        key_id = f"key_{secrets.token_hex(8)}"
+        api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+        params = {"key_id": key_id, "hash": digest(api_key), "client_id": client_id}
+        async with self.engine.begin() as conn:
+            created = (await conn.execute(_CREATE_KEY, params)).scalar()
+        if created is None:
+            raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
+        return IssuedKey(key_id, api_key, created)
+
+    async def revoke(self, client_id: str, key_id: str) -> datetime:
+        async with self.engine.begin() as conn:
+            revoked = (await conn.execute(_REVOKE_KEY, {"key_id": key_id, "client_id": client_id})).scalar()
+        if not isinstance(revoked, datetime):
+            raise NotFound("API key not found", code="API_KEY_NOT_FOUND")
+        return revoked

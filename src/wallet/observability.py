@@ -1,0 +1,153 @@
+"""Logs, metrics and request ids: what an operator reads to know what the service did."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from contextvars import ContextVar
+
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+HTTP_REQUESTS = Counter(
+    "wallet_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "wallet_http_request_duration_seconds",
+    "HTTP request latency by route",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ORDERS_FINISHED = Counter("wallet_orders_total", "Orders by final status", ["status"])
+ORDERS_RECOVERED = Counter("wallet_orders_recovered_total", "Orders finished by crash recovery", ["status"])
+FULFILLMENT_ATTEMPTS = Counter("wallet_fulfillment_attempts_total", "Calls to the provider")
+FULFILLMENT_RETRIES = Counter("wallet_fulfillment_retries_total", "Provider calls that were retries")
+FULFILLMENT_FAILURES = Counter(
+    "wallet_fulfillment_failures_total", "Orders whose fulfillment failed", ["reason"]
+)
+RATE_LIMITED = Counter("wallet_rate_limited_total", "Requests refused by the rate limit")
+DB_POOL_IN_USE = Gauge(
+    "wallet_db_pool_connections_in_use",
+    "Database connections checked out",
+    multiprocess_mode="livesum",
+)
+DB_POOL_SIZE = Gauge(
+    "wallet_db_pool_connections_max",
+    "Connections the pools may open (in_use reaching it means requests wait for one)",
+    multiprocess_mode="livesum",
+)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def track_pool(engine: AsyncEngine, size: int) -> None:
+    """Keep the pool gauges live. Counted on checkout/checkin rather than read at scrape time:
+    with several workers each process's value must be current when any one of them is scraped."""
+    DB_POOL_SIZE.inc(size)
+    pool = engine.sync_engine.pool
+    event.listen(pool, "checkout", lambda *_: DB_POOL_IN_USE.inc())
+    event.listen(pool, "checkin", lambda *_: DB_POOL_IN_USE.dec())
+
+
+def untrack_pool(size: int) -> None:
+    DB_POOL_SIZE.dec(size)
+
+
+def _add_pid(_: object, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """Which worker wrote the line, when WORKERS > 1."""
+    event_dict["pid"] = os.getpid()
+    return event_dict
+
+
+def configure_logging(level: str, renderer: str) -> None:
+    """structlog for our events; the stdlib loggers (uvicorn, alembic) go through the same
+    renderer, so every line on stderr has one format (JSON in production)."""
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_pid,
+    ]
+    render: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if renderer == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, render],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, render],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
+
+
+def _route_of(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class RequestContext:
+    """Request id in and out (`X-Request-ID`), one access log line, request metrics."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.log = structlog.get_logger("wallet.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_of(scope)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_LATENCY.labels(method, route).observe(elapsed)
+            self.log.info(
+                "request",
+                method=method,
+                path=scope["path"],
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+            REQUEST_ID.reset(token)
