@@ -1,0 +1,286 @@
+"""HTTP routes: parse and authenticate, call the operation, send its reply. No business rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+from wallet import idempotency
+from wallet.auth import ClientAuthenticator, check_admin
+from wallet.errors import BadRequest, NotFound
+from wallet.money import Amount, from_cents, parse_json
+from wallet.orders import Orders, order_json
+from wallet.schemas import (
+    BalanceEnvelope,
+    MovementEnvelope,
+    OrderEnvelope,
+    error_responses,
+)
+from wallet.settings import Settings
+from wallet.wallets import Wallets
+from wallet.wire import JSONBytes, Reply, iso, json_response, ok
+
+ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
+
+
+@dataclass
+class Services:
+    """Everything a request needs, built once at start (see `app.lifespan`)."""
+
+    settings: Settings
+    admin_key_digest: bytes
+    wallets: Wallets
+    orders: Orders
+    clients: ClientAuthenticator
+
+
+async def services(request: Request) -> Services:
+    """Async on purpose: FastAPI runs a plain `def` dependency in a thread pool."""
+    svc: Services = request.app.state.services
+    return svc
+
+
+Svc = Annotated[Services, Depends(services)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+ClientIdField = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["CLIENT123"])]
+Text = Annotated[str, Field(max_length=500, pattern=r"^[^\x00]*$")]
+
+
+class CreditRequest(_Body):
+    client_id: ClientIdField
+    amount: Amount
+    name: Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")] | None = None
+    email: Annotated[str, Field(max_length=320, pattern=r"^[^\x00]*$")] | None = None
+    description: Text | None = None
+
+
+class DebitRequest(_Body):
+    client_id: ClientIdField
+    amount: Amount
+    description: Text | None = None
+
+
+class OrderRequest(_Body):
+    amount: Amount
+
+
+M = TypeVar("M", bound=_Body)
+
+
+@dataclass(frozen=True)
+class Parsed(Generic[M]):
+    model: M
+    raw: dict[str, Any]
+
+
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[Parsed[M]]]:
+    """Parse the body ourselves: exact decimals, no duplicate keys, 400 on anything wrong."""
+
+    async def parse(request: Request) -> Parsed[M]:
+        raw = parse_json(await request.body())
+        if not isinstance(raw, dict):
+            raise BadRequest("Request body must be a JSON object")
+        try:
+            return Parsed(model.model_validate(raw), raw)
+        except ValidationError as exc:
+            details = [
+                {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
+                for err in exc.errors(include_url=False, include_input=False)
+            ]
+            first = details[0]
+            raise BadRequest(f"{first['field']}: {first['message']}", details=details) from None
+
+    return parse
+
+
+def body_doc(model: type[_Body]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+IdemHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes a retried request safe: same key and body, same answer, money moved once.",
+        max_length=255,
+    ),
+]
+
+
+def _idem(
+    caller: str, raw: str | None, route: str, body: dict[str, Any]
+) -> idempotency.IdempotencyKey | None:
+    key = idempotency.validate_key(raw)
+    if key is None:
+        return None
+    return idempotency.IdempotencyKey(caller, key, idempotency.fingerprint(route, body))
+
+
+def reply(result: Reply) -> Response:
+    headers = {idempotency.REPLAYED_HEADER: "true"} if result.replayed else None
+    return JSONBytes(result.body, status_code=result.status, headers=headers)
+
+
+# Declared as security schemes so the OpenAPI document says which key each route wants; a
+# missing header, another scheme or an empty token all arrive here as None (-> 401).
+ADMIN_BEARER = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="`ADMIN_API_KEY`")
+CLIENT_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="ClientKey",
+    description="A key from `POST /admin/clients/{client_id}/api-keys`, sent with the `client-id` it "
+    "belongs to. Required when CLIENT_AUTH=api_key (the production default).",
+)
+Bearer = HTTPAuthorizationCredentials | None
+
+
+def _token(credentials: Bearer) -> str | None:
+    return credentials.credentials.strip() if credentials is not None else None
+
+
+async def require_admin(svc: Svc, credentials: Annotated[Bearer, Security(ADMIN_BEARER)]) -> None:
+    check_admin(_token(credentials), svc.admin_key_digest)
+
+
+async def require_client(
+    svc: Svc,
+    credentials: Annotated[Bearer, Security(CLIENT_BEARER)],
+    client_id: Annotated[
+        str | None,
+        Header(alias="client-id", description="The calling client's id", examples=["CLIENT123"]),
+    ] = None,
+) -> str:
+    return await svc.clients.authenticate(client_id, _token(credentials))
+
+
+Admin = Depends(require_admin)
+ClientId = Annotated[str, Depends(require_client)]
+
+router = APIRouter()
+
+
+@router.post(
+    "/admin/wallet/credit",
+    tags=["admin"],
+    dependencies=[Admin],
+    openapi_extra=body_doc(CreditRequest),
+    responses={
+        200: {"model": MovementEnvelope},
+        **error_responses(400, 401, 403, 409, 413, 422, 429),
+    },
+)
+async def credit_wallet(
+    svc: Svc,
+    body: Annotated[Parsed[CreditRequest], Depends(json_body(CreditRequest))],
+    idempotency_key: IdemHeader = None,
+) -> Response:
+    req = body.model
+    result = await svc.wallets.credit(
+        req.client_id,
+        req.amount,
+        idem=_idem("admin", idempotency_key, "credit", body.raw),
+        description=req.description,
+        name=req.name,
+        email=req.email,
+    )
+    return reply(result)
+
+
+@router.post(
+    "/admin/wallet/debit",
+    tags=["admin"],
+    dependencies=[Admin],
+    openapi_extra=body_doc(DebitRequest),
+    responses={
+        200: {"model": MovementEnvelope},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+    },
+)
+async def debit_wallet(
+    svc: Svc,
+    body: Annotated[Parsed[DebitRequest], Depends(json_body(DebitRequest))],
+    idempotency_key: IdemHeader = None,
+) -> Response:
+    req = body.model
+    result = await svc.wallets.debit(
+        req.client_id,
+        req.amount,
+        idem=_idem("admin", idempotency_key, "debit", body.raw),
+        description=req.description,
+    )
+    return reply(result)
+
+
+@router.post(
+    "/orders",
+    tags=["client"],
+    status_code=201,
+    openapi_extra=body_doc(OrderRequest),
+    responses={
+        201: {"model": OrderEnvelope},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429, 502, 503),
+    },
+)
+async def create_order(
+    request: Request,
+    svc: Svc,
+    client_id: ClientId,
+    body: Annotated[Parsed[OrderRequest], Depends(json_body(OrderRequest))],
+    idempotency_key: IdemHeader = None,
+) -> Response:
+    from wallet.observability import REQUEST_ID
+
+    result = await svc.orders.place(
+        client_id,
+        body.model.amount,
+        _idem(client_id, idempotency_key, "order", body.raw),
+        REQUEST_ID.get(),
+    )
+    return reply(result)
+
+
+@router.get(
+    "/orders/{order_id}",
+    tags=["client"],
+    responses={200: {"model": OrderEnvelope}, **error_responses(400, 401, 403, 404, 429)},
+)
+async def get_order(
+    svc: Svc,
+    client_id: ClientId,
+    order_id: Annotated[str, Path(examples=["ORD-1703251234567-a1b2c3d4"])],
+) -> Response:
+    if not ORDER_ID.fullmatch(order_id):
+        raise NotFound("Order not found", code="ORDER_NOT_FOUND")
+    order = await svc.orders.get(client_id, order_id)
+    return json_response(200, ok(order_json(order, updated=True)))
+
+
+@router.get(
+    "/wallet/balance",
+    tags=["client"],
+    responses={200: {"model": BalanceEnvelope}, **error_responses(400, 401, 403, 404, 429)},
+)
+async def get_balance(svc: Svc, client_id: ClientId) -> Response:
+    balance = await svc.wallets.balance(client_id)
+    data = {
+        "clientId": balance.client_id,
+        "balance": from_cents(balance.balance),
+        "lastUpdated": iso(balance.updated_at),
+    }
+    return json_response(200, ok(data))

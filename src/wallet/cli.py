@@ -1,0 +1,202 @@
+"""`wallet serve | migrate | verify | simulator | openapi`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from types import FrameType
+
+from pydantic import ValidationError
+
+from wallet.database import create_engine, embedded_postgres, migrate
+from wallet.observability import configure_logging
+from wallet.settings import Settings
+
+
+def load_settings() -> Settings:
+    """Settings, or one clear line naming the bad variable and exit 2."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]).upper()
+        message = err["msg"].removeprefix("Value error, ")
+        line = f"{where}: {message}" if where else message
+        print(f"wallet: invalid configuration: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured DATABASE_URL, or an embedded server for as long as the block runs."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    with embedded_postgres(settings.data_dir) as url:
+        print(f"wallet: embedded PostgreSQL under {settings.data_dir}", file=sys.stderr)
+        yield url
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url, pool_size=1)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+def serve() -> None:
+    import uvicorn
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_renderer)
+    with database(settings) as url, contextlib.ExitStack() as cleanup:
+        env = {"DATABASE_URL": url}
+        if not settings.admin_api_key:
+            env["ADMIN_API_KEY"] = settings.admin_key
+            print(f"wallet: development admin key: {settings.admin_key}", file=sys.stderr)
+        if not settings.fulfillment_api_url and not settings.production:
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+            env["SIMULATOR"] = "true"
+            env["FULFILLMENT_API_URL"] = f"http://{host}:{settings.port}/_simulator/fulfillments"
+            print("wallet: using the built-in fulfillment simulator", file=sys.stderr)
+        workers = settings.worker_count
+        if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # Workers are spawned, so they import prometheus_client with this already set and
+            # write their samples there; /metrics in any worker sums them all.
+            metrics_dir = tempfile.TemporaryDirectory(prefix="wallet-metrics-")
+            env["PROMETHEUS_MULTIPROC_DIR"] = cleanup.enter_context(metrics_dir)
+        os.environ.update(env)
+        settings = load_settings()
+        asyncio.run(_migrate(url))
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
+        # previous handler in place. Make that handler an orderly exit, so the `with` above
+        # still stops the embedded PostgreSQL instead of the process dying by the signal.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run(
+            "wallet.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            # Client IPs come from TRUSTED_PROXIES only (ratelimit.client_ip); uvicorn's own
+            # proxy-header handling would believe X-Forwarded-For from any loopback peer.
+            proxy_headers=False,
+            timeout_graceful_shutdown=int(settings.order_lease_seconds),
+        )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def migrate_cmd() -> None:
+    settings = load_settings()
+    with database(settings) as url:
+        asyncio.run(_migrate(url))
+    print("wallet: migrations applied", file=sys.stderr)
+
+
+def verify() -> None:
+    """Exit 0 if every wallet's ledger checks out; otherwise name each wallet's first bad
+    entry and exit 1."""
+    from wallet.verify import Verdict, verify_ledger
+
+    settings = load_settings()
+    show_progress = sys.stderr.isatty()
+
+    def progress(verdict: Verdict) -> None:
+        print(
+            f"\rverified {verdict.entries:,} entries in {verdict.wallets:,} wallets",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def run(url: str) -> Verdict:
+        engine = create_engine(url, pool_size=2)
+        try:
+            return await verify_ledger(engine, progress if show_progress else None)
+        finally:
+            await engine.dispose()
+
+    with database(settings) as url:
+        verdict = asyncio.run(run(url))
+    if show_progress:
+        print(file=sys.stderr)
+    summary = f"{verdict.wallets} wallets, {verdict.entries} entries"
+    if verdict.ok:
+        print(f"wallet verify: OK: {summary}")
+        return
+    print(f"wallet verify: FAILED: {len(verdict.faults)} fault(s) in {summary}")
+    for fault in verdict.faults:
+        print(f"  {fault.describe()}")
+    raise SystemExit(1)
+
+
+def simulator(port: int, latency: float) -> None:
+    import uvicorn
+
+    from wallet.simulator import Faults, Simulator
+
+    sim = Simulator(faults=Faults(latency_seconds=latency))
+    uvicorn.run(
+        sim.asgi(),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+    )
+
+
+def openapi() -> None:
+    from wallet.app import openapi_document
+
+    settings = Settings(database_url="postgresql://unused/openapi", admin_api_key="x" * 32)
+    json.dump(openapi_document(settings), sys.stdout, indent=2)
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="wallet", description="Prepaid wallet service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="migrate, then serve the HTTP API")
+    commands.add_parser("migrate", help="apply pending database migrations")
+    commands.add_parser("verify", help="check every wallet's ledger: sums, chain, hashes")
+    sim = commands.add_parser("simulator", help="run a standalone fulfillment simulator")
+    sim.add_argument("--port", type=int, default=3001)
+    sim.add_argument("--latency", type=float, default=0.0, help="seconds per call")
+    commands.add_parser("openapi", help="print the OpenAPI document")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            serve()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn already shut down gracefully
+            raise SystemExit(130) from None
+    elif args.command == "migrate":
+        migrate_cmd()
+    elif args.command == "verify":
+        verify()
+    elif args.command == "simulator":
+        simulator(args.port, args.latency)
+    elif args.command == "openapi":
+        openapi()
+
+
+if __name__ == "__main__":
+    main()

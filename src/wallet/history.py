@@ -1,0 +1,212 @@
+"""Reading what happened: pages of a wallet's ledger and of a client's orders, and the ledger
+verdict for admins.
+
+Pages are keyset-paginated, newest first: each page is one range scan of an index
+(`ledger_entries (client_id, entry_no)`, `orders (client_id[, status], id)`) with a LIMIT, so
+the millionth page costs what the first one does. The cursor is the last row's key, opaque to
+clients (base64) but validated strictly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.responses import Response
+
+from wallet.api import Admin, ClientId, Svc
+from wallet.errors import BadRequest, NotFound
+from wallet.ledger import OrderRow
+from wallet.money import from_cents
+from wallet.orders import order_json
+from wallet.schemas import (
+    ClientEnvelope,
+    LedgerPage,
+    OrderPage,
+    VerifyEnvelope,
+    error_responses,
+)
+from wallet.verify import verify_ledger
+from wallet.wire import iso, json_response, ok
+
+_CURSOR = re.compile(r"^c1:([1-9][0-9]{0,18})$")
+
+Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1-100")]
+Cursor = Annotated[
+    str | None,
+    Query(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="`nextCursor` of the previous page (opaque)"),
+]
+PathClientId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["CLIENT123"])]
+
+
+def encode_cursor(key: int) -> str:
+    return base64.urlsafe_b64encode(f"c1:{key}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    match = _CURSOR.fullmatch(raw)
+    if match is None or int(match.group(1)) > 2**63 - 1:
+        raise BadRequest("Invalid cursor: pass the nextCursor of a previous page", code="INVALID_CURSOR")
+    return int(match.group(1))
+
+
+_LEDGER_COLUMNS = """id, entry_no, type, amount, balance_before, balance_after, reference_id,
+    description, created_at"""
+_LEDGER_FIRST = text(f"""
+SELECT {_LEDGER_COLUMNS} FROM ledger_entries
+WHERE client_id = :client_id ORDER BY entry_no DESC LIMIT :limit
+""")
+_LEDGER_AFTER = text(f"""
+SELECT {_LEDGER_COLUMNS} FROM ledger_entries
+WHERE client_id = :client_id AND entry_no < :key ORDER BY entry_no DESC LIMIT :limit
+""")
+_ORDER_COLUMNS = "id, order_id, amount, status, fulfillment_id, failure, created_at, updated_at"
+_ORDERS = {
+    (False, False): f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_id = :client_id",
+    (True, False): f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_id = :client_id AND status = :status",
+    (False, True): f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_id = :client_id AND id < :key",
+    (True, True): f"SELECT {_ORDER_COLUMNS} FROM orders"
+    " WHERE client_id = :client_id AND status = :status AND id < :key",
+}
+_ORDER_PAGES = {k: text(q + " ORDER BY id DESC LIMIT :limit") for k, q in _ORDERS.items()}
+_WALLET_EXISTS = text("SELECT 1 FROM wallets WHERE client_id = :client_id")
+_PROFILE = text("""
+SELECT c.client_id, c.name, c.email, c.created_at, w.balance, w.updated_at
+FROM clients c JOIN wallets w USING (client_id)
+WHERE c.client_id = :client_id
+""")
+
+
+def _entry_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "entryNo": row.entry_no,
+        "type": row.type,
+        "amount": from_cents(row.amount),
+        "balanceBefore": from_cents(row.balance_before),
+        "balanceAfter": from_cents(row.balance_after),
+        "referenceId": row.reference_id,
+        "description": row.description,
+        "createdAt": iso(row.created_at),
+    }
+
+
+def _page(items: list[dict[str, Any]], next_key: int | None) -> Response:
+    body = {
+        "success": True,
+        "data": items,
+        "nextCursor": encode_cursor(next_key) if next_key is not None else None,
+    }
+    return json_response(200, body)
+
+
+async def ledger_page(engine: AsyncEngine, client_id: str, limit: int, cursor: str | None) -> Response:
+    key = decode_cursor(cursor)
+    params = {"client_id": client_id, "limit": limit + 1, "key": key}
+    async with engine.connect() as conn:
+        rows = (await conn.execute(_LEDGER_FIRST if key is None else _LEDGER_AFTER, params)).all()
+        if not rows and (await conn.execute(_WALLET_EXISTS, params)).first() is None:
+            raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return _page([_entry_json(r) for r in rows], rows[-1].entry_no if more else None)
+
+
+router = APIRouter()
+
+
+@router.get(
+    "/wallet/transactions",
+    tags=["client"],
+    responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)},
+)
+async def own_transactions(
+    svc: Svc, client_id: ClientId, limit: Limit = 20, cursor: Cursor = None
+) -> Response:
+    return await ledger_page(svc.wallets.single, client_id, limit, cursor)
+
+
+@router.get(
+    "/orders",
+    tags=["client"],
+    responses={200: {"model": OrderPage}, **error_responses(400, 401, 403, 429)},
+)
+async def own_orders(
+    svc: Svc,
+    client_id: ClientId,
+    status: Annotated[Literal["PENDING", "COMPLETED", "FAILED"] | None, Query()] = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> Response:
+    key = decode_cursor(cursor)
+    query = _ORDER_PAGES[(status is not None, key is not None)]
+    params = {"client_id": client_id, "status": status, "key": key, "limit": limit + 1}
+    async with svc.wallets.single.connect() as conn:
+        rows = (await conn.execute(query, params)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [
+        order_json(
+            OrderRow(r.order_id, r.amount, r.status, r.fulfillment_id, r.created_at, r.updated_at),
+            updated=True,
+        )
+        for r in rows
+    ]
+    return _page(items, rows[-1].id if more else None)
+
+
+@router.get(
+    "/admin/clients/{client_id}",
+    tags=["admin"],
+    dependencies=[Admin],
+    responses={200: {"model": ClientEnvelope}, **error_responses(400, 401, 403, 404, 429)},
+)
+async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
+    async with svc.wallets.single.connect() as conn:
+        row = (await conn.execute(_PROFILE, {"client_id": client_id})).first()
+    if row is None:
+        raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
+    data = {
+        "clientId": row.client_id,
+        "name": row.name,
+        "email": row.email,
+        "balance": from_cents(row.balance),
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+    }
+    return json_response(200, ok(data))
+
+
+@router.get(
+    "/admin/clients/{client_id}/ledger",
+    tags=["admin"],
+    dependencies=[Admin],
+    responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)},
+)
+async def client_ledger(
+    svc: Svc, client_id: PathClientId, limit: Limit = 20, cursor: Cursor = None
+) -> Response:
+    return await ledger_page(svc.wallets.single, client_id, limit, cursor)
+
+
+@router.get(
+    "/admin/ledger/verify",
+    tags=["admin"],
+    dependencies=[Admin],
+    responses={200: {"model": VerifyEnvelope}, **error_responses(401, 403, 429)},
+)
+async def ledger_verdict(svc: Svc) -> Response:
+    """Recomputes every wallet's chain: costs a full read of the ledger."""
+    verdict = await verify_ledger(svc.wallets.engine)
+    return json_response(200, ok(verdict.as_json()))
