@@ -1,0 +1,219 @@
+"""Builders for tests: the service and the provider as real HTTP servers on loopback, and a
+small client that speaks the API the way a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.types import ASGIApp
+
+from wallet.app import create_app
+from wallet.simulator import Faults, Simulator
+
+ADMIN_KEY = "test-admin-key-0123456789abcdef0123"
+
+
+@contextlib.asynccontextmanager
+async def serve(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on a loopback port bound up front: connections made before
+    startup finishes wait in the listen backlog, so no readiness polling is needed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=1,
+        loop="asyncio",
+        proxy_headers=False,  # as `wallet serve` runs it
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@dataclass
+class Provider:
+    url: str
+    simulator: Simulator
+
+    @property
+    def faults(self) -> Faults:
+        return self.simulator.faults
+
+    def set(self, **faults: Any) -> None:
+        self.simulator.faults = Faults(**faults)
+
+
+@contextlib.asynccontextmanager
+async def start_provider(**faults: Any) -> AsyncIterator[Provider]:
+    simulator = Simulator(faults=Faults(**faults))
+    async with serve(simulator.asgi("/fulfillments")) as base:
+        yield Provider(f"{base}/fulfillments", simulator)
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/fulfillments"
+
+
+def settings_env(database_url: str, provider_url: str, **overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "app_env": "development",
+        "database_url": database_url,
+        "admin_api_key": ADMIN_KEY,
+        "fulfillment_api_url": provider_url,
+        "fulfillment_timeout_seconds": 2.0,
+        "fulfillment_max_attempts": 3,
+        "fulfillment_backoff_seconds": 0.01,
+        "rate_limit": "off",
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return values
+
+
+@dataclass
+class Api:
+    """The service as a user sees it: HTTP calls with the right headers, nothing else."""
+
+    http: httpx.AsyncClient
+    admin_headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    async def credit(self, client_id: str, amount: Any, **extra: Any) -> httpx.Response:
+        body = {"client_id": client_id, "amount": amount, **extra}
+        return await self.http.post("/admin/wallet/credit", json=_jsonable(body), headers=self.admin_headers)
+
+    async def debit(self, client_id: str, amount: Any, **extra: Any) -> httpx.Response:
+        body = {"client_id": client_id, "amount": amount, **extra}
+        return await self.http.post("/admin/wallet/debit", json=_jsonable(body), headers=self.admin_headers)
+
+    async def order(
+        self, client_id: str, amount: Any, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.http.post(
+            "/orders",
+            json=_jsonable({"amount": amount}),
+            headers={"client-id": client_id, **(headers or {})},
+        )
+
+    async def get_order(self, client_id: str, order_id: str) -> httpx.Response:
+        return await self.http.get(f"/orders/{order_id}", headers={"client-id": client_id})
+
+    async def balance(self, client_id: str) -> Decimal:
+        response = await self.http.get("/wallet/balance", headers={"client-id": client_id})
+        assert response.status_code == 200, response.text
+        return Decimal(str(response.json()["data"]["balance"]))
+
+
+def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
+    """Decimals go out as JSON numbers with their exact digits."""
+    return {k: (float(v) if isinstance(v, Decimal) else v) for k, v in body.items()}
+
+
+@contextlib.asynccontextmanager
+async def start_service(database_url: str, provider_url: str, **overrides: Any) -> AsyncIterator[Api]:
+    from wallet.settings import Settings
+
+    settings = Settings(**settings_env(database_url, provider_url, **overrides))
+    async with (
+        serve(create_app(settings)) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as http,
+    ):
+        yield Api(http)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """`wallet serve` as its own process: what operators run, and what SIGKILL can kill."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    lines: list[str] = field(default_factory=list)
+    _seen: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def _pump(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+            async with self._seen:
+                self._seen.notify_all()
+        async with self._seen:
+            self._seen.notify_all()
+
+    async def wait_for(self, text: str, count: int = 1) -> None:
+        """Until `count` log lines containing `text` were written; fails if the process exits."""
+
+        def enough() -> bool:
+            return sum(text in line for line in self.lines) >= count or self.process.returncode is not None
+
+        async with self._seen:
+            await self._seen.wait_for(enough)
+        assert sum(text in line for line in self.lines) >= count, "\n".join(self.lines[-30:])
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+
+@contextlib.asynccontextmanager
+async def spawn_service(env: dict[str, str], *, unset: tuple[str, ...] = ()) -> AsyncIterator[ServerProcess]:
+    """Start `wallet serve` with `env` (plus PORT, minus `unset`) and wait until it accepts
+    requests."""
+    port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if k not in unset}
+    full_env = {**inherited, **env, "PORT": str(port), "HOST": "127.0.0.1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "wallet.cli",
+        "serve",
+        env=full_env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: workers included, whatever killed the parent
+    )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}")
+    pump = asyncio.create_task(server._pump())
+    try:
+        await asyncio.wait_for(server.wait_for("Application startup complete"), 60)
+        yield server
+    finally:
+        if process.returncode is None:
+            process.terminate()  # graceful: the supervisor stops its workers and cleans up
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # anything left, e.g. workers of a killed parent
+        await process.wait()
+        await pump

@@ -1,0 +1,89 @@
+"""Real parts only: a real PostgreSQL (DATABASE_URL, or an embedded server when unset), a fresh
+database per test cloned from a migrated template, and real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.builders import Provider, start_provider
+from wallet.database import create_engine, embedded_postgres, migrate, plain_url
+
+
+def _with_database(url: str, name: str) -> str:
+    return make_url(plain_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+def _asyncpg_dsn(url: str) -> str:
+    """asyncpg reads the socket directory from `host=` in the query, like libpq."""
+    return plain_url(url)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="wallet-test-pg-") as data_dir,
+        embedded_postgres(Path(data_dir) / "pgdata") as url,
+    ):
+        yield url
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _migrate_url(url: str) -> None:
+    engine = create_engine(url, pool_size=1)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_url: str) -> Iterator[str]:
+    """Migrated once per run; every test's database is a copy of it."""
+    name = f"wallet_tpl_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(postgres_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(_migrate_url(_with_database(postgres_url, name)))
+    yield name
+    asyncio.run(_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def database_url(postgres_url: str, template_database: str) -> AsyncIterator[str]:
+    name = f"wallet_test_{uuid.uuid4().hex[:12]}"
+    await _admin(
+        postgres_url,
+        f'CREATE DATABASE "{name}" TEMPLATE "{template_database}" STRATEGY FILE_COPY',
+    )
+    yield _with_database(postgres_url, name)
+    await _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[Provider]:
+    async with start_provider() as running:
+        yield running
+
+
+@pytest.fixture
+def redis_url() -> str | None:
+    return os.environ.get("REDIS_URL")

@@ -1,0 +1,96 @@
+"""The benchmark's ceiling must run the service's own statements and leave the same data the
+service would: otherwise the ratios `make bench` prints compare different work."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from bench import ceiling
+from wallet import ledger
+from wallet.database import create_engine
+
+ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
+
+
+def test_binds_become_pgbench_variables_and_casts_stay() -> None:
+    assert ceiling.to_pgbench(ledger._BALANCE, {"client_id": ":cid"}) == (
+        "SELECT balance, updated_at FROM wallets WHERE client_id = :cid"
+    )
+    script = ceiling.order((100001, 100001)).text
+    assert "::bigint" in script
+    assert ":client_id" not in script
+    assert ":order_id" not in script
+
+
+def test_a_bind_the_bench_does_not_know_stops_it() -> None:
+    with pytest.raises(KeyError, match="no pgbench value for bind :delta"):
+        ceiling.to_pgbench(ledger._DEBIT, {"client_id": ":cid"})
+
+
+async def _wallets(url: str, *client_ids: str) -> None:
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            for client_id in client_ids:
+                await ledger.credit(conn, client_id, 1_000_000)
+    finally:
+        await engine.dispose()
+
+
+async def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in (await conn.execute(text(sql))).all()]
+    finally:
+        await engine.dispose()
+
+
+async def test_ceiling_orders_and_debits_are_the_service_s_transactions(database_url: str) -> None:
+    await _wallets(database_url, "100001", "100002", "300001")
+    with tempfile.TemporaryDirectory() as tmp:
+        orders = await asyncio.to_thread(
+            ceiling.run_pgbench,
+            database_url,
+            ceiling.order((100001, 100002)),
+            Path(tmp),
+            clients=2,
+            threads=1,
+            seconds=1,
+        )
+        debits = await asyncio.to_thread(
+            ceiling.run_pgbench,
+            database_url,
+            ceiling.debit(300001),
+            Path(tmp),
+            clients=2,
+            threads=1,
+            seconds=1,
+        )
+    assert orders.error is None
+    assert debits.error is None
+    assert orders.transactions > 0
+    assert debits.transactions > 0
+    placed = await _rows(database_url, "SELECT order_id, status, amount, fulfillment_id FROM orders")
+    assert len(placed) == orders.transactions
+    assert all(ORDER_ID.fullmatch(str(order_id)) for order_id, *_ in placed)
+    assert {(status, amount, fid) for _, status, amount, fid in placed} == {
+        ("COMPLETED", ceiling.ORDER_CENTS, "101")
+    }
+    entries = await _rows(
+        database_url,
+        "SELECT e.description, o.order_id FROM ledger_entries e "
+        "LEFT JOIN orders o ON o.order_id = e.reference_id WHERE e.type = 'ORDER_DEDUCTION'",
+    )
+    assert len(entries) == orders.transactions
+    assert all(description == f"Payment for order {order_id}" for description, order_id in entries)
+    balances: dict[str, int] = dict(await _rows(database_url, "SELECT client_id, balance FROM wallets"))
+    assert balances["100001"] + balances["100002"] == 2_000_000 - orders.transactions * ceiling.ORDER_CENTS
+    assert balances["300001"] == 1_000_000 - debits.transactions * ceiling.DEBIT_CENTS

@@ -1,0 +1,118 @@
+"""`wallet serve` and `wallet migrate` as an operator runs them: real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from tests.builders import Provider, spawn_service
+from wallet.database import plain_url
+
+
+async def test_serve_with_embedded_postgres_answers_the_original_examples(
+    tmp_path: Path, provider: Provider
+) -> None:
+    """No DATABASE_URL: an embedded PostgreSQL starts under DATA_DIR and stops with the server.
+    SIGTERM lets the order in flight finish before the process exits."""
+    data_dir = tmp_path / "data"
+    gate = asyncio.Event()
+    env = {
+        "DATA_DIR": str(data_dir),
+        "FULFILLMENT_API_URL": provider.url,
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "100/minute",
+    }
+    async with (
+        spawn_service(env, unset=("DATABASE_URL", "REDIS_URL", "ADMIN_API_KEY")) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+    ):
+        key_lines = [line for line in server.lines if "development admin key:" in line]
+        assert len(key_lines) == 1
+        admin_key = key_lines[0].rsplit(" ", 1)[-1]
+        assert (data_dir / "postmaster.pid").exists()
+
+        credit = await http.post(
+            "/admin/wallet/credit",
+            json={"client_id": "TEST_CLIENT", "amount": 1000},
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )
+        assert credit.status_code == 200
+        assert credit.headers["RateLimit-Limit"] == "100"
+        balance = await http.get("/wallet/balance", headers={"client-id": "TEST_CLIENT"})
+        assert balance.json()["data"]["balance"] == 1000
+        order = await http.post("/orders", json={"amount": 50.00}, headers={"client-id": "TEST_CLIENT"})
+        assert order.status_code == 201
+        order_id = order.json()["data"]["orderId"]
+        details = await http.get(f"/orders/{order_id}", headers={"client-id": "TEST_CLIENT"})
+        assert details.json()["data"]["status"] == "COMPLETED"
+
+        provider.set(gate=gate)
+        in_flight = asyncio.create_task(
+            http.post("/orders", json={"amount": 25}, headers={"client-id": "TEST_CLIENT"})
+        )
+        await provider.simulator.wait_for_calls(2)
+        server.process.send_signal(signal.SIGTERM)
+        await server.wait_for("Shutting down")
+        gate.set()
+        finished = await in_flight
+        assert finished.status_code == 201
+        assert await asyncio.wait_for(server.process.wait(), 60) == 0
+    assert not (data_dir / "postmaster.pid").exists(), "the embedded PostgreSQL was left running"
+
+
+async def test_serve_uses_database_url(database_url: str, provider: Provider) -> None:
+    env = {"DATABASE_URL": database_url, "FULFILLMENT_API_URL": provider.url, "LOG_LEVEL": "info"}
+    async with (
+        spawn_service(env, unset=("ADMIN_API_KEY",)) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+    ):
+        assert (await http.get("/ready")).status_code == 200
+        assert not any("embedded PostgreSQL" in line for line in server.lines)
+
+
+def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:
+    name = f"wallet_cli_{uuid.uuid4().hex[:12]}"
+    url = make_url(plain_url(postgres_url)).set(database=name).render_as_string(hide_password=False)
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(plain_url(postgres_url))
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def tables() -> set[str]:
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        finally:
+            await conn.close()
+        return {r["tablename"] for r in rows}
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        for _ in range(2):  # the second run finds nothing to do
+            result = subprocess.run(
+                [sys.executable, "-m", "wallet.cli", "migrate"],
+                env={**os.environ, "DATABASE_URL": url},
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+        assert {"clients", "wallets", "ledger_entries", "orders", "idempotency_keys", "api_keys"} <= (
+            asyncio.run(tables())
+        )
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -1,0 +1,197 @@
+"""Idempotency-Key: a retried request never moves money twice (SPEC §5)."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import asyncpg
+import httpx
+
+from tests.builders import Api, Provider, start_service
+from wallet import idempotency
+from wallet.database import create_engine, plain_url
+
+
+def key(value: str) -> dict[str, str]:
+    return {"Idempotency-Key": value}
+
+
+async def credit_with_key(api: Api, client_id: str, amount: float, idem: str) -> httpx.Response:
+    return await api.http.post(
+        "/admin/wallet/credit",
+        json={"client_id": client_id, "amount": amount},
+        headers={**api.admin_headers, **key(idem)},
+    )
+
+
+async def ledger_count(database_url: str, client_id: str) -> int:
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM ledger_entries WHERE client_id = $1", client_id
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def test_replayed_credit_returns_the_stored_answer_and_moves_nothing(
+    database_url: str, provider: Provider
+) -> None:
+    async with start_service(database_url, provider.url) as api:
+        first = await credit_with_key(api, "C1", 100, "credit-1")
+        again = await credit_with_key(api, "C1", 100, "credit-1")
+        assert first.status_code == again.status_code == 200
+        assert again.content == first.content
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert "Idempotent-Replayed" not in first.headers
+        assert await api.balance("C1") == Decimal(100)
+        assert await ledger_count(database_url, "C1") == 1
+
+
+async def test_same_key_with_another_body_is_422_and_moves_nothing(
+    database_url: str, provider: Provider
+) -> None:
+    async with start_service(database_url, provider.url) as api:
+        assert (await credit_with_key(api, "C1", 100, "k")).status_code == 200
+        other = await credit_with_key(api, "C1", 101, "k")
+        assert other.status_code == 422
+        assert other.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
+        debit = await api.http.post(
+            "/admin/wallet/debit",
+            json={"client_id": "C1", "amount": 100},
+            headers={**api.admin_headers, **key("k")},
+        )
+        assert debit.status_code == 422
+        assert await api.balance("C1") == Decimal(100)
+
+
+async def test_keys_are_scoped_per_caller(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("A", 100)
+        await api.credit("B", 100)
+        a = await api.order("A", 10, headers=key("shared"))
+        b = await api.order("B", 10, headers=key("shared"))
+        assert a.status_code == b.status_code == 201
+        assert a.json()["data"]["orderId"] != b.json()["data"]["orderId"]
+        assert "Idempotent-Replayed" not in b.headers
+        # "admin" is a caller of its own: the same key on a credit is a new request.
+        assert (await credit_with_key(api, "A", 5, "shared")).status_code == 200
+        assert await api.balance("A") == Decimal(95)
+        assert await api.balance("B") == Decimal(90)
+
+
+async def test_refused_request_leaves_the_key_free(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 10)
+        refused = await api.order("C1", 50, headers=key("retry-me"))
+        assert refused.status_code == 400
+        assert refused.json()["code"] == "INSUFFICIENT_FUNDS"
+        await api.credit("C1", 40)
+        accepted = await api.order("C1", 50, headers=key("retry-me"))
+        assert accepted.status_code == 201
+        assert "Idempotent-Replayed" not in accepted.headers
+        assert await api.balance("C1") == Decimal(0)
+
+
+async def test_invalid_keys_are_rejected(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 10)
+        for bad in ["x" * 256, "clé-non-ascii"]:
+            response = await api.http.post(
+                "/orders",
+                json={"amount": 1},
+                headers=[(b"client-id", b"C1"), (b"Idempotency-Key", bad.encode())],
+            )
+            assert response.status_code == 400, bad
+            assert response.json()["success"] is False
+        assert await api.balance("C1") == Decimal(10)
+
+
+async def test_ten_concurrent_credits_with_one_key_move_money_once(
+    database_url: str, provider: Provider
+) -> None:
+    async with start_service(database_url, provider.url) as api:
+        responses = await asyncio.gather(*(credit_with_key(api, "C1", 25, "burst") for _ in range(10)))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) <= {200, 409}
+        originals = [r for r in responses if r.status_code == 200 and "Idempotent-Replayed" not in r.headers]
+        assert len(originals) == 1
+        for r in responses:
+            if r.status_code == 200:
+                assert r.content == originals[0].content
+        assert await api.balance("C1") == Decimal(25)
+        assert await ledger_count(database_url, "C1") == 1
+
+
+async def test_order_retry_while_fulfilling_is_409_then_replays_the_final_answer(
+    database_url: str, provider: Provider
+) -> None:
+    gate = asyncio.Event()
+    provider.set(gate=gate)
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 100)
+        first = asyncio.create_task(api.order("C1", 30, headers=key("order-1")))
+        await provider.simulator.wait_for_calls(1)
+        concurrent = await asyncio.gather(*(api.order("C1", 30, headers=key("order-1")) for _ in range(9)))
+        assert [r.status_code for r in concurrent] == [409] * 9
+        assert all(r.json()["code"] == "IDEMPOTENCY_IN_PROGRESS" for r in concurrent)
+        gate.set()
+        done = await first
+        assert done.status_code == 201
+        replay = await api.order("C1", 30, headers=key("order-1"))
+        assert replay.status_code == 201
+        assert replay.content == done.content
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        assert len(provider.simulator.calls) == 1
+        assert await api.balance("C1") == Decimal(70)
+
+
+async def test_failed_order_replays_its_502_without_a_second_refund(
+    database_url: str, provider: Provider
+) -> None:
+    provider.set(error_status=400)
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 100)
+        failed = await api.order("C1", 30, headers=key("order-x"))
+        assert failed.status_code == 502
+        assert failed.json()["data"]["status"] == "FAILED"
+        provider.set()  # the provider works again; a replay must still not place a new order
+        replay = await api.order("C1", 30, headers=key("order-x"))
+        assert (replay.status_code, replay.content) == (502, failed.content)
+        assert await api.balance("C1") == Decimal(100)
+        assert await ledger_count(database_url, "C1") == 3  # credit, deduction, refund
+
+
+async def test_expired_keys_are_purged_and_then_free(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        assert (await credit_with_key(api, "C1", 10, "old")).status_code == 200
+        conn = await asyncpg.connect(plain_url(database_url))
+        try:
+            await conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+            engine = create_engine(database_url, pool_size=1)
+            try:
+                assert await idempotency.purge_expired(engine) == 1
+            finally:
+                await engine.dispose()
+            assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+        finally:
+            await conn.close()
+        again = await credit_with_key(api, "C1", 10, "old")
+        assert again.status_code == 200
+        assert "Idempotent-Replayed" not in again.headers
+        assert await api.balance("C1") == Decimal(20)
+
+
+async def test_unpurged_expired_key_counts_as_new(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        assert (await credit_with_key(api, "C1", 10, "stale")).status_code == 200
+        conn = await asyncpg.connect(plain_url(database_url))
+        try:
+            await conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+        finally:
+            await conn.close()
+        again = await credit_with_key(api, "C1", 11, "stale")
+        assert again.status_code == 200
+        assert await api.balance("C1") == Decimal(21)

@@ -1,0 +1,244 @@
+"""What an operator sees: probes, Prometheus metrics that move with the traffic, and JSON log
+lines that carry the request id the caller (and the provider) saw."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.builders import ADMIN_KEY, Api, Provider, dead_url, spawn_service, start_service
+from wallet.database import plain_url
+
+Labels = tuple[tuple[str, str], ...]
+
+
+async def scrape(api: Api) -> dict[tuple[str, Labels], float]:
+    """Every sample of /metrics, keyed by sample name and sorted labels."""
+    response = await api.http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: dict[tuple[str, Labels], float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def delta(
+    before: dict[tuple[str, Labels], float], after: dict[tuple[str, Labels], float], name: str, **labels: str
+) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+async def test_health_and_ready(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        health = await api.http.get("/health")
+        assert health.status_code == 200
+        assert health.json() == {"success": True, "data": {"status": "ok"}}
+        ready = await api.http.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json() == {"success": True, "data": {"status": "ready"}}
+
+
+async def test_ready_is_503_when_the_database_is_gone(
+    postgres_url: str, database_url: str, provider: Provider
+) -> None:
+    async with start_service(database_url, provider.url) as api:
+        assert (await api.http.get("/ready")).status_code == 200
+        name = database_url.rsplit("/", 1)[1].split("?")[0]
+        admin = await asyncpg.connect(plain_url(postgres_url))
+        try:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        not_ready = await api.http.get("/ready")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["code"] == "NOT_READY"
+        assert (await api.http.get("/health")).status_code == 200
+        balance = await api.http.get("/wallet/balance", headers={"client-id": "ACME"})
+        assert balance.status_code == 503
+        assert balance.json()["success"] is False
+
+
+async def test_ready_is_503_when_nothing_listens_at_the_database_address(provider: Provider) -> None:
+    port = dead_url().split(":")[2].split("/")[0]
+    async with start_service(f"postgresql://postgres@127.0.0.1:{port}/wallet", provider.url) as api:
+        response = await api.http.get("/ready")
+        assert response.status_code == 503
+        assert response.json() == {"success": False, "error": "Database unreachable", "code": "NOT_READY"}
+
+
+async def test_metrics_move_when_orders_complete_and_fail(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url, fulfillment_max_attempts=3) as api:
+        await api.credit("ACME", 100)
+        before = await scrape(api)
+        assert (await api.order("ACME", 10)).status_code == 201
+        provider.set(error_status=500)
+        assert (await api.order("ACME", 10)).status_code == 502
+        provider.set(error_status=400)
+        assert (await api.order("ACME", 10)).status_code == 502
+        after = await scrape(api)
+
+    assert delta(before, after, "wallet_orders_total", status="COMPLETED") == 1
+    assert delta(before, after, "wallet_orders_total", status="FAILED") == 2
+    # 1 + 3 (500 is retried) + 1 (400 is final)
+    assert delta(before, after, "wallet_fulfillment_attempts_total") == 5
+    assert delta(before, after, "wallet_fulfillment_retries_total") == 2
+    assert delta(before, after, "wallet_fulfillment_failures_total", reason="PROVIDER_ERROR") == 2
+    route = {"method": "POST", "route": "/orders"}
+    assert delta(before, after, "wallet_http_requests_total", status="201", **route) == 1
+    assert delta(before, after, "wallet_http_requests_total", status="502", **route) == 2
+    assert delta(before, after, "wallet_http_request_duration_seconds_count", **route) == 3
+    assert delta(before, after, "wallet_http_request_duration_seconds_bucket", le="+Inf", **route) == 3
+    assert delta(before, after, "wallet_http_request_duration_seconds_sum", **route) > 0
+
+
+async def test_metrics_count_rate_limit_refusals_and_unknown_routes(
+    database_url: str, provider: Provider
+) -> None:
+    async with start_service(database_url, provider.url, rate_limit="3/minute", redis_url=None) as api:
+        before = await scrape(api)
+        statuses = [(await api.http.get("/no/such/route")).status_code for _ in range(5)]
+        after = await scrape(api)
+    assert statuses == [404, 404, 404, 429, 429]
+    assert delta(before, after, "wallet_rate_limited_total") == 2
+    unmatched = {"method": "GET", "route": "unmatched"}
+    assert delta(before, after, "wallet_http_requests_total", status="404", **unmatched) == 3
+    assert delta(before, after, "wallet_http_requests_total", status="429", **unmatched) == 2
+
+
+async def test_pool_gauge_counts_connections_in_use(database_url: str, provider: Provider) -> None:
+    """A balance read held up by a table lock keeps one pooled connection checked out."""
+    gauge = ("wallet_db_pool_connections_in_use", ())
+    async with start_service(database_url, provider.url, recovery_interval_seconds=3600) as api:
+        await api.credit("ACME", 5)
+        idle = (await scrape(api))[gauge]
+        assert (await scrape(api))[("wallet_db_pool_connections_max", ())] >= 20
+        blocker = await asyncpg.connect(plain_url(database_url))
+        try:
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("LOCK TABLE wallets IN ACCESS EXCLUSIVE MODE")
+            read = asyncio.create_task(api.http.get("/wallet/balance", headers={"client-id": "ACME"}))
+            waiting = 0
+            while waiting == 0:
+                waiting = await blocker.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND application_name = 'wallet'
+                         AND wait_event_type = 'Lock'"""
+                )
+            busy = (await scrape(api))[gauge]
+            await lock.rollback()
+            assert (await read).status_code == 200
+        finally:
+            await blocker.close()
+        after = (await scrape(api))[gauge]
+    assert busy == idle + 1
+    assert after == idle
+
+
+async def test_request_id_is_returned_and_passed_to_the_provider(
+    database_url: str, provider: Provider
+) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("ACME", 100)
+        given = f"req-{uuid.uuid4().hex}"
+        order = await api.order("ACME", 1, headers={"X-Request-ID": given})
+        assert order.status_code == 201
+        assert order.headers["x-request-id"] == given
+        assert provider.simulator.calls[-1].request_id == given
+
+        generated = await api.order("ACME", 1)
+        assert generated.status_code == 201
+        request_id = generated.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+        assert provider.simulator.calls[-1].request_id == request_id
+
+        unusable = await api.http.get("/health", headers={"X-Request-ID": "bad id with spaces"})
+        assert re.fullmatch(r"[0-9a-f]{32}", unusable.headers["x-request-id"])
+
+
+def json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            continue
+    return parsed
+
+
+async def test_production_logs_are_json_lines_with_the_request_id(
+    database_url: str, provider: Provider
+) -> None:
+    env = {
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "FULFILLMENT_API_URL": provider.url,
+        "CLIENT_AUTH": "header",
+        "WORKERS": "1",
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "off",
+    }
+    async with spawn_service(env) as server:
+        await server.wait_for("Uvicorn running on")
+
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            credit = await http.post(
+                "/admin/wallet/credit",
+                json={"client_id": "ACME", "amount": 10},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
+            assert credit.status_code == 200
+            given = f"req-{uuid.uuid4().hex}"
+            order = await http.post(
+                "/orders", json={"amount": 1}, headers={"client-id": "ACME", "X-Request-ID": given}
+            )
+            assert order.status_code == 201
+            assert order.headers["x-request-id"] == given
+            await server.wait_for(given)
+
+            # A bug (here: a column of an unexpected type) is a masked 500 that still carries
+            # the request id, in the response and in the error's log line.
+            conn = await asyncpg.connect(plain_url(database_url))
+            try:
+                await conn.execute("ALTER TABLE wallets ALTER COLUMN updated_at TYPE text")
+            finally:
+                await conn.close()
+            failing = f"req-{uuid.uuid4().hex}"
+            broken = await http.get("/wallet/balance", headers={"client-id": "ACME", "X-Request-ID": failing})
+            assert broken.status_code == 500
+            assert broken.json() == {
+                "success": False,
+                "error": "Internal server error",
+                "code": "INTERNAL_ERROR",
+            }
+            assert broken.headers["x-request-id"] == failing
+            await server.wait_for('"event": "request"', count=3)
+
+    errors = [entry for entry in json_lines(server.lines) if entry.get("request_id") == failing]
+    assert [entry["event"] for entry in errors] == ["unhandled error", "request"]
+    assert errors[0]["level"] == "error"
+    assert "AttributeError" in errors[0]["exception"]
+    assert errors[1]["status"] == 500
+    assert provider.simulator.calls[-1].request_id == given
+    logged = [entry for entry in json_lines(server.lines) if entry.get("request_id") == given]
+    access = [entry for entry in logged if entry["event"] == "request"]
+    assert len(access) == 1
+    assert access[0]["method"] == "POST"
+    assert access[0]["path"] == "/orders"
+    assert access[0]["status"] == 201
+    assert access[0]["level"] == "info"
+    assert access[0]["pid"] == server.process.pid
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", access[0]["timestamp"])
+    # In production every line is JSON, uvicorn's own included.
+    assert all(line.startswith("{") for line in server.lines if line.strip()), server.lines

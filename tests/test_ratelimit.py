@@ -1,0 +1,137 @@
+"""Rate limits per client IP (SPEC §6): headers on every response, 429 past the limit, shared
+through Redis when REDIS_URL is set. Each test uses its own client IPs (via a trusted proxy's
+X-Forwarded-For), so runs never share a bucket in Redis."""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from typing import Any
+
+import httpx
+from starlette.types import Scope
+
+from tests.builders import Provider, start_service
+from wallet.ratelimit import client_ip
+
+
+def fresh_ip() -> str:
+    """A client IP no other test uses (documentation range 2001:db8::/32)."""
+    return f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+
+
+def behind_proxy(ip: str) -> dict[str, str]:
+    return {"X-Forwarded-For": ip}
+
+
+def limiter(redis_url: str | None, limit: str, **extra: Any) -> dict[str, Any]:
+    return {"rate_limit": limit, "redis_url": redis_url, "trusted_proxies": "127.0.0.1/32", **extra}
+
+
+async def test_limit_headers_then_429(database_url: str, provider: Provider, redis_url: str | None) -> None:
+    ip = fresh_ip()
+    async with start_service(database_url, provider.url, **limiter(redis_url, "5/minute")) as api:
+        remaining = []
+        headers = {"client-id": "nobody", **behind_proxy(ip)}
+        for _ in range(5):
+            response = await api.http.get("/wallet/balance", headers=headers)
+            assert response.status_code == 404
+            assert response.headers["RateLimit-Limit"] == "5"
+            assert 0 < int(response.headers["RateLimit-Reset"]) <= 60
+            remaining.append(int(response.headers["RateLimit-Remaining"]))
+        assert remaining == [4, 3, 2, 1, 0]
+        refused = await api.http.get("/wallet/balance", headers=headers)
+        assert refused.status_code == 429
+        assert refused.json() == {
+            "success": False,
+            "error": "Too many requests, please try again later",
+            "code": "RATE_LIMITED",
+        }
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert refused.headers["RateLimit-Remaining"] == "0"
+        # Another client is not affected, and probes are never limited.
+        other = await api.http.get("/wallet/balance", headers={"client-id": "x", **behind_proxy(fresh_ip())})
+        assert other.status_code == 404
+        assert (await api.http.get("/health", headers=behind_proxy(ip))).status_code == 200
+
+
+async def test_refused_requests_move_no_money(
+    database_url: str, provider: Provider, redis_url: str | None
+) -> None:
+    ip = fresh_ip()
+    async with start_service(database_url, provider.url, **limiter(redis_url, "3/minute")) as api:
+        admin = {**api.admin_headers, **behind_proxy(ip)}
+        statuses = []
+        for _ in range(5):
+            response = await api.http.post(
+                "/admin/wallet/credit", json={"client_id": "C1", "amount": 1}, headers=admin
+            )
+            statuses.append(response.status_code)
+        assert statuses == [200, 200, 200, 429, 429]
+        balance = await api.http.get("/wallet/balance", headers={"client-id": "C1"})
+        assert balance.json()["data"]["balance"] == 3
+
+
+async def test_forwarded_for_is_ignored_from_untrusted_peers(
+    database_url: str, provider: Provider, redis_url: str | None
+) -> None:
+    async with start_service(
+        database_url, provider.url, **limiter(redis_url, "2/minute", trusted_proxies="")
+    ) as api:
+        # Without trusted proxies, the bucket is the socket peer, whatever the header says.
+        statuses = []
+        for _ in range(3):
+            response = await api.http.get("/wallet/balance", headers=behind_proxy(fresh_ip()))
+            statuses.append(response.status_code)
+        assert statuses[-1] == 429
+
+
+async def test_instances_share_counts_through_redis(
+    database_url: str, provider: Provider, redis_url: str | None
+) -> None:
+    """Two service instances: with Redis they share one budget; without, each has its own."""
+    ip = fresh_ip()
+    settings = limiter(redis_url, "4/minute")
+    async with (
+        start_service(database_url, provider.url, **settings) as first,
+        start_service(database_url, provider.url, **settings) as second,
+    ):
+
+        async def hit(api: httpx.AsyncClient) -> int:
+            response = await api.get("/wallet/balance", headers={"client-id": "n", **behind_proxy(ip)})
+            return response.status_code
+
+        statuses = []
+        for _ in range(3):
+            statuses += [await hit(first.http), await hit(second.http)]
+        if redis_url:
+            assert statuses == [404, 404, 404, 404, 429, 429]
+        else:
+            assert statuses == [404] * 6
+
+
+async def test_redis_down_fails_open(database_url: str, provider: Provider) -> None:
+    """A limiter whose Redis is unreachable lets requests through rather than failing them."""
+    async with start_service(
+        database_url, provider.url, rate_limit="1/minute", redis_url="redis://127.0.0.1:1/0"
+    ) as api:
+        for _ in range(3):
+            response = await api.http.get("/wallet/balance", headers={"client-id": "nobody"})
+            assert response.status_code == 404
+            assert "RateLimit-Limit" not in response.headers
+
+
+def test_client_ip_is_the_nearest_untrusted_hop() -> None:
+    trusted = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
+
+    def scope(peer: str, forwarded: str | None) -> Scope:
+        headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+        return {"type": "http", "client": (peer, 1234), "headers": headers}
+
+    # A client may put anything on the left; only hops added by trusted proxies count.
+    assert client_ip(scope("127.0.0.1", "6.6.6.6, 203.0.113.7, 10.1.2.3"), trusted) == "203.0.113.7"
+    assert client_ip(scope("127.0.0.1", "203.0.113.7"), trusted) == "203.0.113.7"
+    assert client_ip(scope("198.51.100.1", "203.0.113.7"), trusted) == "198.51.100.1"
+    assert client_ip(scope("127.0.0.1", None), trusted) == "127.0.0.1"
+    assert client_ip(scope("127.0.0.1", "not-an-ip, 10.0.0.1"), trusted) == "not-an-ip"
+    assert client_ip(scope("127.0.0.1", "203.0.113.7"), ()) == "127.0.0.1"

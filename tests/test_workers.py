@@ -1,0 +1,112 @@
+"""WORKERS=N: N processes on one port. With REDIS_URL they share one rate limit, and /metrics in
+any of them reports all of them."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import json
+import uuid
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.builders import ADMIN_KEY, ServerProcess, spawn_service
+
+LIMIT = 30
+REQUESTS = 40
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def access_log(server: ServerProcess) -> dict[str, dict[str, Any]]:
+    """The access log lines, by request id."""
+    lines = {}
+    for line in server.lines:
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == "request":
+                lines[entry["request_id"]] = entry
+    return lines
+
+
+async def send_requests(server: ServerProcess, client_ip: str) -> list[tuple[str, httpx.Response]]:
+    """One admin credit, then balance reads; each on a new connection, so that they are spread
+    over the workers by the kernel, and from one client address (via the trusted proxy header)."""
+    sent = []
+    async with httpx.AsyncClient(
+        base_url=server.url, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as http:
+        for n in range(REQUESTS):
+            request_id = f"rl-{n}-{uuid.uuid4().hex}"
+            headers = {"X-Forwarded-For": client_ip, "X-Request-ID": request_id, "Connection": "close"}
+            if n == 0:
+                headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+                response = await http.post(
+                    "/admin/wallet/credit", json={"client_id": "ACME", "amount": 5}, headers=headers
+                )
+            else:
+                response = await http.get("/wallet/balance", headers={**headers, "client-id": "ACME"})
+            assert response.status_code in (200, 429), response.text
+            sent.append((request_id, response))
+    return sent
+
+
+async def test_workers_share_the_rate_limit_through_redis(database_url: str, redis_url: str | None) -> None:
+    # Its own bucket: the Redis may be shared with other runs of this test.
+    client_ip = str(ipaddress.IPv6Address(uuid.uuid4().int))
+    env = {
+        "WORKERS": "2",
+        "DATABASE_URL": database_url,
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "RATE_LIMIT": f"{LIMIT}/minute",
+        "TRUSTED_PROXIES": "127.0.0.1",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+    }
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    async with spawn_service(env) as server:
+        await server.wait_for("Application startup complete", count=2)
+        sent = await send_requests(server, client_ip)
+        await server.wait_for('"event": "request"', count=REQUESTS)
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            metrics = (await http.get("/metrics")).text
+
+    served_by = {rid: entry["pid"] for rid, entry in access_log(server).items()}
+    assert len(served_by) >= REQUESTS
+    per_worker: dict[int, list[httpx.Response]] = collections.defaultdict(list)
+    for request_id, response in sent:
+        per_worker[served_by[request_id]].append(response)
+    assert server.process.pid not in per_worker  # the supervisor serves nothing
+    assert len(per_worker) == 2, "every request went to one worker"
+    statuses = [response.status_code for _, response in sent]
+    refused = statuses.count(429)
+
+    if redis_url:
+        # One count for both workers: exactly the limit gets through, in order.
+        assert statuses == [200] * LIMIT + [429] * (REQUESTS - LIMIT)
+        remaining = [int(response.headers["ratelimit-remaining"]) for _, response in sent[:LIMIT]]
+        assert remaining == list(range(LIMIT - 1, -1, -1))
+    else:
+        # Without Redis each process counts alone: a worker refuses only past its own limit.
+        for responses in per_worker.values():
+            codes = [response.status_code for response in responses]
+            allowed = min(len(codes), LIMIT)
+            assert codes == [200] * allowed + [429] * (len(codes) - allowed)
+    assert all(
+        int(response.headers["retry-after"]) >= 1 for _, response in sent if response.status_code == 429
+    )
+
+    # Metrics of both workers, whichever one answered the scrape.
+    assert metric(metrics, "wallet_rate_limited_total") == refused
+    balance_ok = metric(metrics, "wallet_http_requests_total", route="/wallet/balance", status="200")
+    assert balance_ok == statuses.count(200) - 1
+    assert metric(metrics, "wallet_http_requests_total", route="/admin/wallet/credit", status="200") == 1
