@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench lock clean
+.PHONY: run test check bench bench-tools lock clean
 
 run: $(STAMP)
 	$(BIN)/wallet serve
@@ -17,8 +17,17 @@ check: $(STAMP)
 	$(BIN)/ruff format --check
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The load generator is wrk, from Debian's packages: installed here when running as root; otherwise
+# the bench falls back to a slower Python generator and says so. pgbench (the raw-SQL ceiling) is
+# the machine's, else the one shipped inside the embedded PostgreSQL wheel.
+bench-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v wrk >/dev/null; then \
+		echo "bench: installing wrk (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	fi
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
