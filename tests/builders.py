@@ -19,6 +19,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from wallet.app import create_app
+from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.simulator import Faults, Simulator
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef0123"
@@ -40,7 +41,8 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
         access_log=False,
         timeout_graceful_shutdown=1,
         loop="asyncio",
-        proxy_headers=False,  # as `wallet serve` runs it
+        http=JsonErrorsHttpToolsProtocol,  # as `wallet serve` runs it
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

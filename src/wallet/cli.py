@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from wallet.database import create_engine, embedded_postgres, migrate
 from wallet.observability import configure_logging
+from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.settings import Settings
 
 
@@ -87,7 +88,7 @@ def serve() -> None:
             port=settings.port,
             workers=workers,
             loop="uvloop",
-            http="httptools",
+            http=JsonErrorsHttpToolsProtocol,
             lifespan="on",
             log_config=None,
             access_log=False,
