@@ -9,8 +9,13 @@ from collections import Counter
 import asyncpg
 import httpx
 
-from tests.builders import ADMIN_KEY, Provider, ServerProcess, spawn_service
-from wallet.database import plain_url
+from tests.builders import ADMIN_KEY, Provider, ServerProcess, settings_env, spawn_service
+from wallet import ledger
+from wallet.database import create_engine, plain_url
+from wallet.fulfillment import Provider as FulfillmentProvider
+from wallet.fulfillment import new_http_client
+from wallet.orders import Orders, new_order_id
+from wallet.settings import Settings
 
 WALLETS = [f"crash-{n}" for n in range(5)]
 ORDERS_PER_WALLET = 4
@@ -141,3 +146,36 @@ async def _until_recovered(first: ServerProcess, second: ServerProcess, total: i
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def test_one_recovery_pass_drains_more_than_a_batch(database_url: str, provider: Provider) -> None:
+    """45 abandoned orders, batches of 20: one pass finishes all of them, each fulfilled once."""
+    engine = create_engine(database_url, pool_size=4)
+    try:
+        async with engine.begin() as conn:
+            await ledger.credit(conn, "C1", 10_000)
+            for _ in range(45):
+                # A lease of zero: as if the process that placed them died at once.
+                await ledger.place_order(
+                    conn,
+                    client_id="C1",
+                    order_id=new_order_id(),
+                    amount=100,
+                    lease_seconds=0,
+                    request_id=None,
+                )
+        settings = Settings(**settings_env(database_url, provider.url))
+        async with new_http_client(settings) as http:
+            orders = Orders(
+                engine, FulfillmentProvider(settings, http), lease_seconds=30, idempotency_ttl_hours=24
+            )
+            assert await orders.recover_expired(batch=20) == 45
+            assert await orders.recover_expired(batch=20) == 0
+    finally:
+        await engine.dispose()
+    assert await fetch(database_url, "SELECT 1 FROM orders WHERE status <> 'COMPLETED'") == []
+    calls = Counter(call.order_id for call in provider.simulator.calls)
+    assert len(calls) == 45
+    assert set(calls.values()) == {1}
+    balance = await fetch(database_url, "SELECT balance FROM wallets WHERE client_id = 'C1'")
+    assert balance[0]["balance"] == 10_000 - 45 * 100
