@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -119,6 +120,22 @@ async def _migrate(url: str) -> str:
         await conn.close()
 
 
+def settle(url: str) -> None:
+    """Vacuum and checkpoint, so that no measurement pays for the rows the previous one wrote
+    (autovacuum and checkpoints would otherwise land in whichever run comes next)."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(plain_url(url))
+        try:
+            await conn.execute("VACUUM (ANALYZE)")
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # not a superuser: skip it
+                await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 @dataclass(frozen=True)
 class ServiceRun:
     rows: list[Row]
@@ -150,9 +167,11 @@ def measure_service(args: argparse.Namespace, kind: str, url: str, workdir: Path
                     scenario.requests, f"127.0.0.1:{port}", workdir / "requests.bin"
                 )
                 measure = {"seconds": args.duration, "connections": args.connections}
+                settle(url)
                 if args.warmup:
                     load.run(kind, port, requests, seconds=args.warmup, connections=args.connections)
                 served = load.run(kind, port, requests, **measure)
+                settle(url)
                 raw = ceiling.run_pgbench(
                     url, scenario.script, workdir, clients=args.connections, threads=2, seconds=args.duration
                 )
