@@ -103,6 +103,13 @@ _INSERT_ENTRY = """
 
 # Admin credit: refused if the balance plus money out for PENDING orders (which may come back
 # as refunds) would pass the cap, so that a refund can never be refused later.
+#
+# Why no race lets a credit past the cap: only credits raise balance + pending, and credits of
+# one client run one at a time, because _ENSURE_CLIENT locks the client row (ON CONFLICT DO
+# UPDATE locks the row it conflicts with even when its WHERE is false). Orders and refunds move
+# money between balance and pending, debits and completions lower the sum. So a check that holds
+# on the snapshot this statement starts with still holds for whatever commits while it waits for
+# the wallet row, however PostgreSQL re-reads that row. Keep that lock if _ENSURE_CLIENT changes.
 _CREDIT = text(f"""
 WITH moved AS (
     UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
