@@ -30,7 +30,7 @@ import asyncpg
 from bench import ceiling, growth, load, report, seed, stack
 from bench.load import Request
 from bench.report import Row, Target
-from wallet.database import create_engine, migrate, plain_url
+from wallet.database import migrate_url, plain_url
 from wallet.settings import Settings
 
 FIRST_WALLET, WALLETS = 100001, 1000  # client ids are numbers so pgbench can pick them
@@ -106,11 +106,8 @@ def service_env(
 
 
 async def _migrate(url: str) -> str:
-    engine = create_engine(url, pool_size=1)
-    try:
-        await migrate(engine)
-    finally:
-        await engine.dispose()
+    """Migrate; the server's version, for the report."""
+    await migrate_url(url)
     conn = await asyncpg.connect(plain_url(url))
     try:
         version: str = await conn.fetchval("SHOW server_version")

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import Provider, start_provider
-from wallet.database import create_engine, embedded_postgres, migrate, plain_url
+from wallet.database import embedded_postgres, migrate_url, plain_url
 
 
 def _with_database(url: str, name: str) -> str:
@@ -49,20 +49,12 @@ async def _admin(url: str, *statements: str) -> None:
         await conn.close()
 
 
-async def _migrate_url(url: str) -> None:
-    engine = create_engine(url, pool_size=1)
-    try:
-        await migrate(engine)
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="session")
 def template_database(postgres_url: str) -> Iterator[str]:
     """Migrated once per run; every test's database is a copy of it."""
     name = f"wallet_tpl_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(postgres_url, f'CREATE DATABASE "{name}"'))
-    asyncio.run(_migrate_url(_with_database(postgres_url, name)))
+    asyncio.run(migrate_url(_with_database(postgres_url, name)))
     yield name
     asyncio.run(_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

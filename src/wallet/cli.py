@@ -15,7 +15,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from wallet.database import create_engine, embedded_postgres, migrate
+from wallet.database import create_engine, embedded_postgres, migrate_url
 from wallet.observability import configure_logging
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.settings import Settings
@@ -45,14 +45,6 @@ def database(settings: Settings) -> Iterator[str]:
         yield url
 
 
-async def _migrate(url: str) -> None:
-    engine = create_engine(url, pool_size=1)
-    try:
-        await migrate(engine)
-    finally:
-        await engine.dispose()
-
-
 def serve() -> None:
     import uvicorn
 
@@ -76,7 +68,7 @@ def serve() -> None:
             env["PROMETHEUS_MULTIPROC_DIR"] = cleanup.enter_context(metrics_dir)
         os.environ.update(env)
         settings = load_settings()
-        asyncio.run(_migrate(url))
+        asyncio.run(migrate_url(url))
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
         # previous handler in place. Make that handler an orderly exit, so the `with` above
         # still stops the embedded PostgreSQL instead of the process dying by the signal.
@@ -107,7 +99,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 def migrate_cmd() -> None:
     settings = load_settings()
     with database(settings) as url:
-        asyncio.run(_migrate(url))
+        asyncio.run(migrate_url(url))
     print("wallet: migrations applied", file=sys.stderr)
 
 

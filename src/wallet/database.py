@@ -70,6 +70,15 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
+async def migrate_url(url: str) -> None:
+    """`migrate` on a short-lived engine of its own (the CLI, the tests' template, the bench)."""
+    engine = create_engine(url, pool_size=1)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """Apply pending migrations; concurrent callers wait on the lock, then find nothing to do."""
     async with engine.connect() as conn:

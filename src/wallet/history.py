@@ -156,13 +156,7 @@ async def own_orders(
         rows = (await conn.execute(query, params)).all()
     more = len(rows) > limit
     rows = rows[:limit]
-    items = [
-        order_json(
-            OrderRow(r.order_id, r.amount, r.status, r.fulfillment_id, r.created_at, r.updated_at),
-            updated=True,
-        )
-        for r in rows
-    ]
+    items = [order_json(OrderRow.of(r), updated=True) for r in rows]
     return _page(items, rows[-1].id if more else None)
 
 

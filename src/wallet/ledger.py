@@ -16,6 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -290,6 +291,14 @@ class OrderRow:
     updated_at: datetime
     failure: str | None = None
 
+    @classmethod
+    def of(cls, row: Any) -> OrderRow:
+        """From a result row with the order's columns (`failure` optional)."""
+        failure = getattr(row, "failure", None)
+        return cls(
+            row.order_id, row.amount, row.status, row.fulfillment_id, row.created_at, row.updated_at, failure
+        )
+
 
 async def place_order(
     conn: AsyncConnection,
@@ -313,7 +322,7 @@ async def place_order(
     if row is None:
         await _explain_refusal(conn, client_id, amount)
     assert row is not None
-    return OrderRow(row.order_id, row.amount, row.status, row.fulfillment_id, row.created_at, row.updated_at)
+    return OrderRow.of(row)
 
 
 async def refund_order(
@@ -322,17 +331,7 @@ async def refund_order(
     """Mark a PENDING order FAILED and put its money back, or None if it is no longer PENDING."""
     params = {"order_id": order_id, "failure": failure, "attempts": attempts}
     row = (await conn.execute(_REFUND_ORDER, params)).first()
-    if row is None:
-        return None
-    return OrderRow(
-        row.order_id,
-        row.amount,
-        row.status,
-        row.fulfillment_id,
-        row.created_at,
-        row.updated_at,
-        row.failure,
-    )
+    return None if row is None else OrderRow.of(row)
 
 
 async def balance(conn: AsyncConnection, client_id: str) -> Balance:

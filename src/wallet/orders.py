@@ -103,16 +103,9 @@ RETURNING order_id, client_id, amount, request_id, created_at, updated_at
 """)
 
 
-def _row(row: Any) -> OrderRow:
-    return OrderRow(
-        row.order_id,
-        row.amount,
-        row.status,
-        row.fulfillment_id,
-        row.created_at,
-        row.updated_at,
-        row.failure,
-    )
+async def _decided_elsewhere(conn: AsyncConnection, order_id: str) -> Reply:
+    """Another process (crash recovery) finished the order first: answer with what it decided."""
+    return final_reply(OrderRow.of((await conn.execute(_GET, {"order_id": order_id})).one()))
 
 
 class Orders:
@@ -178,14 +171,14 @@ class Orders:
                 if (await conn.execute(_COMPLETE, params)).first() is not None:
                     observability.ORDERS_FINISHED.labels(COMPLETED).inc()
                     return reply
-                return final_reply(_row((await conn.execute(_GET, {"order_id": order.order_id})).one()))
+                return await _decided_elsewhere(conn, order.order_id)
         failure = (outcome.failure or Failure.UNREACHABLE).value
         async with self.engine.begin() as conn:
             failed = await ledger.refund_order(
                 conn, order.order_id, failure=failure, attempts=outcome.attempts
             )
             if failed is None:
-                return final_reply(_row((await conn.execute(_GET, {"order_id": order.order_id})).one()))
+                return await _decided_elsewhere(conn, order.order_id)
             reply = final_reply(failed)
             await idempotency.complete_order(conn, order.order_id, reply.status, reply.body)
         observability.ORDERS_FINISHED.labels(FAILED).inc()
@@ -200,7 +193,7 @@ class Orders:
             row = (await conn.execute(_GET_OWN, {"order_id": order_id, "client_id": client_id})).first()
         if row is None:
             raise NotFound("Order not found", code="ORDER_NOT_FOUND")
-        return _row(row)
+        return OrderRow.of(row)
 
     async def recover_expired(self, batch: int = 20) -> int:
         """Finish orders whose owner stopped renewing their lease (it crashed or hung): a batch at
