@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import Provider, spawn_service
@@ -116,3 +119,34 @@ def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:
         )
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.asynccontextmanager
+async def standalone_simulator(*flags: str) -> AsyncIterator[str]:
+    """`wallet simulator --port 0 FLAGS` as its own process; yields the URL it announces."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wallet.cli", "simulator", "--port", "0", *flags, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        while b"simulator at " not in (line := await asyncio.wait_for(process.stderr.readline(), 30)):
+            assert line, "the simulator exited without announcing its URL"
+        yield line.decode().rsplit(" ", 1)[1].strip()
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_standalone_simulator_injects_the_faults_it_is_given() -> None:
+    order_id = "ORD-1703251234567-a1b2c3d4"
+    order = {"orderId": order_id, "clientId": "C1", "amount": 1}
+    async with standalone_simulator() as url, httpx.AsyncClient() as http:
+        first = await http.post(url, json=order, headers={"Idempotency-Key": order_id})
+        again = await http.post(url, json=order, headers={"Idempotency-Key": order_id})
+        assert first.status_code == again.status_code == 201
+        assert first.json()["id"] == again.json()["id"]
+    async with standalone_simulator("--error-status", "503") as url, httpx.AsyncClient() as http:
+        assert (await http.post(url, json=order)).status_code == 503
+    async with standalone_simulator("--hang") as url, httpx.AsyncClient(timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(url, json=order)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -140,21 +141,41 @@ def verify() -> None:
     raise SystemExit(1)
 
 
-def simulator(port: int, latency: float) -> None:
+def simulator(port: int, faults: argparse.Namespace) -> None:
+    """A standalone provider for development: point FULFILLMENT_API_URL at it to see the service
+    handle a slow, failing or hanging provider."""
     import uvicorn
 
     from wallet.simulator import Faults, Simulator
 
-    sim = Simulator(faults=Faults(latency_seconds=latency))
-    uvicorn.run(
+    sim = Simulator(
+        faults=Faults(
+            latency_seconds=faults.latency,
+            error_status=faults.error_status,
+            error_rate=faults.error_rate,
+            hang=faults.hang,
+        )
+    )
+    # Bound before it is announced: a caller that read the line can connect at once (the
+    # connection waits in the backlog until uvicorn serves), and --port 0 picks a free port.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    print(
+        f"wallet: fulfillment simulator at http://127.0.0.1:{sock.getsockname()[1]}/fulfillments",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
         sim.asgi(),
-        host="127.0.0.1",
-        port=port,
         log_level="warning",
         loop="uvloop",
         http="httptools",
         access_log=False,
+        timeout_graceful_shutdown=1,  # calls it is hanging on must not keep it from stopping
     )
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def openapi() -> None:
@@ -174,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     sim = commands.add_parser("simulator", help="run a standalone fulfillment simulator")
     sim.add_argument("--port", type=int, default=3001)
     sim.add_argument("--latency", type=float, default=0.0, help="seconds per call")
+    sim.add_argument("--error-status", type=int, help="answer this HTTP status instead of success")
+    sim.add_argument("--error-rate", type=float, default=1.0, help="on this fraction of calls (1.0)")
+    sim.add_argument("--hang", action="store_true", help="accept calls and never answer")
     commands.add_parser("openapi", help="print the OpenAPI document")
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "verify":
         verify()
     elif args.command == "simulator":
-        simulator(args.port, args.latency)
+        simulator(args.port, args)
     elif args.command == "openapi":
         openapi()
 
