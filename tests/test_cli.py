@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import Provider, spawn_service
-from wallet.database import plain_url
+from wallet.database import connection_limit, plain_url
 
 
 async def test_serve_with_embedded_postgres_answers_the_original_examples(
@@ -80,6 +81,27 @@ async def test_serve_uses_database_url(database_url: str, provider: Provider) ->
     ):
         assert (await http.get("/ready")).status_code == 200
         assert not any("embedded PostgreSQL" in line for line in server.lines)
+        assert not any("more database connections" in line for line in server.lines)
+
+
+async def test_serve_warns_when_its_pools_could_exhaust_the_database(
+    database_url: str, provider: Provider
+) -> None:
+    allowed = await connection_limit(database_url)
+    workers = allowed // 200 + 1  # with 200 connections each (the most DB_POOL_SIZE allows)
+    env = {
+        "DATABASE_URL": database_url,
+        "FULFILLMENT_API_URL": provider.url,
+        "WORKERS": str(workers),
+        "DB_POOL_SIZE": "200",
+        "LOG_FORMAT": "json",
+    }
+    async with spawn_service(env) as server:
+        # Checked before the server starts serving, so the line is in by the time it has started.
+        warnings = [json.loads(line) for line in server.lines if "more database connections" in line]
+    assert len(warnings) == 1, server.lines
+    warning = warnings[0]
+    assert (warning["level"], warning["wanted"], warning["allowed"]) == ("warning", 200 * workers, allowed)
 
 
 def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:

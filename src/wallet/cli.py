@@ -14,9 +14,10 @@ import tempfile
 from collections.abc import Iterator
 from types import FrameType
 
+import structlog
 from pydantic import ValidationError
 
-from wallet.database import create_engine, embedded_postgres, migrate_url
+from wallet.database import connection_limit, create_engine, embedded_postgres, migrate_url
 from wallet.observability import configure_logging
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.settings import Settings
@@ -70,6 +71,7 @@ def serve() -> None:
         os.environ.update(env)
         settings = load_settings()
         asyncio.run(migrate_url(url))
+        _warn_if_connections_run_short(url, workers * settings.db_pool_size)
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
         # previous handler in place. Make that handler an orderly exit, so the `with` above
         # still stops the embedded PostgreSQL instead of the process dying by the signal.
@@ -90,6 +92,19 @@ def serve() -> None:
             # proxy-header handling would believe X-Forwarded-For from any loopback peer.
             proxy_headers=False,
             timeout_graceful_shutdown=int(settings.order_lease_seconds),
+        )
+
+
+def _warn_if_connections_run_short(url: str, wanted: int) -> None:
+    """Production runs CPU-count workers, each with its own pool: on a large host their sum can
+    pass what the database accepts, and under load requests would then fail. Said at start, once."""
+    allowed = asyncio.run(connection_limit(url))
+    if wanted > allowed:
+        structlog.get_logger("wallet.cli").warning(
+            "the pools may open more database connections than the server accepts",
+            wanted=wanted,
+            allowed=allowed,
+            fix="lower DB_POOL_SIZE or WORKERS, or raise the server's max_connections",
         )
 
 

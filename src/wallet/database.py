@@ -70,6 +70,22 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
+async def connection_limit(url: str) -> int:
+    """How many connections the server accepts from ordinary roles (superusers' reserve excluded)."""
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            limit = await conn.scalar(
+                text(
+                    "SELECT current_setting('max_connections')::int"
+                    " - current_setting('superuser_reserved_connections')::int"
+                )
+            )
+    finally:
+        await engine.dispose()
+    return int(limit)
+
+
 async def migrate_url(url: str) -> None:
     """`migrate` on a short-lived engine of its own (the CLI, the tests' template, the bench)."""
     engine = create_engine(url, pool_size=1)
