@@ -242,3 +242,39 @@ async def test_production_logs_are_json_lines_with_the_request_id(
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", access[0]["timestamp"])
     # In production every line is JSON, uvicorn's own included.
     assert all(line.startswith("{") for line in server.lines if line.strip()), server.lines
+
+
+async def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(
+    database_url: str, provider: Provider
+) -> None:
+    """A client gone before its body arrived is not a server error: no 500 in the metrics (and
+    so no error line to page anyone), a 499 as proxies count it, and no money moved."""
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("ACME", 100)
+        before = await scrape(api)
+        url = httpx.URL(str(api.http.base_url))
+        _, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(
+            b"POST /orders HTTP/1.1\r\nHost: test\r\nclient-id: ACME\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"amount": '
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        route = {"method": "POST", "route": "/orders"}
+
+        def counted(samples: dict[tuple[str, Labels], float]) -> dict[str, float]:
+            """POST /orders requests by status."""
+            return {
+                dict(labels)["status"]: value
+                for (name, labels), value in samples.items()
+                if name == "wallet_http_requests_total" and dict(labels).items() >= route.items()
+            }
+
+        after = await scrape(api)
+        while sum(counted(after).values()) == sum(counted(before).values()):
+            after = await scrape(api)  # until the server has finished with the request
+        assert delta(before, after, "wallet_http_requests_total", status="499", **route) == 1
+        assert delta(before, after, "wallet_http_requests_total", status="500", **route) == 0
+        assert await api.balance("ACME") == 100
+    assert provider.simulator.calls == []

@@ -14,9 +14,11 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 HTTP_REQUESTS = Counter(
@@ -136,6 +138,10 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client left before its request body arrived: nothing ran and nothing can be
+            # sent. Counted as proxies count it (499), not as a server error.
+            status = CLIENT_CLOSED_REQUEST
         finally:
             elapsed = time.perf_counter() - started
             route = _route_of(scope)
