@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,6 +207,21 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def _logs_kept_on_failure(workdir: Path) -> Iterator[None]:
+    """The service's and the provider's logs live in a temporary directory: if the run fails,
+    copy them out first, or what went wrong goes with it."""
+    try:
+        yield
+    except BaseException:
+        kept = report.RESULTS / f"failed-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+        kept.mkdir(parents=True, exist_ok=True)
+        for log in workdir.glob("*.log"):
+            shutil.copy(log, kept / log.name)
+        print(f"bench: failed; the logs are in {kept}", file=sys.stderr)
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="wallet-bench-") as tmp:
         workdir = Path(tmp)
-        with stack.postgres(workdir) as (url, where):
+        with _logs_kept_on_failure(workdir), stack.postgres(workdir) as (url, where):
             version = asyncio.run(_migrate(url))
             run = measure_service(args, kind, url, workdir)
             grown = []
