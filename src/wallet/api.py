@@ -194,7 +194,7 @@ async def credit_wallet(
     result = await svc.wallets.credit(
         req.client_id,
         req.amount,
-        idem=_idem("admin", idempotency_key, "credit", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "credit", body.raw),
         description=req.description,
         name=req.name,
         email=req.email,
@@ -221,7 +221,7 @@ async def debit_wallet(
     result = await svc.wallets.debit(
         req.client_id,
         req.amount,
-        idem=_idem("admin", idempotency_key, "debit", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "debit", body.raw),
         description=req.description,
     )
     return reply(result)
@@ -249,7 +249,7 @@ async def create_order(
     result = await svc.orders.place(
         client_id,
         body.model.amount,
-        _idem(client_id, idempotency_key, "order", body.raw),
+        _idem(idempotency.client_scope(client_id), idempotency_key, "order", body.raw),
         REQUEST_ID.get(),
     )
     return reply(result)

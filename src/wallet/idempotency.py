@@ -27,9 +27,18 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
+ADMIN_SCOPE = "admin"
+
+
+def client_scope(client_id: str) -> str:
+    """A client's scope. The prefix keeps every client apart from the admin and from each other,
+    whatever its id is (the database checks the shape too)."""
+    return f"client:{client_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class IdempotencyKey:
-    caller: str  # the client id, or "admin"
+    caller: str  # ADMIN_SCOPE or client_scope(client_id)
     key: str
     fingerprint: bytes
 

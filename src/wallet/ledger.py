@@ -154,7 +154,7 @@ WITH moved AS (
            updated_at, head_hash
     FROM moved
 )
-INSERT INTO orders (order_id, client_id, amount, status, lease_until, request_id,
+INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at, request_id,
                     created_at, updated_at)
 SELECT :order_id, client_id, :amount, 'PENDING',
        updated_at + make_interval(secs => :lease_seconds), CAST(:request_id AS text),
@@ -166,7 +166,7 @@ RETURNING order_id, amount, status, fulfillment_id, created_at, updated_at
 _REFUND_ORDER = text(f"""
 WITH failed AS (
     UPDATE orders
-    SET status = 'FAILED', failure = :failure, lease_until = NULL,
+    SET status = 'FAILED', failure = :failure, next_attempt_at = NULL,
         attempts = orders.attempts + :attempts, updated_at = now()
     WHERE order_id = :order_id AND status = 'PENDING'
     RETURNING order_id, client_id, amount, status, fulfillment_id, failure, created_at, updated_at

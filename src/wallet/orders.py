@@ -73,7 +73,7 @@ def final_reply(order: OrderRow) -> Reply:
 _COMPLETE = text("""
 WITH done AS (
     UPDATE orders
-    SET status = 'COMPLETED', fulfillment_id = :fulfillment_id, lease_until = NULL,
+    SET status = 'COMPLETED', fulfillment_id = :fulfillment_id, next_attempt_at = NULL,
         attempts = attempts + :attempts, updated_at = now()
     WHERE order_id = :order_id AND status = 'PENDING'
     RETURNING order_id
@@ -92,11 +92,11 @@ SELECT order_id, amount, status, fulfillment_id, failure, created_at, updated_at
 FROM orders WHERE order_id = :order_id AND client_id = :client_id
 """)
 _CLAIM_EXPIRED = text("""
-UPDATE orders SET lease_until = now() + make_interval(secs => :lease_seconds)
+UPDATE orders SET next_attempt_at = now() + make_interval(secs => :lease_seconds)
 WHERE id IN (
     SELECT id FROM orders
-    WHERE status = 'PENDING' AND lease_until < now()
-    ORDER BY lease_until
+    WHERE status = 'PENDING' AND next_attempt_at < now()
+    ORDER BY next_attempt_at
     LIMIT :batch
     FOR UPDATE SKIP LOCKED)
 RETURNING order_id, client_id, amount, request_id, created_at, updated_at
