@@ -68,8 +68,11 @@ def _pick(client_ids: tuple[int, int]) -> str:
 def _completed_body() -> str:
     """A reply of the size the service stores with a completed order."""
     now = datetime.now(UTC)
-    row = OrderRow("ORD-0000000000000-00000000", ORDER_CENTS, orders.COMPLETED, "101", now, now)
-    return orders.final_reply(row).body.decode()
+    row = OrderRow(
+        "ORD-0000000000000-00000000", "C1", ORDER_CENTS, orders.COMPLETED, "101", None, 1, 0, None, None,
+        False, None, None, None, None, now, now,
+    )  # fmt: skip
+    return orders.order_reply(row).body.decode()
 
 
 def order(client_ids: tuple[int, int]) -> Script:
@@ -92,6 +95,8 @@ def order(client_ids: tuple[int, int]) -> Script:
             "fulfillment_id": ":fulfillment_id",
             "attempts": ":attempts",
             "body": ":reply",
+            "resolved_by": "NULL",
+            "note": "NULL",
         },
     )
     text = (
@@ -108,7 +113,8 @@ def order(client_ids: tuple[int, int]) -> Script:
 
 
 def balance(client_ids: tuple[int, int]) -> Script:
-    return Script("balance", f"{_pick(client_ids)}{to_pgbench(ledger._BALANCE, {'client_id': ':cid'})};\n")
+    read = to_pgbench(ledger._BALANCE_HELD, {"client_id": ":cid"})
+    return Script("balance", f"{_pick(client_ids)}{read};\n")
 
 
 def debit(client_id: int) -> Script:

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -93,6 +93,8 @@ def settings_env(database_url: str, provider_url: str, **overrides: Any) -> dict
         "fulfillment_backoff_seconds": 0.01,
         "rate_limit": "off",
         "log_level": "warning",
+        # The resolver runs often, so tests see an unknown outcome resolved without waiting.
+        "recovery_interval_seconds": 0.05,
     }
     values.update(overrides)
     return values
@@ -124,6 +126,26 @@ class Api:
 
     async def get_order(self, client_id: str, order_id: str) -> httpx.Response:
         return await self.http.get(f"/orders/{order_id}", headers={"client-id": client_id})
+
+    async def order_status(self, client_id: str, order_id: str) -> str:
+        response = await self.get_order(client_id, order_id)
+        assert response.status_code == 200, response.text
+        status: str = response.json()["data"]["status"]
+        return status
+
+    async def settled(self, client_id: str, *order_ids: str) -> None:
+        """Until none of these orders is PENDING any more."""
+
+        async def none_pending() -> bool:
+            return all([await self.order_status(client_id, o) != "PENDING" for o in order_ids])
+
+        await until(none_pending, what="orders settled")
+
+    async def wallet(self, client_id: str) -> dict[str, Any]:
+        response = await self.http.get("/wallet/balance", headers={"client-id": client_id})
+        assert response.status_code == 200, response.text
+        data: dict[str, Any] = response.json()["data"]
+        return data
 
     async def balance(self, client_id: str) -> Decimal:
         response = await self.http.get("/wallet/balance", headers={"client-id": client_id})
@@ -219,3 +241,17 @@ async def spawn_service(env: dict[str, str], *, unset: tuple[str, ...] = ()) -> 
             os.killpg(process.pid, signal.SIGKILL)  # anything left, e.g. workers of a killed parent
         await process.wait()
         await pump
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str = "condition"
+) -> None:
+    """Wait for a condition the service reaches on its own (the resolver finishing an order):
+    check it every 20 ms, fail after `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            # The condition lives in another process (or behind HTTP): nothing to wait on but it.
+            while not await check():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {within}s waiting for {what}") from None

@@ -172,3 +172,17 @@ async def test_standalone_simulator_injects_the_faults_it_is_given() -> None:
     async with standalone_simulator("--hang") as url, httpx.AsyncClient(timeout=0.5) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post(url, json=order)
+
+
+async def test_standalone_simulator_answers_late_and_looks_orders_up() -> None:
+    """A developer can watch the unknown-outcome path by hand: the order is fulfilled at once,
+    the answer comes after the caller gave up, and the status endpoint tells the truth."""
+    order_id = "ORD-1703251234567-0badc0de"
+    order = {"orderId": order_id, "clientId": "C1", "amount": 1}
+    async with standalone_simulator("--answer-late", "5") as url, httpx.AsyncClient(timeout=0.5) as http:
+        assert (await http.get(f"{url}/{order_id}")).status_code == 404
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(url, json=order, headers={"Idempotency-Key": order_id})
+        found = await http.get(f"{url}/{order_id}")
+        assert found.status_code == 200
+        assert found.json()["orderId"] == order_id

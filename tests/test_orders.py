@@ -1,4 +1,5 @@
-"""Orders against a provider that fails (SPEC §4): attempts, refunds, status codes, ledger."""
+"""Orders against a provider that fails (SPEC §4): what each kind of answer does to the order,
+the money and the response, end to end through the service."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import asyncio
 from decimal import Decimal
 
 import asyncpg
+import httpx
 import pytest
 
-from tests.builders import Provider, dead_url, start_service
+from tests.builders import Api, Provider, dead_url, start_service
 from wallet.database import plain_url
 
 
@@ -38,15 +40,35 @@ def assert_failed_order(body: dict[str, object], amount: float) -> str:
     return order_id
 
 
+def assert_accepted(response: httpx.Response, amount: float) -> str:
+    """A 202: the order is named, PENDING, and where to look is said."""
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["success"] is True
+    assert body["message"] == "Order accepted; fulfillment pending"
+    assert body["data"]["status"] == "PENDING"
+    assert body["data"]["amount"] == amount
+    order_id: str = body["data"]["orderId"]
+    assert response.headers["Location"] == f"/orders/{order_id}"
+    return order_id
+
+
+async def assert_held(api: Api, client_id: str, balance: float, held: float) -> None:
+    wallet = await api.wallet(client_id)
+    assert (wallet["balance"], wallet["held"]) == (balance, held)
+
+
+# --- refused: final at once, money back --------------------------------------------------
+
+
 async def test_provider_down_is_503_after_every_attempt_and_refunded(database_url: str) -> None:
     async with start_service(database_url, dead_url(), fulfillment_max_attempts=3) as api:
         await api.credit("C1", 100)
         response = await api.order("C1", 30)
         assert response.status_code == 503
         order_id = assert_failed_order(response.json(), 30)
-        assert await api.balance("C1") == Decimal(100)
-        details = (await api.get_order("C1", order_id)).json()["data"]
-        assert details["status"] == "FAILED"
+        await assert_held(api, "C1", 100, 0)
+        assert await api.order_status("C1", order_id) == "FAILED"
         assert await ledger_types(database_url, "C1") == [
             ("CREDIT", 10000, 0, 10000),
             ("ORDER_DEDUCTION", 3000, 10000, 7000),
@@ -54,32 +76,8 @@ async def test_provider_down_is_503_after_every_attempt_and_refunded(database_ur
         ]
 
 
-async def test_hanging_provider_times_out_each_attempt(database_url: str, provider: Provider) -> None:
-    provider.set(hang=True)
-    async with start_service(
-        database_url, provider.url, fulfillment_timeout_seconds=0.2, fulfillment_max_attempts=2
-    ) as api:
-        await api.credit("C1", 100)
-        response = await api.order("C1", 30)
-        assert response.status_code == 503
-        order_id = assert_failed_order(response.json(), 30)
-        assert provider.simulator.attempts_for(order_id) == 2
-        assert await api.balance("C1") == Decimal(100)
-
-
-async def test_final_4xx_is_502_after_one_attempt(database_url: str, provider: Provider) -> None:
-    provider.set(error_status=400)
-    async with start_service(database_url, provider.url, fulfillment_max_attempts=3) as api:
-        await api.credit("C1", 100)
-        response = await api.order("C1", 30)
-        assert response.status_code == 502
-        order_id = assert_failed_order(response.json(), 30)
-        assert provider.simulator.attempts_for(order_id) == 1
-        assert await api.balance("C1") == Decimal(100)
-
-
-@pytest.mark.parametrize("status", [408, 429, 500, 503])
-async def test_retryable_statuses_are_retried_then_502(
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_a_refusal_is_502_after_one_attempt_and_refunded(
     database_url: str, provider: Provider, status: int
 ) -> None:
     provider.set(error_status=status)
@@ -88,52 +86,104 @@ async def test_retryable_statuses_are_retried_then_502(
         response = await api.order("C1", 30)
         assert response.status_code == 502
         order_id = assert_failed_order(response.json(), 30)
-        assert provider.simulator.attempts_for(order_id) == 3
-        assert await api.balance("C1") == Decimal(100)
+        assert provider.simulator.attempts_for(order_id) == 1
+        await assert_held(api, "C1", 100, 0)
+
+
+# --- unknown: money held, the resolver finds out -----------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 503, 504])
+async def test_an_unknown_answer_holds_the_money_until_the_provider_answers(
+    database_url: str, provider: Provider, status: int
+) -> None:
+    """Never refunded while it may have been carried out; completed once the provider is back."""
+    gate = asyncio.Event()
+    provider.set(error_status=status)
+    async with start_service(
+        database_url, provider.url, fulfillment_max_attempts=3, fulfillment_backoff_seconds=0.01
+    ) as api:
+        await api.credit("C1", 100)
+        response = await api.order("C1", 30)
+        order_id = assert_accepted(response, 30)
+        assert provider.simulator.attempts_for(order_id) >= 3
+        # Until the provider is healthy again the resolver keeps asking, and the money stays held.
+        provider.set(gate=gate)
+        await provider.simulator.wait_for_calls(len(provider.simulator.calls) + 1)
+        await assert_held(api, "C1", 70, 30)
+        gate.set()
+        await api.settled("C1", order_id)
+        assert await api.order_status("C1", order_id) == "COMPLETED"
+        await assert_held(api, "C1", 70, 0)
+        assert [t for t, *_ in await ledger_types(database_url, "C1")] == ["CREDIT", "ORDER_DEDUCTION"]
+        assert {c.idempotency_key for c in provider.simulator.calls} == {order_id}
+
+
+@pytest.mark.parametrize("status_lookup", [False, True])
+async def test_a_slow_provider_that_recorded_the_order_is_not_refunded(
+    database_url: str, provider: Provider, status_lookup: bool
+) -> None:
+    """The provider carries the order out but answers after the timeout, every time: the order
+    completes with the id the provider gave the first time, and was fulfilled once."""
+    provider.set(answer_late_seconds=1.0)
+    status_url = provider.url if status_lookup else None
+    async with start_service(
+        database_url,
+        provider.url,
+        fulfillment_timeout_seconds=0.2,
+        fulfillment_max_attempts=2,
+        fulfillment_status_url=status_url,
+    ) as api:
+        await api.credit("C1", 100)
+        order_id = assert_accepted(await api.order("C1", 30), 30)
+        await assert_held(api, "C1", 70, 30)
+        provider.set()  # answering in time again
+        await api.settled("C1", order_id)
+        order = (await api.get_order("C1", order_id)).json()["data"]
+        assert order["status"] == "COMPLETED"
+        assert order["fulfillmentId"] == provider.simulator.by_order[order_id]
+        assert provider.simulator.fulfilled == {order_id: order["fulfillmentId"]}
+        assert {c.idempotency_key for c in provider.simulator.calls} == {order_id}
+        if status_lookup:  # the lookup found it: no further POST
+            assert provider.simulator.attempts_for(order_id) == 2
+            assert order_id in provider.simulator.lookups
+        await assert_held(api, "C1", 70, 0)
+
+
+async def test_a_provider_down_for_a_while_ends_every_order_completed_once(
+    database_url: str, provider: Provider
+) -> None:
+    provider.set(error_status=503)
+    async with start_service(database_url, provider.url, fulfillment_max_attempts=2) as api:
+        await api.credit("C1", 1000)
+        responses = await asyncio.gather(*(api.order("C1", 10) for _ in range(20)))
+        order_ids = [assert_accepted(r, 10) for r in responses]
+        await assert_held(api, "C1", 800, 200)
+        provider.set()
+        await api.settled("C1", *order_ids)
+        assert {await api.order_status("C1", o) for o in order_ids} == {"COMPLETED"}
+        assert set(provider.simulator.fulfilled) == set(order_ids)  # each fulfilled, under its own key
+        await assert_held(api, "C1", 800, 0)
+        assert "ORDER_REFUND" not in [t for t, *_ in await ledger_types(database_url, "C1")]
 
 
 async def test_every_attempt_carries_the_order_id_as_idempotency_key(
     database_url: str, provider: Provider
 ) -> None:
     provider.set(error_status=500)
-    async with start_service(database_url, provider.url, fulfillment_max_attempts=3) as api:
+    async with start_service(
+        database_url, provider.url, fulfillment_max_attempts=3, recovery_interval_seconds=3600
+    ) as api:
         await api.credit("C1", 100)
         response = await api.order("C1", 30, headers={"X-Request-ID": "req-42"})
-        order_id = response.json()["data"]["orderId"]
+        order_id = assert_accepted(response, 30)
         calls = provider.simulator.calls
         assert [c.idempotency_key for c in calls] == [order_id] * 3
         assert [c.request_id for c in calls] == ["req-42"] * 3
 
 
-async def test_flaky_provider_every_order_ends_completed_or_refunded(
-    database_url: str, provider: Provider
-) -> None:
-    provider.set(error_status=500, error_rate=0.6)
-    async with start_service(database_url, provider.url, fulfillment_max_attempts=3) as api:
-        await api.credit("C1", 1000)
-        responses = await asyncio.gather(*(api.order("C1", 10) for _ in range(30)))
-        completed = [r for r in responses if r.status_code == 201]
-        failed = [r for r in responses if r.status_code == 502]
-        assert len(completed) + len(failed) == 30
-        for r in failed:
-            assert_failed_order(r.json(), 10)
-        assert await api.balance("C1") == Decimal(1000 - 10 * len(completed))
-        # Every call was an attempt of some order, and no order made more than three.
-        order_ids = [r.json()["data"]["orderId"] for r in responses]
-        attempts = [provider.simulator.attempts_for(o) for o in order_ids]
-        assert sum(attempts) == len(provider.simulator.calls)
-        assert all(1 <= a <= 3 for a in attempts)
-        assert all(provider.simulator.attempts_for(r.json()["data"]["orderId"]) == 3 for r in failed)
-        # With 60 % failures, 30 orders make one of each outcome all but certain (p < 1e-6).
-        assert completed
-        assert failed
-        for r in responses:
-            details = (await api.get_order("C1", r.json()["data"]["orderId"])).json()["data"]
-            assert details["status"] == ("COMPLETED" if r.status_code == 201 else "FAILED")
-
-
 async def test_provider_recovering_mid_order_completes_it(database_url: str, provider: Provider) -> None:
-    """Two 503s then a success: the order completes on its third attempt."""
+    """Two 503s then a success: the order completes on its third attempt, in the request."""
     provider.set(error_status=503, fail_first=2)
     async with start_service(database_url, provider.url, fulfillment_max_attempts=3) as api:
         await api.credit("C1", 100)
@@ -141,4 +191,82 @@ async def test_provider_recovering_mid_order_completes_it(database_url: str, pro
         assert response.status_code == 201
         assert [c.status for c in provider.simulator.calls] == [503, 503, 201]
         assert response.json()["data"]["status"] == "COMPLETED"
-        assert await api.balance("C1") == Decimal(70)
+        await assert_held(api, "C1", 70, 0)
+
+
+# --- FULFILLMENT_ON_UNKNOWN=refund: the original behaviour --------------------------------
+
+
+async def test_refund_on_unknown_fails_and_refunds_a_5xx_with_502(
+    database_url: str, provider: Provider
+) -> None:
+    provider.set(error_status=500)
+    async with start_service(
+        database_url, provider.url, fulfillment_max_attempts=2, fulfillment_on_unknown="refund"
+    ) as api:
+        await api.credit("C1", 100)
+        response = await api.order("C1", 30)
+        assert response.status_code == 502
+        assert_failed_order(response.json(), 30)
+        await assert_held(api, "C1", 100, 0)
+
+
+async def test_refund_on_unknown_fails_and_refunds_a_timeout_with_503(
+    database_url: str, provider: Provider
+) -> None:
+    provider.set(hang=True)
+    async with start_service(
+        database_url,
+        provider.url,
+        fulfillment_timeout_seconds=0.2,
+        fulfillment_max_attempts=2,
+        fulfillment_on_unknown="refund",
+    ) as api:
+        await api.credit("C1", 100)
+        response = await api.order("C1", 30)
+        assert response.status_code == 503
+        order_id = assert_failed_order(response.json(), 30)
+        assert provider.simulator.attempts_for(order_id) == 2
+        await assert_held(api, "C1", 100, 0)
+
+
+# --- replays tell the current state --------------------------------------------------------
+
+
+async def test_replaying_a_202_tells_the_order_as_it_is_now(database_url: str, provider: Provider) -> None:
+    provider.set(error_status=503)
+    key = {"Idempotency-Key": "order-1"}
+    async with start_service(
+        database_url, provider.url, fulfillment_max_attempts=1, recovery_interval_seconds=3600
+    ) as api:
+        await api.credit("C1", 100)
+        first = await api.order("C1", 30, headers=key)
+        order_id = assert_accepted(first, 30)
+        again = await api.order("C1", 30, headers=key)
+        assert assert_accepted(again, 30) == order_id
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.content == first.content
+    provider.set()
+    async with start_service(database_url, provider.url) as api:
+        await api.settled("C1", order_id)
+        later = await api.order("C1", 30, headers=key)
+        assert later.status_code == 201
+        assert later.headers["Idempotent-Replayed"] == "true"
+        assert later.json()["data"]["status"] == "COMPLETED"
+        assert later.json()["data"]["orderId"] == order_id
+        await assert_held(api, "C1", 70, 0)
+
+
+async def test_held_money_counts_against_the_credit_cap(database_url: str, provider: Provider) -> None:
+    """A held order may come back as a refund, so a credit may not use its room."""
+    provider.set(error_status=503)
+    async with start_service(
+        database_url, provider.url, fulfillment_max_attempts=1, recovery_interval_seconds=3600
+    ) as api:
+        top = Decimal("9999999999999.99")
+        assert (await api.credit("C1", top)).status_code == 200
+        assert_accepted(await api.order("C1", 100), 100)
+        refused = await api.credit("C1", 100)
+        assert refused.status_code == 400
+        assert refused.json()["code"] == "BALANCE_LIMIT_EXCEEDED"
+        assert (await api.credit("C1", Decimal("0.01"))).status_code == 400

@@ -166,11 +166,9 @@ async def test_one_recovery_pass_drains_more_than_a_batch(database_url: str, pro
                 )
         settings = Settings(**settings_env(database_url, provider.url))
         async with new_http_client(settings) as http:
-            orders = Orders(
-                engine, FulfillmentProvider(settings, http), lease_seconds=30, idempotency_ttl_hours=24
-            )
-            assert await orders.recover_expired(batch=20) == 45
-            assert await orders.recover_expired(batch=20) == 0
+            orders = Orders(engine, FulfillmentProvider(settings, http), settings)
+            assert await orders.resolve_due(batch=20) == 45
+            assert await orders.resolve_due(batch=20) == 0
     finally:
         await engine.dispose()
     assert await fetch(database_url, "SELECT 1 FROM orders WHERE status <> 'COMPLETED'") == []

@@ -16,7 +16,7 @@ from wallet import idempotency
 from wallet.auth import ClientAuthenticator, check_admin
 from wallet.errors import BadRequest, NotFound
 from wallet.money import Amount, from_cents, parse_json
-from wallet.orders import Orders, order_json
+from wallet.orders import ORDER_ID_PATTERN, Orders, order_json
 from wallet.schemas import (
     BalanceEnvelope,
     MovementEnvelope,
@@ -27,7 +27,7 @@ from wallet.settings import Settings
 from wallet.wallets import Wallets
 from wallet.wire import JSONBytes, Reply, iso, json_response, ok
 
-ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
+ORDER_ID = re.compile(ORDER_ID_PATTERN)
 
 
 @dataclass
@@ -134,7 +134,9 @@ def _idem(
 
 
 def reply(result: Reply) -> Response:
-    headers = {idempotency.REPLAYED_HEADER: "true"} if result.replayed else None
+    headers = dict(result.headers)
+    if result.replayed:
+        headers[idempotency.REPLAYED_HEADER] = "true"
     return JSONBytes(result.body, status_code=result.status, headers=headers)
 
 
@@ -233,7 +235,14 @@ async def debit_wallet(
     status_code=201,
     openapi_extra=body_doc(OrderRequest),
     responses={
-        201: {"model": OrderEnvelope},
+        201: {"model": OrderEnvelope, "description": "Fulfilled: the order is COMPLETED"},
+        202: {
+            "model": OrderEnvelope,
+            "description": "Accepted, outcome not known yet: the order is PENDING and its money held until "
+            "the provider's answer is known (GET the `Location` to learn it; a replay with the same "
+            "Idempotency-Key answers with the order's current state)",
+            "headers": {"Location": {"description": "`/orders/{orderId}`", "schema": {"type": "string"}}},
+        },
         **error_responses(400, 401, 403, 404, 409, 413, 422, 429, 502, 503),
     },
 )
@@ -281,6 +290,7 @@ async def get_balance(svc: Svc, client_id: ClientId) -> Response:
     data = {
         "clientId": balance.client_id,
         "balance": from_cents(balance.balance),
+        "held": from_cents(balance.held),
         "lastUpdated": iso(balance.updated_at),
     }
     return json_response(200, ok(data))

@@ -21,9 +21,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wallet import api, apikeys, history, idempotency, openapi
+from wallet import api, apikeys, history, idempotency, openapi, review
 from wallet.auth import ClientAuthenticator
-from wallet.database import create_engine
+from wallet.database import create_engine, is_unavailable
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
@@ -120,12 +120,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
     track_pool(engine, settings.db_pool_size)
     http = new_http_client(settings)
-    orders = Orders(
-        engine,
-        Provider(settings, http),
-        lease_seconds=settings.order_lease_seconds,
-        idempotency_ttl_hours=settings.idempotency_ttl_hours,
-    )
+    orders = Orders(engine, Provider(settings, http), settings)
     app.state.engine = engine
     app.state.services = api.Services(
         settings=settings,
@@ -135,7 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
     )
     jobs = [
-        asyncio.create_task(_every(settings.recovery_interval_seconds, orders.recover_expired, "recovery")),
+        asyncio.create_task(_every(settings.recovery_interval_seconds, orders.resolve_due, "resolver")),
         asyncio.create_task(_every(3600, lambda: idempotency.purge_expired(engine), "purge")),
     ]
     try:
@@ -147,10 +142,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.close()
         await engine.dispose()
         untrack_pool(settings.db_pool_size)
-
-
-# Connection exception, no such database, authentication, too many connections, shutting down.
-_UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
 
 
 def _allowed_methods(request: Request) -> str:
@@ -217,9 +208,7 @@ def _error_handlers(app: FastAPI, production: bool) -> None:
     @app.exception_handler(sqlalchemy.exc.DBAPIError)
     async def database_error(request: Request, exc: Exception) -> Response:
         """A database that is gone, refusing us or shutting down is unavailability, not a bug."""
-        assert isinstance(exc, sqlalchemy.exc.DBAPIError)
-        sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
-        if exc.connection_invalidated or sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        if is_unavailable(exc):
             return await unavailable(request, exc)
         return await internal_error(request, exc)
 
@@ -270,6 +259,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api.router)
     app.include_router(history.router)
     app.include_router(apikeys.router)
+    app.include_router(review.router)
     _operations(app)
     openapi.install(app, settings.client_auth_mode)
     _error_handlers(app, settings.production)

@@ -169,6 +169,7 @@ def simulator(port: int, faults: argparse.Namespace) -> None:
             error_status=faults.error_status,
             error_rate=faults.error_rate,
             hang=faults.hang,
+            answer_late_seconds=faults.answer_late,
         )
     )
     # Bound before it is announced: a caller that read the line can connect at once (the
@@ -213,6 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--error-status", type=int, help="answer this HTTP status instead of success")
     sim.add_argument("--error-rate", type=float, default=1.0, help="on this fraction of calls (1.0)")
     sim.add_argument("--hang", action="store_true", help="accept calls and never answer")
+    sim.add_argument(
+        "--answer-late",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fulfil each order at once but answer this many seconds later (past the service's"
+        " timeout, its outcome is unknown until the resolver asks again)",
+    )
     commands.add_parser("openapi", help="print the OpenAPI document")
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, text
@@ -17,6 +18,25 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATION_LOCK = 0x57A11E7  # pg_advisory_lock key shared by every process that migrates
+
+# Connection exception, no such database, authentication, too many connections, shutting down.
+_UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is gone, refusing us or shutting down: unavailability, not a bug."""
+    if isinstance(
+        exc,
+        sqlalchemy.exc.TimeoutError
+        | sqlalchemy.exc.InterfaceError
+        | sqlalchemy.exc.OperationalError
+        | OSError,
+    ):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+        return exc.connection_invalidated or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    return False
 
 
 def async_url(url: str) -> str:

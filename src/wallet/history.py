@@ -12,18 +12,18 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.responses import Response
 
 from wallet.api import Admin, ClientId, Svc
 from wallet.errors import BadRequest, NotFound
-from wallet.ledger import OrderRow
+from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
-from wallet.orders import order_json
+from wallet.orders import OrderStatus, admin_order_json, order_json
 from wallet.schemas import (
     ClientEnvelope,
     LedgerPage,
@@ -71,18 +71,55 @@ _LEDGER_AFTER = text(f"""
 SELECT {_LEDGER_COLUMNS} FROM ledger_entries
 WHERE client_id = :client_id AND entry_no < :key ORDER BY entry_no DESC LIMIT :limit
 """)
-_ORDER_COLUMNS = "id, order_id, amount, status, fulfillment_id, failure, created_at, updated_at"
-_ORDERS = {
-    (False, False): f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_id = :client_id",
-    (True, False): f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_id = :client_id AND status = :status",
-    (False, True): f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_id = :client_id AND id < :key",
-    (True, True): f"SELECT {_ORDER_COLUMNS} FROM orders"
-    " WHERE client_id = :client_id AND status = :status AND id < :key",
+_ORDER_FILTERS = {
+    "client_id": "client_id = :client_id",
+    "status": "status = :status",
+    "needs_review": "needs_review = :needs_review",
+    "key": "id < :key",
 }
-_ORDER_PAGES = {k: text(q + " ORDER BY id DESC LIMIT :limit") for k, q in _ORDERS.items()}
+
+
+async def order_page(
+    conn: AsyncConnection,
+    limit: int,
+    cursor: str | None,
+    *,
+    admin: bool,
+    client_id: str | None = None,
+    status: str | None = None,
+    needs_review: bool | None = None,
+) -> Response:
+    """Newest first, narrowed by the filters that are not None. Each combination is served by an
+    index ending in `id` (orders_client_page, orders_client_status_page, orders_status_page,
+    orders_review_queue, the primary key)."""
+    given = {
+        "client_id": client_id,
+        "status": status,
+        "needs_review": needs_review,
+        "key": decode_cursor(cursor),
+    }
+    params: dict[str, object] = {name: value for name, value in given.items() if value is not None}
+    where = [_ORDER_FILTERS[name] for name in params]
+    query = f"SELECT id, {ORDER_COLUMNS} FROM orders"
+    if where:
+        query += " WHERE " + " AND ".join(where)
+    rows = (
+        await conn.execute(text(query + " ORDER BY id DESC LIMIT :limit"), {**params, "limit": limit + 1})
+    ).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    view = admin_order_json if admin else _client_order_json
+    return _page([view(OrderRow.of(r)) for r in rows], rows[-1].id if more else None)
+
+
+def _client_order_json(order: OrderRow) -> dict[str, Any]:
+    return order_json(order, updated=True)
+
+
 _WALLET_EXISTS = text("SELECT 1 FROM wallets WHERE client_id = :client_id")
-_PROFILE = text("""
-SELECT c.client_id, c.name, c.email, c.created_at, w.balance, w.updated_at
+_PROFILE = text(f"""
+SELECT c.client_id, c.name, c.email, c.created_at, w.balance, w.updated_at,
+       {HELD_SQL.format(client="w.client_id")} AS held
 FROM clients c JOIN wallets w USING (client_id)
 WHERE c.client_id = :client_id
 """)
@@ -145,19 +182,12 @@ async def own_transactions(
 async def own_orders(
     svc: Svc,
     client_id: ClientId,
-    status: Annotated[Literal["PENDING", "COMPLETED", "FAILED"] | None, Query()] = None,
+    status: Annotated[OrderStatus | None, Query()] = None,
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> Response:
-    key = decode_cursor(cursor)
-    query = _ORDER_PAGES[(status is not None, key is not None)]
-    params = {"client_id": client_id, "status": status, "key": key, "limit": limit + 1}
     async with svc.wallets.single.connect() as conn:
-        rows = (await conn.execute(query, params)).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    items = [order_json(OrderRow.of(r), updated=True) for r in rows]
-    return _page(items, rows[-1].id if more else None)
+        return await order_page(conn, limit, cursor, admin=False, client_id=client_id, status=status)
 
 
 @router.get(
@@ -176,6 +206,7 @@ async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
         "name": row.name,
         "email": row.email,
         "balance": from_cents(row.balance),
+        "held": from_cents(row.held),
         "createdAt": iso(row.created_at),
         "updatedAt": iso(row.updated_at),
     }

@@ -45,8 +45,12 @@ class IdempotencyKey:
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
-    status: int
-    body: bytes
+    """What the key's first request left: its answer, and for an order the order itself, whose
+    current state is what a replay answers (the answer may not be written yet)."""
+
+    status: int | None
+    body: bytes | None
+    order_id: str | None
 
 
 def validate_key(raw: str | None) -> str | None:
@@ -79,7 +83,7 @@ ON CONFLICT (caller, key) DO UPDATE
 RETURNING caller
 """)
 _EXISTING = text("""
-SELECT fingerprint, response_status, response_body FROM idempotency_keys
+SELECT fingerprint, response_status, response_body, order_id FROM idempotency_keys
 WHERE caller = :caller AND key = :key
 """)
 _COMPLETE = text("""
@@ -87,10 +91,6 @@ UPDATE idempotency_keys SET response_status = :status, response_body = :body
 WHERE caller = :caller AND key = :key
 """)
 _ATTACH_ORDER = text("UPDATE idempotency_keys SET order_id = :order_id WHERE caller = :caller AND key = :key")
-_COMPLETE_ORDER = text("""
-UPDATE idempotency_keys SET response_status = :status, response_body = :body
-WHERE order_id = :order_id AND response_status IS NULL
-""")
 _PURGE = text("""
 DELETE FROM idempotency_keys WHERE ctid IN (
     SELECT ctid FROM idempotency_keys
@@ -112,9 +112,9 @@ async def claim(conn: AsyncConnection, idem: IdempotencyKey, ttl_hours: float) -
     row = (await conn.execute(_EXISTING, {"caller": idem.caller, "key": idem.key})).one()
     if row.fingerprint != idem.fingerprint:
         raise IdempotencyMismatch(f"{HEADER} was already used with a different request body or endpoint")
-    if row.response_status is None:
+    if row.response_status is None and row.order_id is None:
         raise Conflict(f"A request with this {HEADER} is still being processed; retry later")
-    return StoredResponse(row.response_status, row.response_body)
+    return StoredResponse(row.response_status, row.response_body, row.order_id)
 
 
 async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, body: bytes) -> None:
@@ -124,11 +124,6 @@ async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, bod
 
 async def attach_order(conn: AsyncConnection, idem: IdempotencyKey, order_id: str) -> None:
     await conn.execute(_ATTACH_ORDER, {"caller": idem.caller, "key": idem.key, "order_id": order_id})
-
-
-async def complete_order(conn: AsyncConnection, order_id: str, status: int, body: bytes) -> None:
-    """Store an order's final response under whatever key placed it (if one did)."""
-    await conn.execute(_COMPLETE_ORDER, {"order_id": order_id, "status": status, "body": body})
 
 
 async def purge_expired(engine: AsyncEngine, batch: int = 1000) -> int:

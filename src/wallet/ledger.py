@@ -97,6 +97,16 @@ _P_TYPE, _P_AMOUNT, _P_DELTA = (
 )
 _P_REF, _P_DESC = "CAST(:ref AS text)", "CAST(:desc AS text)"
 
+# Money out of the wallet for orders whose outcome is not known yet (orders_pending_client).
+HELD_SQL = (
+    "(SELECT coalesce(sum(o.amount), 0) FROM orders o WHERE o.client_id = {client} AND o.status = 'PENDING')"
+)
+
+# What every reader of an order gets: the client's view and the operator's.
+ORDER_COLUMNS = """order_id, client_id, amount, status, fulfillment_id, failure, attempts,
+    resolver_attempts, next_attempt_at, last_error, needs_review, flagged_at, resolved_by,
+    resolved_at, resolution_note, created_at, updated_at"""
+
 _INSERT_ENTRY = """
     INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before, balance_after,
                                 reference_id, description, created_at, hash)
@@ -115,9 +125,7 @@ _CREDIT = text(f"""
 WITH moved AS (
     UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
     WHERE client_id = :client_id
-      AND wallets.balance + :delta + (
-          SELECT coalesce(sum(o.amount), 0) FROM orders o
-          WHERE o.client_id = wallets.client_id AND o.status = 'PENDING') <= {MAX_CENTS}
+      AND wallets.balance + :delta + {HELD_SQL.format(client="wallets.client_id")} <= {MAX_CENTS}
     RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
               head_hash, updated_at
 )
@@ -160,16 +168,19 @@ SELECT :order_id, client_id, :amount, 'PENDING',
        updated_at + make_interval(secs => :lease_seconds), CAST(:request_id AS text),
        updated_at, updated_at
 FROM moved
-RETURNING order_id, amount, status, fulfillment_id, created_at, updated_at
+RETURNING {ORDER_COLUMNS}
 """)
 
 _REFUND_ORDER = text(f"""
 WITH failed AS (
     UPDATE orders
-    SET status = 'FAILED', failure = :failure, next_attempt_at = NULL,
-        attempts = orders.attempts + :attempts, updated_at = now()
+    SET status = 'FAILED', failure = :failure, next_attempt_at = NULL, needs_review = false,
+        attempts = orders.attempts + :attempts, last_error = CAST(:detail AS text),
+        resolved_by = CAST(:resolved_by AS text),
+        resolved_at = CASE WHEN CAST(:resolved_by AS text) IS NULL THEN NULL ELSE clock_timestamp() END,
+        resolution_note = CAST(:note AS text), updated_at = clock_timestamp()
     WHERE order_id = :order_id AND status = 'PENDING'
-    RETURNING order_id, client_id, amount, status, fulfillment_id, failure, created_at, updated_at
+    RETURNING {ORDER_COLUMNS}
 ), moved AS (
     UPDATE wallets
     SET {
@@ -192,7 +203,7 @@ WITH failed AS (
            'Refund for failed order ' || order_id, updated_at, head_hash
     FROM moved
 )
-SELECT order_id, amount, status, fulfillment_id, failure, created_at, updated_at FROM failed
+SELECT {ORDER_COLUMNS} FROM failed
 """)
 
 _ENSURE_CLIENT = text("""
@@ -205,6 +216,10 @@ ON CONFLICT (client_id) DO UPDATE
 """)
 _ENSURE_WALLET = text("INSERT INTO wallets (client_id) VALUES (:client_id) ON CONFLICT DO NOTHING")
 _BALANCE = text("SELECT balance, updated_at FROM wallets WHERE client_id = :client_id")
+_BALANCE_HELD = text(f"""
+SELECT balance, updated_at, {HELD_SQL.format(client="wallets.client_id")} AS held
+FROM wallets WHERE client_id = :client_id
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +236,7 @@ class Balance:
     client_id: str
     balance: int
     updated_at: datetime
+    held: int  # in PENDING orders: out of the balance until their outcome is known
 
 
 async def _explain_refusal(conn: AsyncConnection, client_id: str, amount: int) -> None:
@@ -283,21 +299,29 @@ async def debit(
 
 @dataclass(frozen=True, slots=True)
 class OrderRow:
+    """An order as stored (ORDER_COLUMNS)."""
+
     order_id: str
+    client_id: str
     amount: int
     status: str
     fulfillment_id: str | None
+    failure: str | None
+    attempts: int
+    resolver_attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    needs_review: bool
+    flagged_at: datetime | None
+    resolved_by: str | None
+    resolved_at: datetime | None
+    resolution_note: str | None
     created_at: datetime
     updated_at: datetime
-    failure: str | None = None
 
     @classmethod
     def of(cls, row: Any) -> OrderRow:
-        """From a result row with the order's columns (`failure` optional)."""
-        failure = getattr(row, "failure", None)
-        return cls(
-            row.order_id, row.amount, row.status, row.fulfillment_id, row.created_at, row.updated_at, failure
-        )
+        return cls(*(getattr(row, name) for name in cls.__slots__))
 
 
 async def place_order(
@@ -326,16 +350,31 @@ async def place_order(
 
 
 async def refund_order(
-    conn: AsyncConnection, order_id: str, *, failure: str, attempts: int
+    conn: AsyncConnection,
+    order_id: str,
+    *,
+    failure: str,
+    attempts: int,
+    detail: str | None = None,
+    resolved_by: str | None = None,
+    note: str | None = None,
 ) -> OrderRow | None:
-    """Mark a PENDING order FAILED and put its money back, or None if it is no longer PENDING."""
-    params = {"order_id": order_id, "failure": failure, "attempts": attempts}
+    """Mark a PENDING order FAILED and put its money back, or None if it is no longer PENDING
+    (another process, or an operator, finished it first)."""
+    params = {
+        "order_id": order_id,
+        "failure": failure,
+        "attempts": attempts,
+        "detail": detail,
+        "resolved_by": resolved_by,
+        "note": note,
+    }
     row = (await conn.execute(_REFUND_ORDER, params)).first()
     return None if row is None else OrderRow.of(row)
 
 
 async def balance(conn: AsyncConnection, client_id: str) -> Balance:
-    row = (await conn.execute(_BALANCE, {"client_id": client_id})).first()
+    row = (await conn.execute(_BALANCE_HELD, {"client_id": client_id})).first()
     if row is None:
         raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
-    return Balance(client_id, row.balance, row.updated_at)
+    return Balance(client_id, row.balance, row.updated_at, int(row.held))

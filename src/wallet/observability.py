@@ -31,12 +31,36 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 ORDERS_FINISHED = Counter("wallet_orders_total", "Orders by final status", ["status"])
-ORDERS_RECOVERED = Counter("wallet_orders_recovered_total", "Orders finished by crash recovery", ["status"])
-FULFILLMENT_ATTEMPTS = Counter("wallet_fulfillment_attempts_total", "Calls to the provider")
-FULFILLMENT_RETRIES = Counter("wallet_fulfillment_retries_total", "Provider calls that were retries")
-FULFILLMENT_FAILURES = Counter(
-    "wallet_fulfillment_failures_total", "Orders whose fulfillment failed", ["reason"]
+ORDER_OUTCOMES = Counter(
+    "wallet_order_outcomes_total",
+    "What the provider's answers proved for an order: fulfilled, refused or unknown, by who asked"
+    " (the request that placed it, or the resolver)",
+    ["kind", "path"],
 )
+RESOLVER_ATTEMPTS = Counter(
+    "wallet_resolver_attempts_total",
+    "Orders the resolver asked the provider about, by what it learned",
+    ["kind"],
+)
+ORDERS_FLAGGED = Counter(
+    "wallet_orders_flagged_total", "Orders flagged for review (outcome unknown too long)"
+)
+ORDERS_RESOLVED = Counter("wallet_orders_resolved_total", "Orders an operator resolved", ["outcome"])
+OLDEST_PENDING_SECONDS = Gauge(
+    "wallet_orders_pending_oldest_age_seconds",
+    "Age of the oldest PENDING order (0 when there is none)",
+    multiprocess_mode="livemax",
+)
+REVIEW_QUEUE = Gauge(
+    "wallet_orders_review_queue", "PENDING orders flagged for review", multiprocess_mode="livemax"
+)
+FULFILLMENT_ATTEMPTS = Counter(
+    "wallet_fulfillment_attempts_total", "POSTs to the provider, by what the answer proved", ["kind"]
+)
+FULFILLMENT_LOOKUPS = Counter(
+    "wallet_fulfillment_lookups_total", "Status lookups at the provider, by what the answer proved", ["kind"]
+)
+FULFILLMENT_RETRIES = Counter("wallet_fulfillment_retries_total", "Provider calls that were retries")
 RATE_LIMITED = Counter("wallet_rate_limited_total", "Requests refused by the rate limit")
 DB_POOL_IN_USE = Gauge(
     "wallet_db_pool_connections_in_use",

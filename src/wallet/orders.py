@@ -1,45 +1,61 @@
-"""The order flow: pay, fulfil, finish; and recovery of orders a dead process left behind.
+"""The order flow (SPEC §4): pay, ask the provider, settle by what its answer proved.
 
-    1. one transaction: take the money, insert the order PENDING with a processing lease,
-       write ORDER_DEDUCTION (and claim the Idempotency-Key);
-    2. no transaction, no lock: call the provider, with retries;
-    3. one transaction: COMPLETED, or FAILED + ORDER_REFUND (and store the final response).
+    1. one transaction: take the money, insert the order PENDING (due back to the resolver when
+       the request's own attempts are over), write ORDER_DEDUCTION, claim the Idempotency-Key;
+    2. no transaction, no lock: call the provider, with retries (`fulfillment`);
+    3. settle: fulfilled -> COMPLETED; refused -> FAILED + ORDER_REFUND in one transaction;
+       unknown -> still PENDING, money held, next attempt stored on the order (or refunded
+       like a refusal with FULFILLMENT_ON_UNKNOWN=refund).
 
-If the process dies between 1 and 3, the lease expires and `recover_expired` (running in every
-process) claims the order with FOR UPDATE SKIP LOCKED, calls the provider again with the same
-Idempotency-Key, and finishes it as in step 3.
+The resolver (`resolve_due`, in every process) claims due PENDING orders with FOR UPDATE SKIP
+LOCKED (a crashed request's orders, and orders whose outcome is unknown), asks again with the
+same key and settles them the same way; an order still unknown after FULFILLMENT_RESOLVE_HOURS
+is flagged for an operator, who finishes it with `resolve`. Whoever settles first wins: every
+settling statement requires `status = 'PENDING'`.
+
+Every answer given once the money moved names the order and tells its true state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
-from collections.abc import Awaitable
-from dataclasses import replace
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
 
 import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
-from wallet.errors import NotFound
-from wallet.fulfillment import Failure, Outcome, Provider
-from wallet.ledger import OrderRow
+from wallet.database import is_unavailable
+from wallet.errors import Conflict, NotFound, ServiceUnavailable
+from wallet.fulfillment import Failure, Kind, Outcome, Provider
+from wallet.ledger import ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
+from wallet.settings import OnUnknown, Settings
 from wallet.wire import Reply, dumps, iso, ok
 
 log = structlog.get_logger(__name__)
 
-PENDING, COMPLETED, FAILED = "PENDING", "COMPLETED", "FAILED"
+OrderStatus = Literal["PENDING", "COMPLETED", "FAILED"]
+PENDING, COMPLETED, FAILED = get_args(OrderStatus)
+ORDER_ID_PATTERN = r"^ORD-[0-9]{13}-[0-9a-f]{8}$"
+ACCEPTED_MESSAGE = "Order accepted; fulfillment pending"
 
 
 def new_order_id() -> str:
     return f"ORD-{time.time_ns() // 1_000_000:013d}-{secrets.token_hex(4)}"
 
 
+def location(order_id: str) -> dict[str, str]:
+    return {"Location": f"/orders/{order_id}"}
+
+
 def order_json(order: OrderRow, *, updated: bool = False) -> dict[str, Any]:
+    """The client's view of an order."""
     data: dict[str, Any] = {
         "orderId": order.order_id,
         "amount": from_cents(order.amount),
@@ -52,10 +68,37 @@ def order_json(order: OrderRow, *, updated: bool = False) -> dict[str, Any]:
     return data
 
 
-def final_reply(order: OrderRow) -> Reply:
-    """The response an order's creation ends with, whoever finished it."""
+def admin_order_json(order: OrderRow) -> dict[str, Any]:
+    """The operator's view: the client's, plus who owns it, how it is going and who decided."""
+    resolution = None
+    if order.resolved_at is not None:
+        resolution = {
+            "outcome": "fulfilled" if order.status == COMPLETED else "failed",
+            "by": order.resolved_by,
+            "at": iso(order.resolved_at),
+            "note": order.resolution_note,
+        }
+    return {
+        **order_json(order, updated=True),
+        "clientId": order.client_id,
+        "failure": order.failure,
+        "attempts": order.attempts,
+        "resolverAttempts": order.resolver_attempts,
+        "nextAttemptAt": iso(order.next_attempt_at) if order.next_attempt_at else None,
+        "lastError": order.last_error,
+        "needsReview": order.needs_review,
+        "flaggedAt": iso(order.flagged_at) if order.flagged_at else None,
+        "resolution": resolution,
+    }
+
+
+def order_reply(order: OrderRow) -> Reply:
+    """What placing an order answers, from the order's state: the same for the request that
+    placed it and for every idempotent replay, so a client retrying a 202 learns the outcome."""
     if order.status == COMPLETED:
         return Reply(201, dumps(ok(order_json(order), "Order created successfully")))
+    if order.status == PENDING:
+        return Reply(202, dumps(ok(order_json(order), ACCEPTED_MESSAGE)), headers=location(order.order_id))
     unreachable = order.failure == Failure.UNREACHABLE
     body = {
         "success": False,
@@ -68,61 +111,69 @@ def final_reply(order: OrderRow) -> Reply:
     return Reply(503 if unreachable else 502, dumps(body))
 
 
-# Completion and the stored Idempotency-Key response in one statement (one round trip): the
-# reply is known before the UPDATE, and it is stored only if this statement finished the order.
-_COMPLETE = text("""
+# Completion, and the request's answer stored under its Idempotency-Key, in one statement.
+_COMPLETE = text(f"""
 WITH done AS (
     UPDATE orders
     SET status = 'COMPLETED', fulfillment_id = :fulfillment_id, next_attempt_at = NULL,
-        attempts = attempts + :attempts, updated_at = now()
+        needs_review = false, attempts = attempts + :attempts, last_error = NULL,
+        resolved_by = CAST(:resolved_by AS text),
+        resolved_at = CASE WHEN CAST(:resolved_by AS text) IS NULL THEN NULL ELSE clock_timestamp() END,
+        resolution_note = CAST(:note AS text), updated_at = clock_timestamp()
     WHERE order_id = :order_id AND status = 'PENDING'
-    RETURNING order_id
+    RETURNING {ORDER_COLUMNS}
 ), stored AS (
     UPDATE idempotency_keys SET response_status = 201, response_body = :body
-    WHERE order_id = :order_id AND response_status IS NULL AND EXISTS (SELECT 1 FROM done)
+    WHERE order_id = :order_id AND response_status IS NULL AND CAST(:body AS bytea) IS NOT NULL
+      AND EXISTS (SELECT 1 FROM done)
 )
-SELECT order_id FROM done
+SELECT {ORDER_COLUMNS} FROM done
 """)
-_GET = text("""
-SELECT order_id, amount, status, fulfillment_id, failure, created_at, updated_at
-FROM orders WHERE order_id = :order_id
+# Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
+_RESCHEDULE = text(f"""
+UPDATE orders
+SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay),
+    attempts = attempts + :attempts, resolver_attempts = resolver_attempts + :resolver_attempt,
+    last_error = :detail,
+    flagged_at = CASE
+        WHEN NOT needs_review AND created_at < clock_timestamp() - make_interval(secs => :review_after)
+        THEN statement_timestamp() ELSE flagged_at END,
+    needs_review = needs_review OR created_at < clock_timestamp() - make_interval(secs => :review_after)
+WHERE order_id = :order_id AND status = 'PENDING'
+RETURNING {ORDER_COLUMNS}, flagged_at = statement_timestamp() AS newly_flagged
 """)
-_GET_OWN = text("""
-SELECT order_id, amount, status, fulfillment_id, failure, created_at, updated_at
-FROM orders WHERE order_id = :order_id AND client_id = :client_id
+_STORE_ANSWER = text("""
+UPDATE idempotency_keys SET response_status = :status, response_body = :body
+WHERE order_id = :order_id AND response_status IS NULL
 """)
-_CLAIM_EXPIRED = text("""
-UPDATE orders SET next_attempt_at = now() + make_interval(secs => :lease_seconds)
+_GET = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id")
+_GET_OWN = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id AND client_id = :client_id")
+# Orders due at the start of this pass, claimed for one resolver attempt.
+_CLAIM_DUE = text(f"""
+UPDATE orders SET next_attempt_at = clock_timestamp() + make_interval(secs => :lease)
 WHERE id IN (
     SELECT id FROM orders
-    WHERE status = 'PENDING' AND next_attempt_at < now()
+    WHERE status = 'PENDING' AND next_attempt_at <= :due
     ORDER BY next_attempt_at
     LIMIT :batch
     FOR UPDATE SKIP LOCKED)
-RETURNING order_id, client_id, amount, request_id, created_at, updated_at
+RETURNING {ORDER_COLUMNS}, request_id
+""")
+_PENDING_STATS = text("""
+SELECT count(*) FILTER (WHERE needs_review) AS review, min(created_at) AS oldest
+FROM orders WHERE status = 'PENDING'
 """)
 
 
-async def _decided_elsewhere(conn: AsyncConnection, order_id: str) -> Reply:
-    """Another process (crash recovery) finished the order first: answer with what it decided."""
-    return final_reply(OrderRow.of((await conn.execute(_GET, {"order_id": order_id})).one()))
-
-
 class Orders:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        provider: Provider,
-        *,
-        lease_seconds: float,
-        idempotency_ttl_hours: float,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, provider: Provider, settings: Settings) -> None:
         self.engine = engine
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
         self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.provider = provider
-        self.lease_seconds = lease_seconds
-        self.idempotency_ttl_hours = idempotency_ttl_hours
+        self.settings = settings
+
+    # --- placing -------------------------------------------------------------------------
 
     async def place(
         self,
@@ -132,60 +183,175 @@ class Orders:
         request_id: str | None,
     ) -> Reply:
         order_id = new_order_id()
+        try:
+            placed = await self._pay(client_id, amount, order_id, idem, request_id)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            placed = await self._placed_despite(exc, order_id)
+        if isinstance(placed, Reply):
+            return placed
+        outcome = await self.provider.fulfill(order_id, client_id, amount, request_id)
+        return await self._settle(placed, outcome, path="request")
 
-        def deduct(conn: AsyncConnection) -> Awaitable[OrderRow]:
-            return ledger.place_order(
-                conn,
-                client_id=client_id,
-                order_id=order_id,
-                amount=amount,
-                lease_seconds=self.lease_seconds,
-                request_id=request_id,
-            )
-
+    async def _pay(
+        self,
+        client_id: str,
+        amount: int,
+        order_id: str,
+        idem: idempotency.IdempotencyKey | None,
+        request_id: str | None,
+    ) -> OrderRow | Reply:
+        params: dict[str, Any] = {
+            "client_id": client_id,
+            "order_id": order_id,
+            "amount": amount,
+            "lease_seconds": self.settings.order_lease_seconds,
+            "request_id": request_id,
+        }
         if idem is None:
             async with self.single.connect() as conn:
-                order = await deduct(conn)
-        else:
-            async with self.engine.begin() as conn:
-                stored = await idempotency.claim(conn, idem, self.idempotency_ttl_hours)
-                if stored is not None:
-                    return Reply(stored.status, stored.body, replayed=True)
-                order = await deduct(conn)
-                await idempotency.attach_order(conn, idem, order_id)
-        outcome = await self.provider.fulfill(order_id, client_id, amount, request_id)
-        return await self.finish(order, outcome)
+                return await ledger.place_order(conn, **params)
+        async with self.engine.begin() as conn:
+            stored = await idempotency.claim(conn, idem, self.settings.idempotency_ttl_hours)
+            if stored is not None:
+                return await self._replay(conn, stored)
+            order = await ledger.place_order(conn, **params)
+            await idempotency.attach_order(conn, idem, order_id)
+            return order
 
-    async def finish(self, order: OrderRow, outcome: Outcome) -> Reply:
-        """Step 3 for a PENDING order. If another process finished it first, answer with that."""
-        if outcome.fulfillment_id is not None:
-            completed = replace(order, status=COMPLETED, fulfillment_id=outcome.fulfillment_id)
-            reply = final_reply(completed)
-            params = {
-                "order_id": order.order_id,
-                "fulfillment_id": outcome.fulfillment_id,
-                "attempts": outcome.attempts,
-                "body": reply.body,
-            }
-            async with self.single.connect() as conn:
-                if (await conn.execute(_COMPLETE, params)).first() is not None:
-                    observability.ORDERS_FINISHED.labels(COMPLETED).inc()
-                    return reply
-                return await _decided_elsewhere(conn, order.order_id)
-        failure = (outcome.failure or Failure.UNREACHABLE).value
+    async def _placed_despite(self, exc: Exception, order_id: str) -> OrderRow:
+        """The database failed while the order was being paid for: the money may or may not
+        have moved (a lost COMMIT answer). Look before answering, since a 5xx that names no
+        order must mean that no money moved."""
+        log.warning("database failed while placing an order", order_id=order_id, error=str(exc))
+        for attempt in range(3):
+            try:
+                async with self.single.connect() as conn:
+                    row = (await conn.execute(_GET, {"order_id": order_id})).first()
+            except Exception as again:
+                if not is_unavailable(again):
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
+                continue
+            if row is None:
+                raise ServiceUnavailable("Service temporarily unavailable; no money moved") from exc
+            return OrderRow.of(row)
+        raise ServiceUnavailable(
+            "The database failed while the order was being placed; it may have been placed."
+            f" GET /orders/{order_id} will tell",
+            code="ORDER_OUTCOME_UNKNOWN",
+            details={"orderId": order_id},
+            headers=location(order_id),
+        ) from exc
+
+    async def _replay(self, conn: AsyncConnection, stored: idempotency.StoredResponse) -> Reply:
+        if stored.order_id is None:
+            assert stored.status is not None
+            assert stored.body is not None
+            return Reply(stored.status, stored.body, replayed=True)
+        order = OrderRow.of((await conn.execute(_GET, {"order_id": stored.order_id})).one())
+        request_running = (
+            order.status == PENDING
+            and stored.status is None
+            and order.next_attempt_at is not None
+            and order.next_attempt_at > datetime.now(UTC)
+        )
+        if request_running:
+            raise Conflict(f"A request with this {idempotency.HEADER} is still being processed; retry later")
+        reply = order_reply(order)
+        return Reply(reply.status, reply.body, replayed=True, headers=reply.headers)
+
+    # --- settling ------------------------------------------------------------------------
+
+    async def _settle(self, order: OrderRow, outcome: Outcome, *, path: str) -> Reply:
+        """Step 3. Whatever fails here, the money already moved: the answer is the order as it
+        stands (PENDING, its money held, the resolver to finish it), never an anonymous 5xx."""
+        observability.ORDER_OUTCOMES.labels(outcome.kind.value, path).inc()
+        try:
+            if outcome.kind is Kind.FULFILLED:
+                assert outcome.fulfillment_id is not None
+                return await self._complete(order, outcome.fulfillment_id, outcome.attempts)
+            refund = self.settings.fulfillment_on_unknown is OnUnknown.REFUND
+            if outcome.kind is Kind.REFUSED or refund:
+                return await self._refund(order, outcome)
+            return await self._reschedule(order, outcome, resolver=path == "resolver")
+        except Exception:
+            log.exception("could not settle an order; it stays PENDING", order_id=order.order_id)
+            return order_reply(order)
+
+    async def _complete(self, order: OrderRow, fulfillment_id: str, attempts: int) -> Reply:
+        done = OrderRow(**{**_fields(order), "status": COMPLETED, "fulfillment_id": fulfillment_id})
+        reply = order_reply(done)
+        params = {
+            "order_id": order.order_id,
+            "fulfillment_id": fulfillment_id,
+            "attempts": attempts,
+            "body": reply.body,
+            "resolved_by": None,
+            "note": None,
+        }
+        async with self.single.connect() as conn:
+            row = (await conn.execute(_COMPLETE, params)).first()
+            if row is None:
+                return await self._settled_elsewhere(conn, order.order_id)
+        finished = OrderRow.of(row)
+        _log_finished(finished, f"provider gave fulfillment id {fulfillment_id}")
+        return order_reply(finished)
+
+    async def _refund(self, order: OrderRow, outcome: Outcome) -> Reply:
+        failure = outcome.failure or Failure.PROVIDER_ERROR
         async with self.engine.begin() as conn:
             failed = await ledger.refund_order(
-                conn, order.order_id, failure=failure, attempts=outcome.attempts
+                conn, order.order_id, failure=failure.value, attempts=outcome.attempts, detail=outcome.detail
             )
             if failed is None:
-                return await _decided_elsewhere(conn, order.order_id)
-            reply = final_reply(failed)
-            await idempotency.complete_order(conn, order.order_id, reply.status, reply.body)
-        observability.ORDERS_FINISHED.labels(FAILED).inc()
-        log.warning(
-            "order failed and refunded", order_id=order.order_id, failure=failure, detail=outcome.detail
-        )
+                return await self._settled_elsewhere(conn, order.order_id)
+            reply = order_reply(failed)
+            await conn.execute(
+                _STORE_ANSWER, {"order_id": order.order_id, "status": reply.status, "body": reply.body}
+            )
+        _log_finished(failed, outcome.detail)
         return reply
+
+    async def _reschedule(self, order: OrderRow, outcome: Outcome, *, resolver: bool) -> Reply:
+        tries = order.resolver_attempts + (1 if resolver else 0)
+        base = self.settings.fulfillment_backoff_seconds * 2 ** min(tries, 30)
+        delay = min(base * random.uniform(0.5, 1.5), self.settings.fulfillment_retry_max_seconds)
+        params = {
+            "order_id": order.order_id,
+            "delay": delay,
+            "attempts": outcome.attempts if not resolver else 1,
+            "resolver_attempt": 1 if resolver else 0,
+            "detail": outcome.detail,
+            "review_after": self.settings.fulfillment_resolve_hours * 3600,
+        }
+        async with self.single.connect() as conn:
+            row = (await conn.execute(_RESCHEDULE, params)).first()
+            if row is None:
+                return await self._settled_elsewhere(conn, order.order_id)
+            pending = OrderRow.of(row)
+            reply = order_reply(pending)
+            if not resolver:
+                await conn.execute(
+                    _STORE_ANSWER, {"order_id": order.order_id, "status": 202, "body": reply.body}
+                )
+        log.warning(
+            "order outcome unknown; money held",
+            order_id=order.order_id,
+            reason=outcome.detail,
+            next_attempt_in=round(delay, 3),
+        )
+        if row.newly_flagged:
+            observability.ORDERS_FLAGGED.inc()
+            log.error("order flagged for review", order_id=order.order_id, reason=outcome.detail)
+        return reply
+
+    async def _settled_elsewhere(self, conn: AsyncConnection, order_id: str) -> Reply:
+        """Another process, or an operator, settled the order first: answer with that."""
+        return order_reply(OrderRow.of((await conn.execute(_GET, {"order_id": order_id})).one()))
+
+    # --- reading -------------------------------------------------------------------------
 
     async def get(self, client_id: str, order_id: str) -> OrderRow:
         """Another client's order is indistinguishable from one that does not exist."""
@@ -195,25 +361,113 @@ class Orders:
             raise NotFound("Order not found", code="ORDER_NOT_FOUND")
         return OrderRow.of(row)
 
-    async def recover_expired(self, batch: int = 20) -> int:
-        """Finish orders whose owner stopped renewing their lease (it crashed or hung): a batch at
-        a time until none is left, so a backlog is drained in one pass, not a batch per tick."""
+    async def get_any(self, order_id: str) -> OrderRow:
+        async with self.single.connect() as conn:
+            row = (await conn.execute(_GET, {"order_id": order_id})).first()
+        if row is None:
+            raise NotFound("Order not found", code="ORDER_NOT_FOUND")
+        return OrderRow.of(row)
+
+    # --- the resolver --------------------------------------------------------------------
+
+    async def resolve_due(self, batch: int = 20) -> int:
+        """Ask again about every order due now, a batch at a time, so a backlog drains in one
+        pass; orders rescheduled during the pass wait for the next one."""
         total = 0
+        due = datetime.now(UTC)
         while True:
             async with self.engine.begin() as conn:
-                params = {"lease_seconds": self.lease_seconds, "batch": batch}
-                claimed = (await conn.execute(_CLAIM_EXPIRED, params)).all()
-            await asyncio.gather(*(self._recover(row) for row in claimed))
+                params = {"lease": self.settings.resolver_lease_seconds, "batch": batch, "due": due}
+                claimed = (await conn.execute(_CLAIM_DUE, params)).all()
+            await asyncio.gather(*(self._resolve_one(row) for row in claimed))
             total += len(claimed)
             if len(claimed) < batch:
-                return total
+                break
+        await self._measure_pending()
+        return total
 
-    async def _recover(self, row: Any) -> None:
-        """The claim renewed the lease: this process alone asks the provider, with the same key."""
-        log.info("recovering order", order_id=row.order_id)
-        pending = OrderRow(row.order_id, row.amount, PENDING, None, row.created_at, row.updated_at)
-        outcome = await self.provider.fulfill(row.order_id, row.client_id, row.amount, row.request_id)
-        reply = await self.finish(pending, outcome)
-        status = COMPLETED if reply.status == 201 else FAILED
-        observability.ORDERS_RECOVERED.labels(status).inc()
-        log.info("recovered order", order_id=row.order_id, status=status)
+    async def _resolve_one(self, row: Any) -> None:
+        """The claim moved the due time past this attempt: no other resolver asks meanwhile,
+        and no lock is held while the provider is called."""
+        order = OrderRow.of(row)
+        try:
+            outcome = await self.provider.ask_again(
+                order.order_id, order.client_id, order.amount, row.request_id
+            )
+            observability.RESOLVER_ATTEMPTS.labels(outcome.kind.value).inc()
+            await self._settle(order, outcome, path="resolver")
+        except Exception:
+            log.exception("resolver attempt failed; the order will be claimed again", order_id=order.order_id)
+
+    async def _measure_pending(self) -> None:
+        async with self.single.connect() as conn:
+            stats = (await conn.execute(_PENDING_STATS)).one()
+        observability.REVIEW_QUEUE.set(stats.review)
+        oldest = (datetime.now(UTC) - stats.oldest).total_seconds() if stats.oldest else 0.0
+        observability.OLDEST_PENDING_SECONDS.set(max(oldest, 0.0))
+
+    # --- an operator's decision ----------------------------------------------------------
+
+    async def resolve(
+        self,
+        order_id: str,
+        *,
+        fulfillment_id: str | None,
+        note: str,
+        by: str,
+        idem: idempotency.IdempotencyKey | None,
+    ) -> Reply:
+        """Finish a PENDING order by hand: fulfilled (with the provider's id) or failed (money
+        back). Exactly one of this and the resolver wins; a final order answers 409."""
+        async with self.engine.begin() as conn:
+            if idem is not None:
+                stored = await idempotency.claim(conn, idem, self.settings.idempotency_ttl_hours)
+                if stored is not None:
+                    return await self._replay(conn, stored)
+            if fulfillment_id is not None:
+                params = {
+                    "order_id": order_id,
+                    "fulfillment_id": fulfillment_id,
+                    "attempts": 0,
+                    "body": None,
+                    "resolved_by": by,
+                    "note": note,
+                }
+                row = (await conn.execute(_COMPLETE, params)).first()
+                finished = None if row is None else OrderRow.of(row)
+            else:
+                finished = await ledger.refund_order(
+                    conn,
+                    order_id,
+                    failure=Failure.RESOLVED_FAILED.value,
+                    attempts=0,
+                    resolved_by=by,
+                    note=note,
+                )
+            if finished is None:
+                current = (await conn.execute(_GET, {"order_id": order_id})).first()
+                if current is None:
+                    raise NotFound("Order not found", code="ORDER_NOT_FOUND")
+                final = OrderRow.of(current)
+                raise Conflict(
+                    f"Order {order_id} is already {final.status}",
+                    code="ORDER_ALREADY_FINAL",
+                    data=admin_order_json(final),
+                )
+            reply = Reply(200, dumps(ok(admin_order_json(finished), "Order resolved")))
+            if idem is not None:
+                await idempotency.complete(conn, idem, reply.status, reply.body)
+        observability.ORDERS_RESOLVED.labels("fulfilled" if fulfillment_id else "failed").inc()
+        _log_finished(finished, f"resolved by {by}: {note}")
+        return reply
+
+
+def _fields(order: OrderRow) -> dict[str, Any]:
+    return {name: getattr(order, name) for name in OrderRow.__slots__}
+
+
+def _log_finished(order: OrderRow, reason: str) -> None:
+    observability.ORDERS_FINISHED.labels(order.status).inc()
+    log.info(
+        "order finished", order_id=order.order_id, status=order.status, failure=order.failure, reason=reason
+    )

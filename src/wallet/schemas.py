@@ -7,19 +7,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from wallet.orders import ORDER_ID_PATTERN, OrderStatus
+
 _STATUS_TEXT = {
     400: "Invalid input or a business rule refused the request",
     401: "Authentication missing",
     403: "Authentication invalid",
     404: "Not found",
     405: "Method not allowed",
-    409: "A request with the same Idempotency-Key is still running",
+    409: "Conflict: a request with the same Idempotency-Key is still running, or (resolving an "
+    "order) the order is already final; it is under `data`",
     413: "Request body too large",
     422: "Idempotency-Key reused with a different request",
     429: "Rate limit exceeded",
     500: "Internal error (the message is masked in production)",
-    502: "The fulfillment provider rejected the order; it was refunded",
-    503: "Unavailable (fulfillment provider unreachable: the order was refunded)",
+    502: "The fulfillment provider refused the order: it is FAILED (under `data`) and its money is back",
+    503: "Unavailable. An answer that names no order means no money moved. On POST /orders it may "
+    "name one: a FAILED order under `data` (it never reached the provider; its money is back), or, "
+    "with code ORDER_OUTCOME_UNKNOWN, `details.orderId` of an order that may have been placed "
+    "(GET it to know)",
 }
 
 
@@ -46,9 +52,9 @@ class MovementEnvelope(BaseModel):
 
 
 class OrderData(BaseModel):
-    orderId: str = Field(pattern=r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
+    orderId: str = Field(pattern=ORDER_ID_PATTERN)
     amount: float
-    status: Literal["PENDING", "COMPLETED", "FAILED"]
+    status: OrderStatus
     fulfillmentId: str | None
     createdAt: str
     updatedAt: str | None = None
@@ -62,7 +68,10 @@ class OrderEnvelope(BaseModel):
 
 class BalanceData(BaseModel):
     clientId: str
-    balance: float
+    balance: float = Field(description="What can be spent")
+    held: float = Field(
+        description="Money in PENDING orders: out of the balance until their outcome is known"
+    )
     lastUpdated: str
 
 
@@ -107,6 +116,7 @@ class ClientProfile(BaseModel):
     name: str | None
     email: str | None
     balance: float
+    held: float
     createdAt: str
     updatedAt: str
 
@@ -170,3 +180,40 @@ class StatusData(BaseModel):
 class StatusEnvelope(BaseModel):
     success: Literal[True]
     data: StatusData
+
+
+# --- the review queue (review.py) ---
+
+
+class Resolution(BaseModel):
+    outcome: Literal["fulfilled", "failed"]
+    by: str
+    at: str
+    note: str
+
+
+class AdminOrderData(OrderData):
+    updatedAt: str
+    clientId: str
+    failure: Literal["PROVIDER_ERROR", "UNREACHABLE", "RESOLVED_FAILED"] | None
+    attempts: int = Field(description="Calls to the provider so far")
+    resolverAttempts: int
+    nextAttemptAt: str | None = Field(description="When the resolver asks the provider again (PENDING only)")
+    lastError: str | None = Field(description="What the last inconclusive or refusing answer was")
+    needsReview: bool = Field(
+        description="Outcome unknown past FULFILLMENT_RESOLVE_HOURS: an operator should resolve it"
+    )
+    flaggedAt: str | None
+    resolution: Resolution | None = Field(description="Who finished the order by hand, when and why")
+
+
+class AdminOrderEnvelope(BaseModel):
+    success: Literal[True]
+    message: str | None = None
+    data: AdminOrderData
+
+
+class AdminOrderPage(BaseModel):
+    success: Literal[True]
+    data: list[AdminOrderData]
+    nextCursor: str | None

@@ -22,6 +22,11 @@ class AppEnv(StrEnum):
     PRODUCTION = "production"
 
 
+class OnUnknown(StrEnum):
+    HOLD = "hold"  # keep the money held until the provider's answer is known (the default)
+    REFUND = "refund"  # for providers that guarantee an unanswered request was not carried out
+
+
 class ClientAuth(StrEnum):
     HEADER = "header"
     API_KEY = "api_key"
@@ -44,6 +49,10 @@ class Settings(BaseSettings):
     fulfillment_timeout_seconds: float = Field(5.0, gt=0, le=120)
     fulfillment_max_attempts: int = Field(3, ge=1, le=10)
     fulfillment_backoff_seconds: float = Field(0.5, ge=0, le=60)
+    fulfillment_retry_max_seconds: float = Field(300.0, gt=0, le=86400)
+    fulfillment_resolve_hours: float = Field(24.0, gt=0, le=24 * 365)
+    fulfillment_on_unknown: OnUnknown = OnUnknown.HOLD
+    fulfillment_status_url: str | None = None
 
     rate_limit: str = "100/minute"
     redis_url: str | None = None
@@ -96,8 +105,12 @@ class Settings(BaseSettings):
                 raise ValueError("SIMULATOR: the built-in fulfillment simulator is development-only")
         elif self.admin_api_key is not None and len(self.admin_api_key) < 8:
             raise ValueError("ADMIN_API_KEY: must be at least 8 characters")
-        if self.fulfillment_api_url and not self.fulfillment_api_url.startswith(("http://", "https://")):
-            raise ValueError("FULFILLMENT_API_URL: must be an http(s) URL")
+        for name, url in (
+            ("FULFILLMENT_API_URL", self.fulfillment_api_url),
+            ("FULFILLMENT_STATUS_URL", self.fulfillment_status_url),
+        ):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name}: must be an http(s) URL")
         return self
 
     @property
@@ -131,9 +144,15 @@ class Settings(BaseSettings):
 
     @property
     def order_lease_seconds(self) -> float:
-        """How long one process owns an order it is fulfilling: its worst case (every attempt
-        timing out, every back-off at its longest jitter) with a margin. Only after that may
-        recovery in another process call the provider for it again."""
+        """How long the request that placed an order owns it: its worst case (every attempt
+        timing out, every back-off at its longest jitter) with a margin. Only after that may the
+        resolver in any process call the provider for it."""
         attempts = self.fulfillment_max_attempts
         backoff = sum(self.fulfillment_backoff_seconds * 2**i * 1.5 for i in range(attempts - 1))
         return float(1.2 * (attempts * self.fulfillment_timeout_seconds + backoff) + 2.0)
+
+    @property
+    def resolver_lease_seconds(self) -> float:
+        """How long a resolver owns an order it claimed: a status lookup and a POST, each
+        timing out, with a margin. A resolver that died is replaced after this."""
+        return float(1.2 * 2 * self.fulfillment_timeout_seconds + 2.0)

@@ -2,7 +2,8 @@
 
 Used as the development default (mounted in the service itself) and, as a real HTTP server on
 loopback, by the tests and the benchmark. It honours `Idempotency-Key`: the same key always gets
-the same fulfillment id, so it shows whether an order was fulfilled more than once.
+the same fulfillment id, so it shows whether an order was fulfilled more than once. Its status
+endpoint (`GET …/{orderId}`) answers 200 with that id, or 404 for an order it never fulfilled.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class Faults:
     fail_first: int | None = None  # ...or on exactly the first N calls
     hang: bool = False  # never answer
     gate: asyncio.Event | None = None  # hold every call until the event is set
+    answer_late_seconds: float = 0.0  # fulfil at once, answer this much later
+    success_status: int = 201
+    success_body: bytes | None = None  # instead of {"id", "orderId"}: e.g. b"{}" or b"<html>"
+    lookup_status: int | None = None  # the status endpoint answers this instead
 
 
 @dataclass
@@ -41,6 +46,8 @@ class Simulator:
     faults: Faults = field(default_factory=Faults)
     calls: list[Call] = field(default_factory=list)
     fulfilled: dict[str, str] = field(default_factory=dict)
+    by_order: dict[str, str] = field(default_factory=dict)
+    lookups: list[str] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(101))
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -83,7 +90,27 @@ class Simulator:
         dedup = key or order_id
         if dedup not in self.fulfilled:
             self.fulfilled[dedup] = str(next(self._ids))
-        return JSONResponse({"id": self.fulfilled[dedup], "orderId": order_id}, status_code=201)
+            self.by_order[order_id] = self.fulfilled[dedup]
+        if faults.answer_late_seconds:
+            await asyncio.sleep(faults.answer_late_seconds)
+        if faults.success_body is not None:
+            return Response(faults.success_body, status_code=faults.success_status)
+        body = {"id": self.fulfilled[dedup], "orderId": order_id}
+        return JSONResponse(body, status_code=faults.success_status)
+
+    async def lookup(self, request: Request) -> Response:
+        order_id = request.path_params["order_id"]
+        self.lookups.append(order_id)
+        if self.faults.lookup_status is not None:
+            return JSONResponse({"error": "simulated failure"}, status_code=self.faults.lookup_status)
+        if order_id not in self.by_order:
+            return JSONResponse({"error": "no such order"}, status_code=404)
+        return JSONResponse({"id": self.by_order[order_id], "orderId": order_id})
 
     def asgi(self, path: str = "/fulfillments") -> Starlette:
-        return Starlette(routes=[Route(path, self.handle, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route(path, self.handle, methods=["POST"]),
+                Route(path + "/{order_id}", self.lookup, methods=["GET"]),
+            ]
+        )

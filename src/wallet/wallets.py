@@ -47,6 +47,8 @@ class Wallets:
             if idem is not None:
                 stored = await idempotency.claim(conn, idem, self.idempotency_ttl_hours)
                 if stored is not None:
+                    assert stored.status is not None  # credits and debits store it in their own transaction
+                    assert stored.body is not None
                     return Reply(stored.status, stored.body, replayed=True)
             reply = Reply(200, dumps(render(await move(conn))))
             if idem is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ class Reply:
     status: int
     body: bytes
     replayed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def iso(moment: datetime) -> str:

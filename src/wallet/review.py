@@ -1,0 +1,110 @@
+"""The operator's side of orders (SPEC §4.6): every order in full, the review queue, and finishing
+an order by hand when the provider's answer never came.
+
+A resolution is recorded on the order (who, when, the operator's note) and is idempotent with an
+Idempotency-Key; without one, resolving an order that is already final answers 409 with it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic import Field, model_validator
+from starlette.responses import Response
+
+from wallet import idempotency
+from wallet.api import (
+    ORDER_ID,
+    Admin,
+    ClientIdField,
+    IdemHeader,
+    Parsed,
+    Svc,
+    _Body,
+    _idem,
+    body_doc,
+    json_body,
+    reply,
+)
+from wallet.errors import NotFound
+from wallet.history import Cursor, Limit, order_page
+from wallet.orders import OrderStatus, admin_order_json
+from wallet.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
+from wallet.wire import json_response, ok
+
+OPERATOR = "admin"  # the only operator principal today: the holder of ADMIN_API_KEY
+
+PRINTABLE = r"^[\x21-\x7e]+$"
+PathOrderId = Annotated[str, Path(max_length=64, examples=["ORD-1703251234567-a1b2c3d4"])]
+
+
+class ResolveRequest(_Body):
+    outcome: Literal["fulfilled", "failed"]
+    fulfillmentId: Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE)] | None = None
+    note: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$")]
+
+    @model_validator(mode="after")
+    def _id_only_when_fulfilled(self) -> ResolveRequest:
+        if (self.outcome == "fulfilled") != (self.fulfillmentId is not None):
+            raise ValueError("fulfillmentId is required when the outcome is fulfilled, and only then")
+        return self
+
+
+router = APIRouter(tags=["admin"], dependencies=[Admin])
+
+
+@router.get(
+    "/admin/orders",
+    responses={200: {"model": AdminOrderPage}, **error_responses(400, 401, 403, 429)},
+)
+async def list_orders(
+    svc: Svc,
+    status: Annotated[OrderStatus | None, Query()] = None,
+    needs_review: Annotated[bool | None, Query(alias="needsReview")] = None,
+    client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> Response:
+    """Every client's orders, newest first; `needsReview=true` is the review queue."""
+    async with svc.wallets.single.connect() as conn:
+        return await order_page(
+            conn, limit, cursor, admin=True, client_id=client_id, status=status, needs_review=needs_review
+        )
+
+
+@router.get(
+    "/admin/orders/{order_id}",
+    responses={200: {"model": AdminOrderEnvelope}, **error_responses(400, 401, 403, 404, 429)},
+)
+async def get_order(svc: Svc, order_id: PathOrderId) -> Response:
+    if not ORDER_ID.fullmatch(order_id):
+        raise NotFound("Order not found", code="ORDER_NOT_FOUND")
+    return json_response(200, ok(admin_order_json(await svc.orders.get_any(order_id))))
+
+
+@router.post(
+    "/admin/orders/{order_id}/resolve",
+    openapi_extra=body_doc(ResolveRequest),
+    responses={200: {"model": AdminOrderEnvelope}, **error_responses(400, 401, 403, 404, 409, 413, 422, 429)},
+)
+async def resolve_order(
+    svc: Svc,
+    order_id: PathOrderId,
+    body: Annotated[Parsed[ResolveRequest], Depends(json_body(ResolveRequest))],
+    idempotency_key: IdemHeader = None,
+) -> Response:
+    """Finish a PENDING order whose outcome the provider never gave: `fulfilled` with the
+    provider's id, or `failed` (its money goes back to the wallet). 409 with the order if it is
+    already final (the resolver may have just finished it)."""
+    if not ORDER_ID.fullmatch(order_id):
+        raise NotFound("Order not found", code="ORDER_NOT_FOUND")
+    req = body.model
+    result = await svc.orders.resolve(
+        order_id,
+        fulfillment_id=req.fulfillmentId,
+        note=req.note,
+        by=OPERATOR,
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, f"resolve {order_id}", body.raw),
+    )
+    return reply(result)

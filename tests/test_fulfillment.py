@@ -1,0 +1,182 @@
+"""What each provider answer proves (SPEC §4.3), case by case, against real loopback servers:
+a provider that answers with exactly the bytes a case needs, drops the connection after reading
+the request, or never answers; and a port where nothing listens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.builders import dead_url
+from wallet.fulfillment import Failure, Kind, Outcome, Provider, new_http_client
+from wallet.settings import Settings
+
+ORDER_ID = "ORD-1703251234567-a1b2c3d4"
+
+
+@dataclass
+class RawProvider:
+    """Reads each request whole, then does what `behaviour` says for that call."""
+
+    behaviours: list[str]
+    requests: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                body = await reader.readexactly(length)
+                self.requests.append(head + body)
+                behaviour = self.behaviours[min(len(self.requests), len(self.behaviours)) - 1]
+                if behaviour == "reset":  # the request was read; the answer never comes
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.close()
+                    return
+                if behaviour == "hang":
+                    await asyncio.Event().wait()
+                status, _, payload = behaviour.partition(" ")
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n{payload}".encode()
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_provider(*behaviours: str) -> AsyncIterator[tuple[str, RawProvider]]:
+    provider = RawProvider(list(behaviours))
+    server = await asyncio.start_server(provider.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/fulfillments", provider
+        server.close()
+
+
+async def fulfill(url: str, attempts: int, status_url: str | None = None) -> Outcome:
+    settings = Settings(
+        database_url="postgresql://unused/x",
+        fulfillment_api_url=url,
+        fulfillment_status_url=status_url,
+        fulfillment_timeout_seconds=0.3,
+        fulfillment_max_attempts=attempts,
+        fulfillment_backoff_seconds=0.01,
+    )
+    async with new_http_client(settings) as http:
+        return await Provider(settings, http).fulfill(ORDER_ID, "C1", 1050)
+
+
+CASES = [
+    ('201 {"id": 7}', Kind.FULFILLED, None),
+    ('200 {"id": "ff-1", "extra": true}', Kind.FULFILLED, None),
+    ("201 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a 2xx without an id
+    ('201 {"id": null}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("200 <html>ok</html>", Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a 2xx whose body is not JSON
+    ('400 {"error": "bad"}', Kind.REFUSED, Failure.PROVIDER_ERROR),
+    ("404 {}", Kind.REFUSED, Failure.PROVIDER_ERROR),
+    ("422 {}", Kind.REFUSED, Failure.PROVIDER_ERROR),
+    ("408 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("409 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("425 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("429 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("500 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("502 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("503 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("504 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ("reset", Kind.UNKNOWN, Failure.UNREACHABLE),  # reset after the request was written
+    ("hang", Kind.UNKNOWN, Failure.UNREACHABLE),  # sent, then no answer in time
+]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "failure"), CASES, ids=[c[0].split(" ")[0] + "-" + c[1] for c in CASES]
+)
+async def test_each_answer_is_classified_by_what_it_proves(
+    behaviour: str, kind: Kind, failure: Failure | None
+) -> None:
+    async with raw_provider(behaviour) as (url, provider):
+        outcome = await fulfill(url, attempts=2)
+    assert outcome.kind is kind
+    assert outcome.failure is failure
+    # Fulfilled and refused are final at once; only an unknown answer is asked again.
+    assert len(provider.requests) == outcome.attempts == (2 if kind is Kind.UNKNOWN else 1)
+    assert all(f"Idempotency-Key: {ORDER_ID}".encode() in r for r in provider.requests)
+
+
+async def test_nothing_listening_on_every_attempt_is_refused_as_never_sent() -> None:
+    outcome = await fulfill(dead_url(), attempts=3)
+    assert outcome.kind is Kind.REFUSED
+    assert outcome.failure is Failure.UNREACHABLE
+    assert outcome.attempts == 3
+
+
+async def test_a_call_that_may_have_landed_is_never_undone_by_a_later_unreachable_one() -> None:
+    """The first attempt was sent and went unanswered; the provider then vanishes. The first
+    attempt may have been carried out, so the order is not refused."""
+    async with raw_provider("hang") as (url, provider):
+        settings = Settings(
+            database_url="postgresql://unused/x",
+            fulfillment_api_url=url,
+            fulfillment_timeout_seconds=0.3,
+            fulfillment_max_attempts=1,
+        )
+        async with new_http_client(settings) as http:
+            client = Provider(settings, http)
+            first = await client.fulfill(ORDER_ID, "C1", 1050)
+            client._url = dead_url()  # the provider is gone now
+            again = await client.ask_again(ORDER_ID, "C1", 1050)
+    assert first.kind is Kind.UNKNOWN
+    assert again.kind is Kind.UNKNOWN
+    assert len(provider.requests) == 1
+
+
+async def test_an_unknown_answer_then_a_success_is_fulfilled() -> None:
+    async with raw_provider("503 {}", "reset", '201 {"id": 42}') as (url, provider):
+        outcome = await fulfill(url, attempts=3)
+    assert outcome.kind is Kind.FULFILLED
+    assert outcome.fulfillment_id == "42"
+    assert len(provider.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("lookup", "kind", "posts"),
+    [
+        ('200 {"id": "ff-9"}', Kind.FULFILLED, 0),  # the provider has it: no second POST
+        ("404 {}", Kind.REFUSED, 0),  # the provider never received it: never carried out
+        ("500 {}", Kind.FULFILLED, 1),  # the lookup proves nothing: ask again with the same key
+    ],
+)
+async def test_the_resolver_looks_the_order_up_first_when_it_can(lookup: str, kind: Kind, posts: int) -> None:
+    async with (
+        raw_provider('201 {"id": "ff-9"}') as (url, poster),
+        raw_provider(lookup) as (status_url, looker),
+    ):
+        settings = Settings(
+            database_url="postgresql://unused/x",
+            fulfillment_api_url=url,
+            fulfillment_status_url=status_url,
+            fulfillment_timeout_seconds=0.3,
+        )
+        async with new_http_client(settings) as http:
+            outcome = await Provider(settings, http).ask_again(ORDER_ID, "C1", 1050)
+    assert outcome.kind is kind
+    assert len(poster.requests) == posts
+    assert looker.requests[0].startswith(f"GET /fulfillments/{ORDER_ID} ".encode())
+    if kind is Kind.REFUSED:
+        assert outcome.failure is Failure.UNREACHABLE
