@@ -21,7 +21,7 @@ WALLETS = [f"crash-{n}" for n in range(5)]
 ORDERS_PER_WALLET = 4
 ORDER_AMOUNT = 10
 CREDIT = 100
-RECOVERED = '"recovered order"'  # the JSON log event of a finished recovery
+RECOVERED = '"order finished"'  # the JSON log event of a settled order
 
 
 def server_env(database_url: str, provider: Provider) -> dict[str, str]:

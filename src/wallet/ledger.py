@@ -99,7 +99,8 @@ _P_REF, _P_DESC = "CAST(:ref AS text)", "CAST(:desc AS text)"
 
 # Money out of the wallet for orders whose outcome is not known yet (orders_pending_client).
 HELD_SQL = (
-    "(SELECT coalesce(sum(o.amount), 0) FROM orders o WHERE o.client_id = {client} AND o.status = 'PENDING')"
+    "(SELECT coalesce(sum(o.amount), 0)::bigint FROM orders o"
+    " WHERE o.client_id = {client} AND o.status = 'PENDING')"
 )
 
 # What every reader of an order gets: the client's view and the operator's.
@@ -377,4 +378,4 @@ async def balance(conn: AsyncConnection, client_id: str) -> Balance:
     row = (await conn.execute(_BALANCE_HELD, {"client_id": client_id})).first()
     if row is None:
         raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
-    return Balance(client_id, row.balance, row.updated_at, int(row.held))
+    return Balance(client_id, row.balance, row.updated_at, row.held)
