@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.builders import Provider, start_service
+from tests.builders import LEDGER_KEY, Provider, start_service
 from wallet import ledger
 from wallet.database import create_engine, migrate, plain_url
 
@@ -97,7 +97,8 @@ async def test_entries_chain_sum_and_hash(
             description=row["description"],
             created_at=row["created_at"],
         )
-        previous_hash = ledger.chain_hash(previous_hash, content)
+        assert row["key_id"] == "k1"
+        previous_hash = ledger.chain_hash(previous_hash, content, LEDGER_KEY.encode())
         assert bytes(row["hash"]) == previous_hash
         previous_after = row["balance_after"]
     assert wallet["balance"] == signed_sum == previous_after == 10000 - 2000 - 550

@@ -123,6 +123,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     orders = Orders(
         engine,
         Provider(settings, http),
+        key=settings.chain_key,
         lease_seconds=settings.order_lease_seconds,
         idempotency_ttl_hours=settings.idempotency_ttl_hours,
     )
@@ -130,7 +131,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = api.Services(
         settings=settings,
         admin_key_digest=hashlib.sha256(settings.admin_key.encode()).digest(),
-        wallets=Wallets(engine, idempotency_ttl_hours=settings.idempotency_ttl_hours),
+        wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),
         orders=orders,
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
     )

@@ -119,12 +119,19 @@ def migrate_cmd() -> None:
     print("wallet: migrations applied", file=sys.stderr)
 
 
-def verify() -> None:
-    """Exit 0 if every wallet's ledger checks out; otherwise name each wallet's first bad
-    entry and exit 1."""
-    from wallet.verify import Verdict, verify_ledger
+def verify(digest_path: str | None) -> None:
+    """Exit 0 if every wallet's ledger checks out (and, with a digest, still holds everything the
+    digest saw); otherwise name each wallet's first bad entry and exit 1."""
+    from wallet.verify import Digest, Verdict, load_digest, verify_ledger
 
     settings = load_settings()
+    digest: Digest | None = None
+    if digest_path is not None:
+        try:
+            digest = load_digest(digest_path)
+        except (OSError, ValueError) as exc:
+            print(f"wallet verify: cannot read the digest {digest_path}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     show_progress = sys.stderr.isatty()
 
     def progress(verdict: Verdict) -> None:
@@ -138,7 +145,9 @@ def verify() -> None:
     async def run(url: str) -> Verdict:
         engine = create_engine(url, pool_size=2)
         try:
-            return await verify_ledger(engine, progress if show_progress else None)
+            return await verify_ledger(
+                engine, settings.chain_key, digest=digest, progress=progress if show_progress else None
+            )
         finally:
             await engine.dispose()
 
@@ -206,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate, then serve the HTTP API")
     commands.add_parser("migrate", help="apply pending database migrations")
-    commands.add_parser("verify", help="check every wallet's ledger: sums, chain, hashes")
+    check = commands.add_parser("verify", help="check every wallet's ledger: sums, chain, hashes")
+    check.add_argument(
+        "--digest",
+        metavar="FILE",
+        help="a digest's data (GET /admin/ledger/digest) as JSON: prove nothing it saw changed since",
+    )
     sim = commands.add_parser("simulator", help="run a standalone fulfillment simulator")
     sim.add_argument("--port", type=int, default=3001)
     sim.add_argument("--latency", type=float, default=0.0, help="seconds per call")
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "migrate":
         migrate_cmd()
     elif args.command == "verify":
-        verify()
+        verify(args.digest)
     elif args.command == "simulator":
         simulator(args.port, args)
     elif args.command == "openapi":

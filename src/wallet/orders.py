@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from wallet import idempotency, ledger, observability
 from wallet.errors import NotFound
 from wallet.fulfillment import Failure, Outcome, Provider
-from wallet.ledger import OrderRow
+from wallet.ledger import LedgerKey, OrderRow
 from wallet.money import from_cents
 from wallet.wire import Reply, dumps, iso, ok
 
@@ -114,10 +114,12 @@ class Orders:
         engine: AsyncEngine,
         provider: Provider,
         *,
+        key: LedgerKey,
         lease_seconds: float,
         idempotency_ttl_hours: float,
     ) -> None:
         self.engine = engine
+        self.key = key
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
         self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.provider = provider
@@ -141,6 +143,7 @@ class Orders:
                 amount=amount,
                 lease_seconds=self.lease_seconds,
                 request_id=request_id,
+                key=self.key,
             )
 
         if idem is None:
@@ -175,7 +178,7 @@ class Orders:
         failure = (outcome.failure or Failure.UNREACHABLE).value
         async with self.engine.begin() as conn:
             failed = await ledger.refund_order(
-                conn, order.order_id, failure=failure, attempts=outcome.attempts
+                conn, order.order_id, failure=failure, attempts=outcome.attempts, key=self.key
             )
             if failed is None:
                 return await _decided_elsewhere(conn, order.order_id)
