@@ -408,8 +408,9 @@ async def test_new_key_id_continues_the_chain(database_url: str, provider: Provi
 async def test_digest_catches_a_removed_tail_the_chain_cannot(
     database_url: str, provider: Provider, tmp_path: Path
 ) -> None:
-    """Someone with the database removes A's last entry and rolls its head back: the chain is
-    whole again (no key needed for that), so only a digest kept elsewhere can tell."""
+    """Someone with the database removes A's last entry and rolls its head back, and removes B
+    altogether: what is left is whole (no key needed for that), so only a digest kept elsewhere
+    can tell."""
     async with start_service(database_url, provider.url) as api:
         await make_ledger(api, provider)
         response = await api.http.get("/admin/ledger/digest", headers=api.admin_headers)
@@ -433,12 +434,16 @@ async def test_digest_catches_a_removed_tail_the_chain_cannot(
         """UPDATE wallets SET balance = 9000, entry_count = 2,
                head_hash = (SELECT hash FROM ledger_entries WHERE client_id = 'A' AND entry_no = 2)
            WHERE client_id = 'A'""",
+        "DELETE FROM orders WHERE client_id = 'B'",
+        "DELETE FROM ledger_entries WHERE client_id = 'B'",
+        "DELETE FROM wallets WHERE client_id = 'B'",
     )
     plain = run_verify(database_url, tmp_path)
     assert plain.returncode == 0, plain.stdout  # what a keyed chain alone cannot see
     result = run_verify(database_url, tmp_path, "--digest", str(digest_file))
     assert result.returncode == 1
     assert "A: the digest saw 3 entries, 2 are left: entries were removed" in result.stdout
+    assert "B: the wallet in the digest is gone" in result.stdout
 
     altered = dict(digest, wallets=[w for w in digest["wallets"] if w["clientId"] != "A"])
     digest_file.write_text(json.dumps(altered))
