@@ -126,6 +126,14 @@ TAMPERING: dict[str, tuple[list[str], tuple[str, int | None, str]]] = {
         ],
         ("A", 2, "before the previous entry's"),
     ),
+    "wallet balance edited": (
+        ["UPDATE wallets SET balance = balance + 100000 WHERE client_id = 'B'"],
+        ("B", None, "balance is 103000, the ledger adds up to 3000"),
+    ),
+    "wallet head moved": (
+        ["UPDATE wallets SET head_hash = decode(repeat('11', 32), 'hex') WHERE client_id = 'A'"],
+        ("A", None, "the wallet's entry count or head hash differs from its ledger"),
+    ),
     "a wallet without its entries": (
         ["DELETE FROM ledger_entries WHERE client_id = 'B'"],
         ("B", None, "balance is 3000, the ledger adds up to 0"),
@@ -154,6 +162,13 @@ TAMPERING: dict[str, tuple[list[str], tuple[str, int | None, str]]] = {
             " WHERE status = 'FAILED'"
         ],
         ("B", None, "is COMPLETED with 1 ORDER_DEDUCTION and 1 ORDER_REFUND entries; it needs 1 and 0"),
+    ),
+    "refunded order turned PENDING": (
+        [
+            "UPDATE orders SET status = 'PENDING', failure = NULL, next_attempt_at = now() + interval '1 day'"
+            " WHERE status = 'FAILED'"
+        ],
+        ("B", None, "is PENDING with 1 ORDER_DEDUCTION and 1 ORDER_REFUND entries; it needs 1 and 0"),
     ),
     "order amount changed": (
         ["UPDATE orders SET amount = amount + 1 WHERE client_id = 'A'"],
@@ -188,20 +203,6 @@ async def test_tampering_is_named(
     assert "FAILED" in result.stdout
     where = f"{client_id} entry {entry_no} " if entry_no is not None else f"{client_id}: "
     assert any(line.strip().startswith(where) and reason in line for line in result.stdout.splitlines())
-
-
-async def test_wallet_balance_edit_is_named(database_url: str, provider: Provider) -> None:
-    async with start_service(database_url, provider.url) as api:
-        await make_ledger(api, provider)
-        conn = await asyncpg.connect(plain_url(database_url))
-        try:
-            await conn.execute("UPDATE wallets SET balance = balance + 100000 WHERE client_id = 'B'")
-        finally:
-            await conn.close()
-        faults = (await http_verdict(api))["faults"]
-    assert len(faults) == 1
-    assert faults[0]["clientId"] == "B"
-    assert "ledger adds up to 3000" in faults[0]["reason"]
 
 
 def _database_name(url: str) -> str:
