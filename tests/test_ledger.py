@@ -61,6 +61,10 @@ async def test_database_checks_refuse_impossible_money(
                balance_after, created_at, hash)
            VALUES ('C1', 99, 'DEBIT', 0, 0, 0, now(), decode(repeat('00', 32), 'hex'))""",
         "UPDATE orders SET status = 'COMPLETED' WHERE fulfillment_id IS NULL",
+        # A well-formed entry, but without the key id every entry has carried since 0003.
+        """INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before,
+               balance_after, created_at, hash)
+           VALUES ('C1', 99, 'CREDIT', 100, 0, 100, now(), decode(repeat('00', 32), 'hex'))""",
     ]
     for statement in refused:
         with pytest.raises(asyncpg.CheckViolationError):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from wallet.database import connection_limit, create_engine, embedded_postgres, migrate_url
 from wallet.observability import configure_logging
 from wallet.protocol import JsonErrorsHttpToolsProtocol
-from wallet.settings import Settings
+from wallet.settings import Settings, development_ledger_key_path
 
 
 def load_settings() -> Settings:
@@ -57,6 +57,10 @@ def serve() -> None:
         if not settings.admin_api_key:
             env["ADMIN_API_KEY"] = settings.admin_key
             print(f"wallet: development admin key: {settings.admin_key}", file=sys.stderr)
+        if not settings.ledger_key:
+            settings.chain_key  # noqa: B018 - created now, once, before the workers read it
+            path = development_ledger_key_path(settings.data_dir)
+            print(f"wallet: development ledger key in {path} (keep it: verify needs it)", file=sys.stderr)
         if not settings.fulfillment_api_url and not settings.production:
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
             env["SIMULATOR"] = "true"

@@ -182,12 +182,16 @@ class Settings(BaseSettings):
         return float(1.2 * (attempts * self.fulfillment_timeout_seconds + backoff) + 2.0)
 
 
+def development_ledger_key_path(data_dir: Path) -> Path:
+    path = data_dir.expanduser().resolve()
+    return path.with_name(path.name + ".ledger-key")
+
+
 def _development_ledger_key(data_dir: Path) -> str:
     """Read the development key file, creating it (mode 0600) first if it does not exist. Several
     processes may start together: the file appears whole (link of a finished temporary file) and
     the first one wins."""
-    path = data_dir.expanduser().resolve()
-    path = path.with_name(path.name + ".ledger-key")
+    path = development_ledger_key_path(data_dir)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-key-")  # mkstemp: mode 0600
