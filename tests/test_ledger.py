@@ -132,3 +132,18 @@ async def test_concurrent_migrations_apply_once(postgres_url: str) -> None:
             await engine.dispose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.mark.parametrize("secret", [b"short", b"k" * 64, bytes(range(100))], ids=["short", "block", "long"])
+async def test_sql_hmac_is_rfc_2104(db: asyncpg.Connection, secret: bytes) -> None:
+    """The movement statements' HMAC (padded keys from LedgerKey, sha256 in SQL) is the standard
+    one that verify recomputes with `hmac`, keys longer than a block included."""
+    params = ledger.LedgerKey("k", secret).sql_params()
+    message = b"previous hash" + "|entry \u00e9".encode()
+    in_sql = await db.fetchval(
+        "SELECT sha256($1::bytea || sha256($2::bytea || $3::bytea))",
+        params["opad_key"],
+        params["ipad_key"],
+        message,
+    )
+    assert bytes(in_sql) == ledger.chain_hash(b"previous hash", "|entry \u00e9".encode(), secret)

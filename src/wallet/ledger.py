@@ -10,8 +10,8 @@ in the database from the previous head without a second round trip:
 written out in plain SQL (no extension) as sha256(opad_key || sha256(ipad_key || message)),
 with the two padded keys computed here and sent as parameters: the key never reaches a table.
 Each entry names its key (`key_id`) so keys can rotate; entries written before migration 0003
-have no key id and an unkeyed sha256(previous_hash || content). `entry_hash` is the one Python
-`chain_hash` is their Python twin; `wallet verify` recomputes them.
+have no key id and an unkeyed sha256(previous_hash || content). `chain_hash` is the Python twin
+of both; `wallet verify` recomputes them.
 
 An entry's time is `greatest(statement_timestamp(), wallets.updated_at)`, the previous entry's
 time re-read after the row lock is granted: a movement that waited for the lock can never be
