@@ -661,3 +661,13 @@ async def _write_legacy_ledger(
     finally:
         if own:
             await db.close()
+
+
+def test_a_digest_that_is_not_one_stops_verify(tmp_path: Path) -> None:
+    """Before any database work: a wrong file is the operator's mistake (exit 2), not a fault."""
+    (tmp_path / "digest.json").write_text(json.dumps({"wallets": "none"}))
+    result = run_verify(
+        "postgresql://nobody@127.0.0.1:1/none", tmp_path, "--digest", str(tmp_path / "digest.json")
+    )
+    assert result.returncode == 2
+    assert "cannot read the digest" in result.stderr
