@@ -32,6 +32,14 @@ _ORDER_ID = (
 )
 _ORDER_VARS = "\\set oms random(1000000000000, 9999999999999)\n\\set ohex random(0, 4294967295)\n"
 
+# The ledger key of the bench's service and of its ceiling: the same HMAC work in both.
+LEDGER_KEY = ledger.LedgerKey("bench", b"bench-ledger-key-not-a-secret-0123456789")
+_KEY_BINDS = {
+    "key_id": f"'{LEDGER_KEY.key_id}'",
+    "ipad_key": "'\\x" + LEDGER_KEY.sql_params()["ipad_key"].hex() + "'",
+    "opad_key": "'\\x" + LEDGER_KEY.sql_params()["opad_key"].hex() + "'",
+}
+
 ORDER_CENTS = 100  # every bench order is 1.00
 DEBIT_CENTS = 1  # every bench debit is 0.01
 LEDGER_PAGE = """
@@ -86,6 +94,7 @@ def order(client_ids: tuple[int, int]) -> Script:
             "desc": f"('Payment for order ' || {_ORDER_ID})",
             "lease_seconds": ":lease_seconds",
             "request_id": ":request_id",
+            **_KEY_BINDS,
         },
     )
     complete = to_pgbench(
@@ -126,6 +135,7 @@ def debit(client_id: int) -> Script:
         "delta": ":delta",
         "ref": "NULL",
         "desc": "NULL",
+        **_KEY_BINDS,
     }
     text = (
         f"{_pick((client_id, client_id))}\\set amount {DEBIT_CENTS}\n\\set delta -{DEBIT_CENTS}\n"

@@ -97,6 +97,8 @@ def service_env(
         APP_ENV="production",
         DATABASE_URL=database_url,
         ADMIN_API_KEY=admin_key,
+        LEDGER_KEY=ceiling.LEDGER_KEY.secret.decode(),
+        LEDGER_KEY_ID=ceiling.LEDGER_KEY.key_id,
         FULFILLMENT_API_URL=f"http://127.0.0.1:{provider_port}/fulfillments",
         CLIENT_AUTH=client_auth,
         RATE_LIMIT="off",

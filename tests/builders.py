@@ -19,10 +19,12 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from wallet.app import create_app
+from wallet.ledger import LedgerKey
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.simulator import Faults, Simulator
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef0123"
+LEDGER_KEY = "test-ledger-key-0123456789abcdef012"
 
 
 @contextlib.asynccontextmanager
@@ -82,11 +84,17 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/fulfillments"
 
 
+def ledger_key() -> LedgerKey:
+    """The key the tests' services sign the ledger with."""
+    return LedgerKey("k1", LEDGER_KEY.encode())
+
+
 def settings_env(database_url: str, provider_url: str, **overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "app_env": "development",
         "database_url": database_url,
         "admin_api_key": ADMIN_KEY,
+        "ledger_key": LEDGER_KEY,
         "fulfillment_api_url": provider_url,
         "fulfillment_timeout_seconds": 2.0,
         "fulfillment_max_attempts": 3,
@@ -215,7 +223,7 @@ async def spawn_service(env: dict[str, str], *, unset: tuple[str, ...] = ()) -> 
     requests."""
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if k not in unset}
-    full_env = {**inherited, **env, "PORT": str(port), "HOST": "127.0.0.1"}
+    full_env = {"LEDGER_KEY": LEDGER_KEY, **inherited, **env, "PORT": str(port), "HOST": "127.0.0.1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -39,7 +39,7 @@ async def _wallets(url: str, *client_ids: str) -> None:
     try:
         async with engine.begin() as conn:
             for client_id in client_ids:
-                await ledger.credit(conn, client_id, 1_000_000)
+                await ledger.credit(conn, client_id, 1_000_000, key=ceiling.LEDGER_KEY)
     finally:
         await engine.dispose()
 

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.builders import Provider, start_service
+from tests.builders import LEDGER_KEY, Provider, start_service
 from wallet import ledger
 from wallet.database import create_engine, migrate, plain_url
 
@@ -61,6 +61,10 @@ async def test_database_checks_refuse_impossible_money(
                balance_after, created_at, hash)
            VALUES ('C1', 99, 'DEBIT', 0, 0, 0, now(), decode(repeat('00', 32), 'hex'))""",
         "UPDATE orders SET status = 'COMPLETED' WHERE fulfillment_id IS NULL",
+        # A well-formed entry, but without the key id every entry has carried since 0003.
+        """INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before,
+               balance_after, created_at, hash)
+           VALUES ('C1', 99, 'CREDIT', 100, 0, 100, now(), decode(repeat('00', 32), 'hex'))""",
     ]
     for statement in refused:
         with pytest.raises(asyncpg.CheckViolationError):
@@ -97,7 +101,8 @@ async def test_entries_chain_sum_and_hash(
             description=row["description"],
             created_at=row["created_at"],
         )
-        previous_hash = ledger.chain_hash(previous_hash, content)
+        assert row["key_id"] == "k1"
+        previous_hash = ledger.chain_hash(previous_hash, content, LEDGER_KEY.encode())
         assert bytes(row["hash"]) == previous_hash
         previous_after = row["balance_after"]
     assert wallet["balance"] == signed_sum == previous_after == 10000 - 2000 - 550
@@ -127,3 +132,18 @@ async def test_concurrent_migrations_apply_once(postgres_url: str) -> None:
             await engine.dispose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.mark.parametrize("secret", [b"short", b"k" * 64, bytes(range(100))], ids=["short", "block", "long"])
+async def test_sql_hmac_is_rfc_2104(db: asyncpg.Connection, secret: bytes) -> None:
+    """The movement statements' HMAC (padded keys from LedgerKey, sha256 in SQL) is the standard
+    one that verify recomputes with `hmac`, keys longer than a block included."""
+    params = ledger.LedgerKey("k", secret).sql_params()
+    message = b"previous hash" + "|entry \u00e9".encode()
+    in_sql = await db.fetchval(
+        "SELECT sha256($1::bytea || sha256($2::bytea || $3::bytea))",
+        params["opad_key"],
+        params["ipad_key"],
+        message,
+    )
+    assert bytes(in_sql) == ledger.chain_hash(b"previous hash", "|entry \u00e9".encode(), secret)

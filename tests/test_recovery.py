@@ -9,7 +9,7 @@ from collections import Counter
 import asyncpg
 import httpx
 
-from tests.builders import ADMIN_KEY, Provider, ServerProcess, settings_env, spawn_service
+from tests.builders import ADMIN_KEY, Provider, ServerProcess, ledger_key, settings_env, spawn_service
 from wallet import ledger
 from wallet.database import create_engine, plain_url
 from wallet.fulfillment import Provider as FulfillmentProvider
@@ -153,7 +153,7 @@ async def test_one_recovery_pass_drains_more_than_a_batch(database_url: str, pro
     engine = create_engine(database_url, pool_size=4)
     try:
         async with engine.begin() as conn:
-            await ledger.credit(conn, "C1", 10_000)
+            await ledger.credit(conn, "C1", 10_000, key=ledger_key())
             for _ in range(45):
                 # A lease of zero: as if the process that placed them died at once.
                 await ledger.place_order(
@@ -163,6 +163,7 @@ async def test_one_recovery_pass_drains_more_than_a_batch(database_url: str, pro
                     amount=100,
                     lease_seconds=0,
                     request_id=None,
+                    key=ledger_key(),
                 )
         settings = Settings(**settings_env(database_url, provider.url))
         async with new_http_client(settings) as http:

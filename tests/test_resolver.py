@@ -12,9 +12,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.builders import ADMIN_KEY, Api, Provider, spawn_service, start_service, until
+from tests.builders import ADMIN_KEY, Api, Provider, settings_env, spawn_service, start_service, until
 from tests.test_orders import assert_accepted, assert_held, ledger_types
 from wallet.database import create_engine, plain_url
+from wallet.settings import Settings
 from wallet.verify import verify_ledger
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -263,7 +264,7 @@ async def test_database_connections_cut_mid_burst_leave_no_anonymous_charge(
         assert wallet["balance"] == 1000 - 5 * statuses.count("COMPLETED")
     engine = create_engine(database_url, pool_size=2)
     try:
-        verdict = await verify_ledger(engine)
+        verdict = await verify_ledger(engine, Settings(**settings_env(database_url, provider.url)).chain_key)
     finally:
         await engine.dispose()
     assert verdict.ok, verdict.faults

@@ -27,6 +27,8 @@ def settings(**values: Any) -> Settings:
         ({"admin_api_key": "short", "fulfillment_api_url": PROVIDER}, "ADMIN_API_KEY"),
         ({"admin_api_key": STRONG}, "FULFILLMENT_API_URL"),
         ({"admin_api_key": STRONG, "fulfillment_api_url": PROVIDER, "simulator": True}, "SIMULATOR"),
+        ({"admin_api_key": STRONG, "fulfillment_api_url": PROVIDER}, "LEDGER_KEY"),
+        ({"admin_api_key": STRONG, "fulfillment_api_url": PROVIDER, "ledger_key": "short"}, "LEDGER_KEY"),
     ],
 )
 def test_production_refuses_unsafe_settings(values: dict[str, Any], variable: str) -> None:
@@ -35,7 +37,9 @@ def test_production_refuses_unsafe_settings(values: dict[str, Any], variable: st
 
 
 def test_production_defaults() -> None:
-    prod = settings(app_env="production", admin_api_key=STRONG, fulfillment_api_url=PROVIDER)
+    prod = settings(
+        app_env="production", admin_api_key=STRONG, fulfillment_api_url=PROVIDER, ledger_key=STRONG
+    )
     assert prod.client_auth_mode is ClientAuth.API_KEY
     assert prod.worker_count == (os.cpu_count() or 1)
     assert prod.log_renderer == "json"
@@ -60,6 +64,11 @@ def test_production_defaults() -> None:
         {"trusted_proxies": "not-an-ip"},
         {"idempotency_ttl_hours": 1},
         {"app_env": "staging"},
+        {"ledger_key_id": "has:colon"},
+        {"ledger_old_keys": "no-separator"},
+        {"ledger_old_keys": "k0:one,k0:two"},
+        {"ledger_key_id": "k0", "ledger_old_keys": "k0:the-current-id"},
+        {"ledger_key": "short"},
     ],
 )
 def test_invalid_values_are_refused(values: dict[str, Any]) -> None:
@@ -76,6 +85,29 @@ def test_lists_and_limits_parse() -> None:
     assert settings(rate_limit="off").rate_limit_item is None
 
 
+def test_ledger_keys_rotate_by_id(tmp_path: Any) -> None:
+    rotated = settings(
+        ledger_key="new-key-0123456789", ledger_key_id="k2", ledger_old_keys="k0:oldest-key, k1:old-key"
+    )
+    key = rotated.chain_key
+    assert key.key_id == "k2"
+    assert key.secret_for("k2") == b"new-key-0123456789"
+    assert key.secret_for("k1") == b"old-key"
+    assert key.secret_for("k0") == b"oldest-key"
+    assert key.secret_for("k3") is None
+    assert "old-key" not in repr(rotated)
+
+
+def test_development_ledger_key_is_generated_once_beside_data_dir(tmp_path: Any) -> None:
+    data_dir = tmp_path / "data"
+    first = settings(data_dir=data_dir).chain_key
+    key_file = tmp_path / "data.ledger-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert not data_dir.exists()  # initdb wants it empty; backups of it must not carry the key
+    assert len(first.secret) >= 32
+    assert settings(data_dir=data_dir).chain_key.secret == first.secret
+
+
 def test_order_lease_outlasts_the_worst_fulfillment() -> None:
     s = settings(fulfillment_timeout_seconds=5, fulfillment_max_attempts=3, fulfillment_backoff_seconds=0.5)
     worst = 3 * 5 + (0.5 + 1.0) * 1.5
@@ -88,12 +120,18 @@ def test_order_lease_outlasts_the_worst_fulfillment() -> None:
         ({"PORT": "seventy"}, "PORT"),
         ({"APP_ENV": "production", "FULFILLMENT_API_URL": PROVIDER}, "ADMIN_API_KEY"),
         ({"RATE_LIMIT": "fast"}, "RATE_LIMIT"),
+        (
+            {"APP_ENV": "production", "FULFILLMENT_API_URL": PROVIDER, "ADMIN_API_KEY": STRONG},
+            "LEDGER_KEY",
+        ),
     ],
 )
 def test_serve_stops_with_one_line_naming_the_variable(
     env: dict[str, str], variable: str, tmp_path: Any
 ) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL"))}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "LEDGER_"))
+    }
     result = subprocess.run(
         [sys.executable, "-m", "wallet.cli", "serve"],
         env={**clean, **env},

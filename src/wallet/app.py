@@ -125,7 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = api.Services(
         settings=settings,
         admin_key_digest=hashlib.sha256(settings.admin_key.encode()).digest(),
-        wallets=Wallets(engine, idempotency_ttl_hours=settings.idempotency_ttl_hours),
+        wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),
         orders=orders,
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
     )

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from wallet.database import connection_limit, create_engine, embedded_postgres, migrate_url
 from wallet.observability import configure_logging
 from wallet.protocol import JsonErrorsHttpToolsProtocol
-from wallet.settings import Settings
+from wallet.settings import Settings, development_ledger_key_path
 
 
 def load_settings() -> Settings:
@@ -57,6 +57,10 @@ def serve() -> None:
         if not settings.admin_api_key:
             env["ADMIN_API_KEY"] = settings.admin_key
             print(f"wallet: development admin key: {settings.admin_key}", file=sys.stderr)
+        if not settings.ledger_key:
+            settings.chain_key  # noqa: B018 - created now, once, before the workers read it
+            path = development_ledger_key_path(settings.data_dir)
+            print(f"wallet: development ledger key in {path} (keep it: verify needs it)", file=sys.stderr)
         if not settings.fulfillment_api_url and not settings.production:
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
             env["SIMULATOR"] = "true"
@@ -119,12 +123,19 @@ def migrate_cmd() -> None:
     print("wallet: migrations applied", file=sys.stderr)
 
 
-def verify() -> None:
-    """Exit 0 if every wallet's ledger checks out; otherwise name each wallet's first bad
-    entry and exit 1."""
-    from wallet.verify import Verdict, verify_ledger
+def verify(digest_path: str | None) -> None:
+    """Exit 0 if every wallet's ledger checks out (and, with a digest, still holds everything the
+    digest saw); otherwise name each wallet's first bad entry and exit 1."""
+    from wallet.verify import Digest, Verdict, load_digest, verify_ledger
 
     settings = load_settings()
+    digest: Digest | None = None
+    if digest_path is not None:
+        try:
+            digest = load_digest(digest_path)
+        except (OSError, ValueError) as exc:
+            print(f"wallet verify: cannot read the digest {digest_path}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     show_progress = sys.stderr.isatty()
 
     def progress(verdict: Verdict) -> None:
@@ -138,7 +149,9 @@ def verify() -> None:
     async def run(url: str) -> Verdict:
         engine = create_engine(url, pool_size=2)
         try:
-            return await verify_ledger(engine, progress if show_progress else None)
+            return await verify_ledger(
+                engine, settings.chain_key, digest=digest, progress=progress if show_progress else None
+            )
         finally:
             await engine.dispose()
 
@@ -207,7 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate, then serve the HTTP API")
     commands.add_parser("migrate", help="apply pending database migrations")
-    commands.add_parser("verify", help="check every wallet's ledger: sums, chain, hashes")
+    check = commands.add_parser("verify", help="check every wallet's ledger: sums, chain, hashes")
+    check.add_argument(
+        "--digest",
+        metavar="FILE",
+        help="a digest's data (GET /admin/ledger/digest) as JSON: prove nothing it saw changed since",
+    )
     sim = commands.add_parser("simulator", help="run a standalone fulfillment simulator")
     sim.add_argument("--port", type=int, default=3001)
     sim.add_argument("--latency", type=float, default=0.0, help="seconds per call")
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "migrate":
         migrate_cmd()
     elif args.command == "verify":
-        verify()
+        verify(args.digest)
     elif args.command == "simulator":
         simulator(args.port, args)
     elif args.command == "openapi":

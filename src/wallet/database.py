@@ -106,22 +106,23 @@ async def connection_limit(url: str) -> int:
     return int(limit)
 
 
-async def migrate_url(url: str) -> None:
+async def migrate_url(url: str, revision: str = "head") -> None:
     """`migrate` on a short-lived engine of its own (the CLI, the tests' template, the bench)."""
     engine = create_engine(url, pool_size=1)
     try:
-        await migrate(engine)
+        await migrate(engine, revision)
     finally:
         await engine.dispose()
 
 
-async def migrate(engine: AsyncEngine) -> None:
-    """Apply pending migrations; concurrent callers wait on the lock, then find nothing to do."""
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Apply pending migrations (up to `revision`: tests build older schemas); concurrent
+    callers wait on the lock, then find nothing to do."""
     async with engine.connect() as conn:
         await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
         await conn.commit()
         try:
-            await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
+            await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), revision))
             await conn.commit()
         finally:
             await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})

@@ -26,12 +26,13 @@ from wallet.money import from_cents
 from wallet.orders import OrderStatus, admin_order_json, order_json
 from wallet.schemas import (
     ClientEnvelope,
+    DigestEnvelope,
     LedgerPage,
     OrderPage,
     VerifyEnvelope,
     error_responses,
 )
-from wallet.verify import verify_ledger
+from wallet.verify import take_digest, verify_ledger
 from wallet.wire import iso, json_response, ok
 
 _CURSOR = re.compile(r"^c1:([1-9][0-9]{0,18})$")
@@ -233,5 +234,17 @@ async def client_ledger(
 )
 async def ledger_verdict(svc: Svc) -> Response:
     """Recomputes every wallet's chain: costs a full read of the ledger."""
-    verdict = await verify_ledger(svc.wallets.engine)
+    verdict = await verify_ledger(svc.wallets.engine, svc.settings.chain_key)
     return json_response(200, ok(verdict.as_json()))
+
+
+@router.get(
+    "/admin/ledger/digest",
+    tags=["admin"],
+    dependencies=[Admin],
+    responses={200: {"model": DigestEnvelope}, **error_responses(401, 403, 429)},
+)
+async def ledger_digest(svc: Svc) -> Response:
+    """Every wallet's chain head at this moment, HMACed: store `data` outside the database and
+    give it to `wallet verify --digest` later."""
+    return json_response(200, ok(await take_digest(svc.wallets.engine, svc.settings.chain_key)))

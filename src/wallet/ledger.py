@@ -5,15 +5,25 @@ held only for that statement's duration inside its transaction) feeding the ledg
 through a CTE. The same UPDATE advances the wallet's hash chain, so the entry's hash is computed
 in the database from the previous head without a second round trip:
 
-    hash = sha256(previous_hash || canonical_content(entry))
+    hash = HMAC-SHA256(LEDGER_KEY, previous_hash || canonical_content(entry))
 
-`canonical_content` below is the Python twin of `_content_sql`; `wallet verify` recomputes it.
+written out in plain SQL (no extension) as sha256(opad_key || sha256(ipad_key || message)),
+with the two padded keys computed here and sent as parameters: the key never reaches a table.
+Each entry names its key (`key_id`) so keys can rotate; entries written before migration 0003
+have no key id and an unkeyed sha256(previous_hash || content). `chain_hash` is the Python twin
+of both; `wallet verify` recomputes them.
+
+An entry's time is `greatest(statement_timestamp(), wallets.updated_at)`, the previous entry's
+time re-read after the row lock is granted: a movement that waited for the lock can never be
+stamped earlier than the one it waited for, and `updated_at` never goes back.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -65,8 +75,48 @@ def canonical_content(
     return "|".join(parts).encode()
 
 
-def chain_hash(previous: bytes, content: bytes) -> bytes:
-    return hashlib.sha256(previous + content).digest()
+KEY_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,32}$"
+_BLOCK = 64  # SHA-256 block size, for HMAC's padded keys
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerKey:
+    """The chain's HMAC key (`LEDGER_KEY`, id `LEDGER_KEY_ID`) and the retired keys that older
+    entries were written with (`LEDGER_OLD_KEYS`). Built once from settings; never stored."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+    old: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    _params: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # What a movement statement needs to compute HMAC in SQL: the key id and the key padded
+        # and XORed with HMAC's ipad and opad (RFC 2104). Computed once.
+        key = self.secret if len(self.secret) <= _BLOCK else hashlib.sha256(self.secret).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        params = {
+            "key_id": self.key_id,
+            "ipad_key": bytes(b ^ 0x36 for b in key),
+            "opad_key": bytes(b ^ 0x5C for b in key),
+        }
+        object.__setattr__(self, "_params", params)
+
+    def secret_for(self, key_id: str) -> bytes | None:
+        return self.secret if key_id == self.key_id else self.old.get(key_id)
+
+    def sql_params(self) -> dict[str, Any]:
+        return self._params
+
+
+def chain_hash(previous: bytes, content: bytes, secret: bytes | None) -> bytes:
+    """An entry's hash: HMAC-SHA256 with its key, or plain SHA-256 for a legacy (pre-0003) one."""
+    if secret is None:
+        return hashlib.sha256(previous + content).digest()
+    return hmac.digest(secret, previous + content, "sha256")
+
+
+# The time a movement writes: never before the wallet's previous movement (see module doc).
+_MOVE_TIME = "greatest(statement_timestamp(), wallets.updated_at)"
 
 
 def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
@@ -76,17 +126,20 @@ def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> st
         f"{type_}, {amount}, wallets.balance, wallets.balance + {delta}, "
         f"coalesce(length({ref}), -1), coalesce({ref}, ''), "
         f"coalesce(length({desc}), -1), coalesce({desc}, ''), "
-        "(extract(epoch FROM now()) * 1000000)::bigint), 'UTF8')"
+        f"(extract(epoch FROM {_MOVE_TIME}) * 1000000)::bigint), 'UTF8')"
     )
 
 
 def _move_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
-    """The SET clause every movement shares: balance, entry counter, hash-chain head, time."""
+    """The SET clause every movement shares: balance, entry counter, hash-chain head, time.
+    The head is HMAC(key, previous head || content) from the padded keys of `LedgerKey`."""
+    content = _content_sql(type_, amount, delta, ref, desc)
     return f"""
         balance = wallets.balance + {delta},
         entry_count = wallets.entry_count + 1,
-        head_hash = sha256(wallets.head_hash || {_content_sql(type_, amount, delta, ref, desc)}),
-        updated_at = now()
+        head_hash = sha256(CAST(:opad_key AS bytea)
+                           || sha256(CAST(:ipad_key AS bytea) || wallets.head_hash || {content})),
+        updated_at = {_MOVE_TIME}
     """
 
 
@@ -110,7 +163,7 @@ ORDER_COLUMNS = """order_id, client_id, amount, status, fulfillment_id, failure,
 
 _INSERT_ENTRY = """
     INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before, balance_after,
-                                reference_id, description, created_at, hash)
+                                reference_id, description, created_at, hash, key_id)
 """
 
 # Admin credit: refused if the balance plus money out for PENDING orders (which may come back
@@ -131,7 +184,8 @@ WITH moved AS (
               head_hash, updated_at
 )
 {_INSERT_ENTRY}
-SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash
+SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash,
+       :key_id
 FROM moved
 RETURNING balance_before, balance_after, created_at
 """)
@@ -144,7 +198,8 @@ WITH moved AS (
               head_hash, updated_at
 )
 {_INSERT_ENTRY}
-SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash
+SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash,
+       :key_id
 FROM moved
 RETURNING balance_before, balance_after, created_at
 """)
@@ -160,7 +215,7 @@ WITH moved AS (
 ), entry AS (
     {_INSERT_ENTRY}
     SELECT client_id, entry_count, 'ORDER_DEDUCTION', :amount, before, after, :order_id, :desc,
-           updated_at, head_hash
+           updated_at, head_hash, :key_id
     FROM moved
 )
 INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at, request_id,
@@ -201,7 +256,7 @@ WITH failed AS (
 ), entry AS (
     {_INSERT_ENTRY}
     SELECT client_id, entry_count, 'ORDER_REFUND', amount, before, after, order_id,
-           'Refund for failed order ' || order_id, updated_at, head_hash
+           'Refund for failed order ' || order_id, updated_at, head_hash, :key_id
     FROM moved
 )
 SELECT {ORDER_COLUMNS} FROM failed
@@ -256,6 +311,7 @@ async def credit(
     client_id: str,
     amount: int,
     *,
+    key: LedgerKey,
     description: str | None = None,
     name: str | None = None,
     email: str | None = None,
@@ -270,6 +326,7 @@ async def credit(
         "delta": amount,
         "ref": None,
         "desc": description,
+        **key.sql_params(),
     }
     row = (await conn.execute(_CREDIT, params)).first()
     if row is None:
@@ -281,7 +338,12 @@ async def credit(
 
 
 async def debit(
-    conn: AsyncConnection, client_id: str, amount: int, *, description: str | None = None
+    conn: AsyncConnection,
+    client_id: str,
+    amount: int,
+    *,
+    key: LedgerKey,
+    description: str | None = None,
 ) -> Movement:
     params = {
         "client_id": client_id,
@@ -290,6 +352,7 @@ async def debit(
         "delta": -amount,
         "ref": None,
         "desc": description,
+        **key.sql_params(),
     }
     row = (await conn.execute(_DEBIT, params)).first()
     if row is None:
@@ -333,6 +396,7 @@ async def place_order(
     amount: int,
     lease_seconds: float,
     request_id: str | None,
+    key: LedgerKey,
 ) -> OrderRow:
     """Take the amount, insert the PENDING order with its lease, write ORDER_DEDUCTION."""
     params = {
@@ -342,6 +406,7 @@ async def place_order(
         "desc": f"Payment for order {order_id}",
         "lease_seconds": lease_seconds,
         "request_id": request_id,
+        **key.sql_params(),
     }
     row = (await conn.execute(_PLACE_ORDER, params)).first()
     if row is None:
@@ -356,6 +421,7 @@ async def refund_order(
     *,
     failure: str,
     attempts: int,
+    key: LedgerKey,
     detail: str | None = None,
     resolved_by: str | None = None,
     note: str | None = None,
@@ -369,6 +435,7 @@ async def refund_order(
         "detail": detail,
         "resolved_by": resolved_by,
         "note": note,
+        **key.sql_params(),
     }
     row = (await conn.execute(_REFUND_ORDER, params)).first()
     return None if row is None else OrderRow.of(row)

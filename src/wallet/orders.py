@@ -168,6 +168,7 @@ FROM orders WHERE status = 'PENDING'
 class Orders:
     def __init__(self, engine: AsyncEngine, provider: Provider, settings: Settings) -> None:
         self.engine = engine
+        self.key = settings.chain_key
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
         self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.provider = provider
@@ -208,6 +209,7 @@ class Orders:
             "amount": amount,
             "lease_seconds": self.settings.order_lease_seconds,
             "request_id": request_id,
+            "key": self.key,
         }
         if idem is None:
             async with self.single.connect() as conn:
@@ -303,7 +305,12 @@ class Orders:
         failure = outcome.failure or Failure.PROVIDER_ERROR
         async with self.engine.begin() as conn:
             failed = await ledger.refund_order(
-                conn, order.order_id, failure=failure.value, attempts=outcome.attempts, detail=outcome.detail
+                conn,
+                order.order_id,
+                failure=failure.value,
+                attempts=outcome.attempts,
+                key=self.key,
+                detail=outcome.detail,
             )
             if failed is None:
                 return await self._settled_elsewhere(conn, order.order_id)
@@ -441,6 +448,7 @@ class Orders:
                     order_id,
                     failure=Failure.RESOLVED_FAILED.value,
                     attempts=0,
+                    key=self.key,
                     resolved_by=by,
                     note=note,
                 )

@@ -145,6 +145,27 @@ class VerifyEnvelope(BaseModel):
     data: VerifyData
 
 
+class DigestHead(BaseModel):
+    clientId: str
+    entryCount: int = Field(description="The wallet's entries at that moment")
+    headHash: str = Field(description="Hex hash of its last entry (entry number entryCount)")
+
+
+class DigestData(BaseModel):
+    version: Literal[1]
+    takenAt: str = Field(description="The database's time of the snapshot the heads were read in")
+    keyId: str = Field(description="LEDGER_KEY_ID of the key `digest` is an HMAC with")
+    walletCount: int
+    entryCount: int
+    wallets: list[DigestHead] = Field(description="Every wallet with entries, in client order")
+    digest: str = Field(description="Hex HMAC-SHA256 over takenAt and every head (verify.py `_digest_mac`)")
+
+
+class DigestEnvelope(BaseModel):
+    success: Literal[True]
+    data: DigestData
+
+
 # --- Client API keys and operations (issue 5) -------------------------------------------
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import re
 import secrets
+import tempfile
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +16,8 @@ from typing import Annotated, Literal
 from limits import RateLimitItem, parse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from wallet.ledger import KEY_ID_PATTERN, LedgerKey
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -45,6 +50,13 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None
     client_auth: ClientAuth | None = None
 
+    # The ledger chain's HMAC key (SPEC §6), never stored in the database. Rotation: a new
+    # LEDGER_KEY under a new LEDGER_KEY_ID, the previous one moved to LEDGER_OLD_KEYS
+    # ("id:key,id:key") so the entries it signed still verify.
+    ledger_key: str | None = Field(None, repr=False)
+    ledger_key_id: str = Field("k1", pattern=KEY_ID_PATTERN)
+    ledger_old_keys: Annotated[tuple[tuple[str, str], ...], NoDecode] = Field((), repr=False)
+
     fulfillment_api_url: str | None = None
     fulfillment_timeout_seconds: float = Field(5.0, gt=0, le=120)
     fulfillment_max_attempts: int = Field(3, ge=1, le=10)
@@ -75,6 +87,21 @@ class Settings(BaseSettings):
             return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip())
         return value
 
+    @field_validator("ledger_old_keys", mode="before")
+    @classmethod
+    def _split_old_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = []
+        for item in (p.strip() for p in value.split(",")):
+            key_id, sep, secret = item.partition(":")
+            if not item:
+                continue
+            if not sep or not secret or not re.fullmatch(KEY_ID_PATTERN, key_id):
+                raise ValueError("must be id:key pairs separated by commas (ids: 1-32 of A-Z a-z 0-9 _ . -)")
+            pairs.append((key_id, secret))
+        return tuple(pairs)
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str | None) -> str | None:
@@ -103,8 +130,15 @@ class Settings(BaseSettings):
                 raise ValueError("FULFILLMENT_API_URL: production requires the provider's endpoint")
             if self.simulator:
                 raise ValueError("SIMULATOR: the built-in fulfillment simulator is development-only")
+            if not self.ledger_key or len(self.ledger_key) < 32:
+                raise ValueError("LEDGER_KEY: production requires a key of at least 32 characters")
         elif self.admin_api_key is not None and len(self.admin_api_key) < 8:
             raise ValueError("ADMIN_API_KEY: must be at least 8 characters")
+        if self.ledger_key is not None and len(self.ledger_key) < 8:
+            raise ValueError("LEDGER_KEY: must be at least 8 characters")
+        old_ids = [key_id for key_id, _ in self.ledger_old_keys]
+        if len(set(old_ids)) != len(old_ids) or self.ledger_key_id in old_ids:
+            raise ValueError("LEDGER_OLD_KEYS: each key id once, and not LEDGER_KEY_ID's")
         for name, url in (
             ("FULFILLMENT_API_URL", self.fulfillment_api_url),
             ("FULFILLMENT_STATUS_URL", self.fulfillment_status_url),
@@ -121,6 +155,15 @@ class Settings(BaseSettings):
     def admin_key(self) -> str:
         """The configured key, or a random one for this development run (printed at start)."""
         return self.admin_api_key or secrets.token_urlsafe(24)
+
+    @cached_property
+    def chain_key(self) -> LedgerKey:
+        """The ledger's HMAC keys. In development without LEDGER_KEY: a key generated once into
+        the file `<DATA_DIR>.ledger-key` (beside the data directory, not in it: initdb wants an
+        empty directory, and a copy of the database files must not carry the key)."""
+        secret = self.ledger_key or _development_ledger_key(self.data_dir)
+        old = {key_id: key.encode() for key_id, key in self.ledger_old_keys}
+        return LedgerKey(self.ledger_key_id, secret.encode(), old)
 
     @property
     def client_auth_mode(self) -> ClientAuth:
@@ -156,3 +199,26 @@ class Settings(BaseSettings):
         """How long a resolver owns an order it claimed: a status lookup and a POST, each
         timing out, with a margin. A resolver that died is replaced after this."""
         return float(1.2 * 2 * self.fulfillment_timeout_seconds + 2.0)
+
+
+def development_ledger_key_path(data_dir: Path) -> Path:
+    path = data_dir.expanduser().resolve()
+    return path.with_name(path.name + ".ledger-key")
+
+
+def _development_ledger_key(data_dir: Path) -> str:
+    """Read the development key file, creating it (mode 0600) first if it does not exist. Several
+    processes may start together: the file appears whole (link of a finished temporary file) and
+    the first one wins."""
+    path = development_ledger_key_path(data_dir)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-key-")  # mkstemp: mode 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+            with contextlib.suppress(FileExistsError):  # another process was first: use its key
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    return path.read_text().strip()

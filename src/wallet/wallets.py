@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger
-from wallet.ledger import Balance, Movement
+from wallet.ledger import Balance, LedgerKey, Movement
 from wallet.money import from_cents
 from wallet.wire import Reply, dumps, ok
 
@@ -26,8 +26,9 @@ def _movement_json(movement: Movement, amount_field: str) -> dict[str, Any]:
 
 
 class Wallets:
-    def __init__(self, engine: AsyncEngine, *, idempotency_ttl_hours: float) -> None:
+    def __init__(self, engine: AsyncEngine, *, key: LedgerKey, idempotency_ttl_hours: float) -> None:
         self.engine = engine
+        self.key = key
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
         self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.idempotency_ttl_hours = idempotency_ttl_hours
@@ -68,7 +69,7 @@ class Wallets:
         return await self._once(
             idem,
             lambda conn: ledger.credit(
-                conn, client_id, amount, description=description, name=name, email=email
+                conn, client_id, amount, key=self.key, description=description, name=name, email=email
             ),
             lambda m: ok(_movement_json(m, "amountCredited"), "Wallet credited successfully"),
         )
@@ -83,7 +84,7 @@ class Wallets:
     ) -> Reply:
         return await self._once(
             idem,
-            lambda conn: ledger.debit(conn, client_id, amount, description=description),
+            lambda conn: ledger.debit(conn, client_id, amount, key=self.key, description=description),
             lambda m: ok(_movement_json(m, "amountDebited"), "Wallet debited successfully"),
             single_statement=True,
         )
