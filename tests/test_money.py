@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.builders import ADMIN_KEY, Provider, start_service
+from tests.builders import ADMIN_KEY, Provider, spell_amount, start_service
 from wallet.errors import BadRequest
 from wallet.money import MAX_CENTS, MAX_EXPONENT, MAX_NUMBER_CHARS, from_cents, parse_json, to_cents
 
@@ -192,21 +192,8 @@ def test_strict_json(raw: bytes) -> None:
 _EXPONENT = re.compile(r"[eE]([-+]?[0-9]+)$")
 
 
-def _spell(cents: int, zeros: int, exponent: int) -> str:
-    """A literal worth exactly `cents`/100: `cents` followed by `zeros` zeros, the decimal point
-    placed so that the literal's exponent is `exponent` (1000 cents, 3, -1 -> "10.00000e-1")."""
-    mantissa = str(cents) + "0" * zeros
-    fraction = exponent + 2 + zeros  # value = mantissa * 10^-(2 + zeros) = m * 10^-f * 10^exponent
-    if fraction <= 0:
-        digits = mantissa + "0" * -fraction
-    else:
-        padded = mantissa.rjust(fraction + 1, "0")
-        digits = padded[:-fraction] + "." + padded[-fraction:]
-    return f"{digits}e{exponent}" if exponent else digits
-
-
 SPELLED = st.builds(
-    _spell,
+    spell_amount,
     st.integers(min_value=1, max_value=MAX_CENTS),
     st.integers(min_value=0, max_value=40),
     st.integers(min_value=-40, max_value=20),

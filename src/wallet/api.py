@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -79,21 +79,15 @@ class OrderRequest(_Body):
 M = TypeVar("M", bound=_Body)
 
 
-@dataclass(frozen=True)
-class Parsed(Generic[M]):
-    model: M
-    raw: dict[str, Any]
-
-
-def json_body(model: type[M]) -> Callable[[Request], Awaitable[Parsed[M]]]:
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     """Parse the body ourselves: exact decimals, no duplicate keys, 400 on anything wrong."""
 
-    async def parse(request: Request) -> Parsed[M]:
+    async def parse(request: Request) -> M:
         raw = parse_json(await request.body())
         if not isinstance(raw, dict):
             raise BadRequest("Request body must be a JSON object")
         try:
-            return Parsed(model.model_validate(raw), raw)
+            return model.model_validate(raw)
         except ValidationError as exc:
             details = [
                 {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
@@ -124,13 +118,12 @@ IdemHeader = Annotated[
 ]
 
 
-def _idem(
-    caller: str, raw: str | None, route: str, body: dict[str, Any]
-) -> idempotency.IdempotencyKey | None:
+def _idem(caller: str, raw: str | None, route: str, request: _Body) -> idempotency.IdempotencyKey | None:
+    """The request's key, if it sent one, with the fingerprint of what the request means."""
     key = idempotency.validate_key(raw)
     if key is None:
         return None
-    return idempotency.IdempotencyKey(caller, key, idempotency.fingerprint(route, body))
+    return idempotency.IdempotencyKey(caller, key, idempotency.fingerprint(route, request))
 
 
 def reply(result: Reply) -> Response:
@@ -187,14 +180,13 @@ router = APIRouter()
 )
 async def credit_wallet(
     svc: Svc,
-    body: Annotated[Parsed[CreditRequest], Depends(json_body(CreditRequest))],
+    req: Annotated[CreditRequest, Depends(json_body(CreditRequest))],
     idempotency_key: IdemHeader = None,
 ) -> Response:
-    req = body.model
     result = await svc.wallets.credit(
         req.client_id,
         req.amount,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "credit", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "credit", req),
         description=req.description,
         name=req.name,
         email=req.email,
@@ -214,14 +206,13 @@ async def credit_wallet(
 )
 async def debit_wallet(
     svc: Svc,
-    body: Annotated[Parsed[DebitRequest], Depends(json_body(DebitRequest))],
+    req: Annotated[DebitRequest, Depends(json_body(DebitRequest))],
     idempotency_key: IdemHeader = None,
 ) -> Response:
-    req = body.model
     result = await svc.wallets.debit(
         req.client_id,
         req.amount,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "debit", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "debit", req),
         description=req.description,
     )
     return reply(result)
@@ -241,15 +232,15 @@ async def create_order(
     request: Request,
     svc: Svc,
     client_id: ClientId,
-    body: Annotated[Parsed[OrderRequest], Depends(json_body(OrderRequest))],
+    req: Annotated[OrderRequest, Depends(json_body(OrderRequest))],
     idempotency_key: IdemHeader = None,
 ) -> Response:
     from wallet.observability import REQUEST_ID
 
     result = await svc.orders.place(
         client_id,
-        body.model.amount,
-        _idem(idempotency.client_scope(client_id), idempotency_key, "order", body.raw),
+        req.amount,
+        _idem(idempotency.client_scope(client_id), idempotency_key, "order", req),
         REQUEST_ID.get(),
     )
     return reply(result)
