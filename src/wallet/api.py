@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -79,15 +79,23 @@ class OrderRequest(_Body):
 M = TypeVar("M", bound=_Body)
 
 
-def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+@dataclass(frozen=True)
+class Parsed(Generic[M]):
+    """A validated request body. Only the model: what a request means (its idempotency
+    fingerprint included) is read from it, never from the JSON as it was spelled."""
+
+    model: M
+
+
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[Parsed[M]]]:
     """Parse the body ourselves: exact decimals, no duplicate keys, 400 on anything wrong."""
 
-    async def parse(request: Request) -> M:
+    async def parse(request: Request) -> Parsed[M]:
         raw = parse_json(await request.body())
         if not isinstance(raw, dict):
             raise BadRequest("Request body must be a JSON object")
         try:
-            return model.model_validate(raw)
+            return Parsed(model.model_validate(raw))
         except ValidationError as exc:
             details = [
                 {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
@@ -180,9 +188,10 @@ router = APIRouter()
 )
 async def credit_wallet(
     svc: Svc,
-    req: Annotated[CreditRequest, Depends(json_body(CreditRequest))],
+    body: Annotated[Parsed[CreditRequest], Depends(json_body(CreditRequest))],
     idempotency_key: IdemHeader = None,
 ) -> Response:
+    req = body.model
     result = await svc.wallets.credit(
         req.client_id,
         req.amount,
@@ -206,9 +215,10 @@ async def credit_wallet(
 )
 async def debit_wallet(
     svc: Svc,
-    req: Annotated[DebitRequest, Depends(json_body(DebitRequest))],
+    body: Annotated[Parsed[DebitRequest], Depends(json_body(DebitRequest))],
     idempotency_key: IdemHeader = None,
 ) -> Response:
+    req = body.model
     result = await svc.wallets.debit(
         req.client_id,
         req.amount,
@@ -232,15 +242,15 @@ async def create_order(
     request: Request,
     svc: Svc,
     client_id: ClientId,
-    req: Annotated[OrderRequest, Depends(json_body(OrderRequest))],
+    body: Annotated[Parsed[OrderRequest], Depends(json_body(OrderRequest))],
     idempotency_key: IdemHeader = None,
 ) -> Response:
     from wallet.observability import REQUEST_ID
 
     result = await svc.orders.place(
         client_id,
-        req.amount,
-        _idem(idempotency.client_scope(client_id), idempotency_key, "order", req),
+        body.model.amount,
+        _idem(idempotency.client_scope(client_id), idempotency_key, "order", body.model),
         REQUEST_ID.get(),
     )
     return reply(result)
