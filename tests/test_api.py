@@ -249,6 +249,10 @@ BODIES_REFUSED = {
     "unknown field": b'{"client_id": "C1", "amount": 1, "amont": 2}',
     "client_id not a string": b'{"client_id": 12, "amount": 1}',
     "description with NUL": b'{"client_id": "C1", "amount": 1, "description": "a\\u0000b"}',
+    "name with NUL": b'{"client_id": "C1", "amount": 1, "name": "a\\u0000b"}',
+    "email with NUL": b'{"client_id": "C1", "amount": 1, "email": "a\\u0000@b.test"}',
+    "client_id with NUL": b'{"client_id": "C1\\u0000", "amount": 1}',
+    "name as a number": b'{"client_id": "C1", "amount": 1, "name": 12}',
     "deeply nested": b'{"client_id": "C1", "amount": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     # Valid JSON whose numbers no amount could be, wherever they sit: refused before evaluation.
     "huge exponent in description": b'{"client_id": "C1", "amount": 1, "description": 1e999999999}',
