@@ -161,6 +161,19 @@ class Api:
         return Decimal(str(response.json()["data"]["balance"]))
 
 
+def spell_amount(cents: int, zeros: int, exponent: int) -> str:
+    """A JSON literal worth exactly `cents`/100: the cents followed by `zeros` zeros, the decimal
+    point placed so that the literal's exponent is `exponent` (1000, 3, -1 -> "100.0000e-1")."""
+    mantissa = str(cents) + "0" * zeros
+    fraction = exponent + 2 + zeros  # value = mantissa * 10^-(2 + zeros) = m * 10^-fraction * 10^exponent
+    if fraction <= 0:
+        digits = mantissa + "0" * -fraction
+    else:
+        padded = mantissa.rjust(fraction + 1, "0")
+        digits = padded[:-fraction] + "." + padded[-fraction:]
+    return f"{digits}e{exponent}" if exponent else digits
+
+
 def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
     """Decimals go out as JSON numbers with their exact digits."""
     return {k: (float(v) if isinstance(v, Decimal) else v) for k, v in body.items()}

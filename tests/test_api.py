@@ -204,6 +204,13 @@ AMOUNTS_REFUSED = [
     b"Infinity",
     b"-Infinity",
     b"1e-7",
+    # Exact evaluation: never rounded by a 28-digit context, never overflowing or underflowing.
+    b"1.000000000000000000000000000001",
+    b"0.0000000000000000000000000000001",
+    b"1e999999999",
+    b"1e-999999999",
+    b"1E+100000000000000000000",
+    b"9" * 5000,
 ]
 
 
@@ -242,7 +249,23 @@ BODIES_REFUSED = {
     "unknown field": b'{"client_id": "C1", "amount": 1, "amont": 2}',
     "client_id not a string": b'{"client_id": 12, "amount": 1}',
     "description with NUL": b'{"client_id": "C1", "amount": 1, "description": "a\\u0000b"}',
+    "name with NUL": b'{"client_id": "C1", "amount": 1, "name": "a\\u0000b"}',
+    "email with NUL": b'{"client_id": "C1", "amount": 1, "email": "a\\u0000@b.test"}',
+    "client_id with NUL": b'{"client_id": "C1\\u0000", "amount": 1}',
+    "name as a number": b'{"client_id": "C1", "amount": 1, "name": 12}',
     "deeply nested": b'{"client_id": "C1", "amount": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    # Valid JSON whose numbers no amount could be, wherever they sit: refused before evaluation.
+    "huge exponent in description": b'{"client_id": "C1", "amount": 1, "description": 1e999999999}',
+    "tiny exponent in name": b'{"client_id": "C1", "amount": 1, "name": 1e-999999999}',
+    "huge exponent in an unknown field": b'{"client_id": "C1", "amount": 1, "x": [1E+100000000000000000000]}',
+    "huge integer in an unknown field": b'{"client_id": "C1", "amount": 1, "x": ' + b"9" * 5000 + b"}",
+    "number as description": b'{"client_id": "C1", "amount": 1, "description": 1E+20}',
+    # A lone surrogate escape cannot be encoded as UTF-8 for the database, the logs or a reply.
+    "lone surrogate in description": b'{"client_id": "C1", "amount": 1, "description": "a\\ud800"}',
+    "lone surrogate in name": b'{"client_id": "C1", "amount": 1, "name": "\\udfff"}',
+    "lone surrogate in email": b'{"client_id": "C1", "amount": 1, "email": "a\\udbff@b.test"}',
+    "lone surrogate in client_id": b'{"client_id": "C\\ud800", "amount": 1}',
+    "lone surrogate as a key": b'{"client_id": "C1", "amount": 1, "\\ud800": 1}',
 }
 
 

@@ -112,6 +112,11 @@ def forged(raw: str) -> str:
         {"limit": "101"},
         {"limit": "x"},
         {"limit": "-1"},
+        {"limit": "1e999"},
+        {"limit": "1e2"},
+        {"limit": "1.5"},
+        {"limit": "9" * 5000},
+        {"limit": "\x00"},
         {"cursor": "not-a-cursor"},
         {"cursor": forged("c1:-5")},
         {"cursor": forged("c1:99999999999999999999")},
@@ -149,6 +154,9 @@ async def test_admin_reads_need_the_admin_key(database_url: str, provider: Provi
             assert (await api.http.get(path)).status_code == 401
             assert (await api.http.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 403
         assert (await api.http.get("/admin/clients/ghost", headers=api.admin_headers)).status_code == 404
+        for path in ["/admin/clients/" + "x" * 8000, "/admin/clients/" + "x" * 8000 + "/ledger"]:
+            huge = await api.http.get(path, headers=api.admin_headers)
+            assert (huge.status_code, huge.json()["success"]) == (400, False)
         ghost_ledger = await api.http.get("/admin/clients/ghost/ledger", headers=api.admin_headers)
         assert ghost_ledger.status_code == 404
         own = await api.http.get("/wallet/transactions", headers={"client-id": "ghost"})

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from decimal import Decimal
 
 import asyncpg
 import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.builders import Api, Provider, start_service
+from tests.builders import ADMIN_KEY, Api, Provider, spell_amount, start_service
 from wallet import idempotency
 from wallet.database import create_engine, plain_url
 
@@ -195,3 +198,79 @@ async def test_unpurged_expired_key_counts_as_new(database_url: str, provider: P
         again = await credit_with_key(api, "C1", 11, "stale")
         assert again.status_code == 200
         assert await api.balance("C1") == Decimal(21)
+
+
+# --- A retry is the same request when it means the same thing, however its JSON is spelled. ---
+
+TEN = ["10", "10.0", "1e1", "10.00", "1.0E1", "100e-1", "0.001e4", "1000e-2", "10." + "0" * 30]
+SPELLINGS = st.one_of(
+    st.sampled_from(TEN),
+    st.builds(
+        spell_amount,
+        st.just(1000),
+        st.integers(min_value=0, max_value=30),
+        st.integers(min_value=-30, max_value=20),
+    ),
+)
+ROUTES = {
+    "credit": ("/admin/wallet/credit", '{{"client_id": "{client}", "amount": {amount}{extra}}}'),
+    "debit": ("/admin/wallet/debit", '{{"amount": {amount}, "client_id": "{client}"{extra}}}'),
+    "order": ("/orders", '{{"amount": {amount}{extra}}}'),
+}
+ADMIN_JSON = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+
+
+def retries_of_one_request(
+    http: httpx.Client, route: str, first: str, retries: list[str], null_description: bool
+) -> None:
+    """Ten (in `first`'s spelling) under a key, then the same in other spellings: each retry
+    replays; another amount or description under the key is 422; the money moved once."""
+    client = f"i{uuid.uuid4().hex[:12]}"
+    seed = http.post("/admin/wallet/credit", json={"client_id": client, "amount": 100}, headers=ADMIN_JSON)
+    assert seed.status_code == 200, seed.text
+    path, template = ROUTES[route]
+    headers = {**ADMIN_JSON, "client-id": client, "Idempotency-Key": uuid.uuid4().hex}
+
+    def post(amount: str, extra: str = "") -> httpx.Response:
+        body = template.format(client=client, amount=amount, extra=extra)
+        return http.post(path, content=body.encode(), headers=headers)
+
+    original = post(first)
+    assert original.status_code in (200, 201), original.text
+    for n, spelling in enumerate(retries):
+        # An absent description and a null one mean the same (orders have none).
+        null = null_description and route != "order" and n % 2 == 1
+        again = post(spelling, ', "description": null' if null else "")
+        assert again.headers.get("Idempotent-Replayed") == "true", (first, spelling, again.text)
+        assert (again.status_code, again.content) == (original.status_code, original.content)
+    for other in ["10.01", "1.001e1", "11", "1e0"]:
+        refused = post(other)
+        assert refused.status_code == 422, (other, refused.text)
+        assert refused.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
+    if route != "order":
+        refused = post(first, ', "description": "changed"')
+        assert refused.status_code == 422, refused.text
+    balance = http.get("/wallet/balance", headers={"client-id": client}).json()["data"]["balance"]
+    assert balance == 100 + (10 if route == "credit" else -10)
+
+
+async def test_any_spelling_of_the_same_request_replays(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        base = str(api.http.base_url)
+
+        def run() -> None:
+            with httpx.Client(base_url=base, timeout=30) as http:
+
+                @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+                @given(
+                    route=st.sampled_from(sorted(ROUTES)),
+                    first=SPELLINGS,
+                    retries=st.lists(SPELLINGS, min_size=1, max_size=4),
+                    null_description=st.booleans(),
+                )
+                def same_meaning(route: str, first: str, retries: list[str], null_description: bool) -> None:
+                    retries_of_one_request(http, route, first, retries, null_description)
+
+                same_meaning()
+
+        await asyncio.to_thread(run)

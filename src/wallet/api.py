@@ -81,8 +81,10 @@ M = TypeVar("M", bound=_Body)
 
 @dataclass(frozen=True)
 class Parsed(Generic[M]):
+    """A validated request body. Only the model: what a request means (its idempotency
+    fingerprint included) is read from it, never from the JSON as it was spelled."""
+
     model: M
-    raw: dict[str, Any]
 
 
 def json_body(model: type[M]) -> Callable[[Request], Awaitable[Parsed[M]]]:
@@ -93,7 +95,7 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[Parsed[M]]]:
         if not isinstance(raw, dict):
             raise BadRequest("Request body must be a JSON object")
         try:
-            return Parsed(model.model_validate(raw), raw)
+            return Parsed(model.model_validate(raw))
         except ValidationError as exc:
             details = [
                 {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
@@ -124,13 +126,12 @@ IdemHeader = Annotated[
 ]
 
 
-def _idem(
-    caller: str, raw: str | None, route: str, body: dict[str, Any]
-) -> idempotency.IdempotencyKey | None:
+def _idem(caller: str, raw: str | None, route: str, request: _Body) -> idempotency.IdempotencyKey | None:
+    """The request's key, if it sent one, with the fingerprint of what the request means."""
     key = idempotency.validate_key(raw)
     if key is None:
         return None
-    return idempotency.IdempotencyKey(caller, key, idempotency.fingerprint(route, body))
+    return idempotency.IdempotencyKey(caller, key, idempotency.fingerprint(route, request))
 
 
 def reply(result: Reply) -> Response:
@@ -196,7 +197,7 @@ async def credit_wallet(
     result = await svc.wallets.credit(
         req.client_id,
         req.amount,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "credit", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "credit", req),
         description=req.description,
         name=req.name,
         email=req.email,
@@ -223,7 +224,7 @@ async def debit_wallet(
     result = await svc.wallets.debit(
         req.client_id,
         req.amount,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "debit", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "debit", req),
         description=req.description,
     )
     return reply(result)
@@ -258,7 +259,7 @@ async def create_order(
     result = await svc.orders.place(
         client_id,
         body.model.amount,
-        _idem(idempotency.client_scope(client_id), idempotency_key, "order", body.raw),
+        _idem(idempotency.client_scope(client_id), idempotency_key, "order", body.model),
         REQUEST_ID.get(),
     )
     return reply(result)

@@ -74,6 +74,16 @@ class PayloadTooLarge(WalletError):
     code = "PAYLOAD_TOO_LARGE"
 
 
+class UriTooLong(WalletError):
+    status = 414
+    code = "URI_TOO_LONG"
+
+
+class HeaderFieldsTooLarge(WalletError):
+    status = 431
+    code = "REQUEST_HEADER_FIELDS_TOO_LARGE"
+
+
 class IdempotencyMismatch(WalletError):
     status = 422
     code = "IDEMPOTENCY_KEY_REUSED"

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -61,15 +60,13 @@ def validate_key(raw: str | None) -> str | None:
     return raw
 
 
-def _default(value: object) -> str:
-    if isinstance(value, Decimal):
-        return str(value.normalize())
-    raise TypeError
-
-
-def fingerprint(route: str, body: Any) -> bytes:
-    """What makes two requests "the same": the route and the parsed body, keys sorted."""
-    canonical = orjson.dumps(body, default=_default, option=orjson.OPT_SORT_KEYS)
+def fingerprint(route: str, request: BaseModel) -> bytes:
+    """What makes two requests "the same": the route and what the validated request means, not
+    how its JSON was spelled. Amounts are integer cents (`10`, `10.0`, `1e1` and `100e-1` are one
+    request), keys are sorted, and an optional field sent as null is the same as one left out
+    (both are None in the model); any other difference of amount, field or value is another
+    request."""
+    canonical = orjson.dumps(request.model_dump(), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(route.encode() + b"\n" + canonical).digest()
 
 

@@ -83,8 +83,9 @@ def document(app: FastAPI, client_auth: ClientAuth) -> dict[str, Any]:
         components.get("securitySchemes", {}).pop("ClientKey", None)
     for path, operations in doc["paths"].items():
         limited = path not in EXEMPT_PATHS
-        # Any route can fail unexpectedly; any route that reads the database can find it gone.
-        extra = error_responses(500)
+        # Any route can fail unexpectedly, or refuse an oversized request head (protocol.py);
+        # any route that reads the database can find it gone.
+        extra = error_responses(414, 431, 500)
         if limited:
             extra.update(error_responses(429, 503))
         for operation in operations.values():

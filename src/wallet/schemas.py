@@ -18,6 +18,8 @@ _STATUS_TEXT = {
     409: "Conflict: a request with the same Idempotency-Key is still running, or (resolving an "
     "order) the order is already final; it is under `data`",
     413: "Request body too large",
+    414: "Request target (path and query) longer than 8 KiB",
+    431: "Request head too large: a header line over 8 KiB, more than 100 headers, or over 32 KiB in all",
     422: "Idempotency-Key reused with a different request",
     429: "Rate limit exceeded",
     500: "Internal error (the message is masked in production)",
