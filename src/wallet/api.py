@@ -76,7 +76,7 @@ class OrderRequest(_Body):
     amount: Amount
 
 
-M = TypeVar("M", bound=_Body)
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[Parsed[M]]]:
     return parse
 
 
-def body_doc(model: type[_Body]) -> dict[str, Any]:
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
@@ -126,7 +126,7 @@ IdemHeader = Annotated[
 ]
 
 
-def _idem(caller: str, raw: str | None, route: str, request: _Body) -> idempotency.IdempotencyKey | None:
+def _idem(caller: str, raw: str | None, route: str, request: BaseModel) -> idempotency.IdempotencyKey | None:
     """The request's key, if it sent one, with the fingerprint of what the request means."""
     key = idempotency.validate_key(raw)
     if key is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import Field, model_validator
+from pydantic import Field, RootModel
 from starlette.responses import Response
 
 from wallet import idempotency
@@ -39,16 +39,28 @@ PRINTABLE = r"^[\x21-\x7e]+$"
 PathOrderId = Annotated[str, Path(max_length=64, examples=["ORD-1703251234567-a1b2c3d4"])]
 
 
-class ResolveRequest(_Body):
-    outcome: Literal["fulfilled", "failed"]
-    fulfillmentId: Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE)] | None = None
-    note: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$")]
+Note = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$", description="Why")]
 
-    @model_validator(mode="after")
-    def _id_only_when_fulfilled(self) -> ResolveRequest:
-        if (self.outcome == "fulfilled") != (self.fulfillmentId is not None):
-            raise ValueError("fulfillmentId is required when the outcome is fulfilled, and only then")
-        return self
+
+class ResolvedFulfilled(_Body):
+    """The provider did carry the order out: it completes with the provider's id."""
+
+    outcome: Literal["fulfilled"]
+    fulfillmentId: Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE)]
+    note: Note
+
+
+class ResolvedFailed(_Body):
+    """The provider did not carry it out: it fails and its money goes back to the wallet."""
+
+    outcome: Literal["failed"]
+    note: Note
+
+
+class ResolveRequest(
+    RootModel[Annotated[ResolvedFulfilled | ResolvedFailed, Field(discriminator="outcome")]]
+):
+    pass
 
 
 router = APIRouter(tags=["admin"], dependencies=[Admin])
@@ -99,12 +111,12 @@ async def resolve_order(
     already final (the resolver may have just finished it)."""
     if not ORDER_ID.fullmatch(order_id):
         raise NotFound("Order not found", code="ORDER_NOT_FOUND")
-    req = body.model
+    req = body.model.root
     result = await svc.orders.resolve(
         order_id,
-        fulfillment_id=req.fulfillmentId,
+        fulfillment_id=req.fulfillmentId if isinstance(req, ResolvedFulfilled) else None,
         note=req.note,
         by=OPERATOR,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, f"resolve {order_id}", body.raw),
+        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, f"resolve {order_id}", body.model),
     )
     return reply(result)
