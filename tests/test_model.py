@@ -1,9 +1,10 @@
 """A model-based test of the wallet rules (SPEC §2) against the real service.
 
-Hypothesis drives credits, debits, orders (with the provider failing at random), idempotent
-retries and replays; after every step the service must agree with a plain Python model of each
-wallet, `GET /admin/ledger/verify` must find every ledger intact (sums, chain, hashes), and no
-order may be left PENDING once its response has been sent.
+Hypothesis drives credits, debits, orders (with the provider refusing or answering nothing
+useful at random, so some orders end with their outcome unknown), operators resolving those
+either way, idempotent retries and replays; after every step the service must agree with a plain
+Python model of each wallet (what can be spent, what is held, which orders are PENDING), and
+`GET /admin/ledger/verify` must find every ledger intact (sums, chain, hashes, orders).
 
 The service and the provider run on the test's event loop; the state machine runs in a worker
 thread with a synchronous client, so each step is a real HTTP exchange.
@@ -45,7 +46,8 @@ class WalletRules(RuleBasedStateMachine):
         super().__init__()
         run = uuid.uuid4().hex[:8]
         self.clients = [f"m{run}-{n}" for n in range(3)]
-        self.model: dict[str, int] = {}  # cents, for clients the service knows
+        self.model: dict[str, int] = {}  # spendable cents, for clients the service knows
+        self.pending: dict[str, tuple[str, int]] = {}  # order id -> (client, cents): money held
         self.sent: list[tuple[str, dict[str, Any], dict[str, str], int, bytes]] = []
         self.failing = False
         self.provider.set()  # each example starts with a healthy provider
@@ -56,7 +58,7 @@ class WalletRules(RuleBasedStateMachine):
         if key is not None:
             headers = {**headers, "Idempotency-Key": key}
         response = self.http.post(path, json=body, headers=headers)
-        if key is not None and response.status_code in (200, 201, 502, 503):
+        if key is not None and response.status_code in (200, 201, 202, 502, 503):
             self.sent.append((path, body, headers, response.status_code, response.content))
         return response
 
@@ -103,12 +105,32 @@ class WalletRules(RuleBasedStateMachine):
         elif response.status_code == 201:
             assert response.json()["data"]["status"] == "COMPLETED"
             self.model[client] -= cents
+        elif response.status_code == 202:  # the provider's answers proved nothing: money held
+            assert self.failing, response.text
+            assert response.json()["data"]["status"] == "PENDING"
+            self.model[client] -= cents
+            self.pending[response.json()["data"]["orderId"]] = (client, cents)
         else:
             assert self.failing, response.text
             assert response.status_code == 502
             assert response.json()["data"]["status"] == "FAILED"
 
-    @rule(rate=st.sampled_from([0.0, 0.5, 1.0]), status=st.sampled_from([400, 500]))
+    @precondition(lambda self: bool(self.pending))
+    @rule(data=st.data(), fulfilled=st.booleans())
+    def operator_resolves(self, data: st.DataObject, fulfilled: bool) -> None:
+        order_id = data.draw(st.sampled_from(sorted(self.pending)))
+        body: dict[str, Any] = {"outcome": "fulfilled" if fulfilled else "failed", "note": "model"}
+        if fulfilled:
+            body["fulfillmentId"] = f"f-{order_id}"
+        response = self.http.post(f"/admin/orders/{order_id}/resolve", json=body, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        client, cents = self.pending.pop(order_id)
+        if not fulfilled:
+            self.model[client] += cents
+        again = self.http.post(f"/admin/orders/{order_id}/resolve", json=body, headers=ADMIN)
+        assert again.status_code == 409
+
+    @rule(rate=st.sampled_from([0.0, 0.5, 1.0]), status=st.sampled_from([400, 500, 503]))
     def provider_faults(self, rate: float, status: int) -> None:
         self.failing = rate > 0
         if self.failing:
@@ -121,8 +143,18 @@ class WalletRules(RuleBasedStateMachine):
     def replay(self, data: st.DataObject) -> None:
         path, body, headers, status, content = data.draw(st.sampled_from(self.sent))
         again = self.http.post(path, json=body, headers=headers)
-        assert (again.status_code, again.content) == (status, content)
         assert again.headers["Idempotent-Replayed"] == "true"
+        if status != 202:
+            assert (again.status_code, again.content) == (status, content)
+            return
+        # A replayed 202 tells the order as it is now.
+        order_id = httpx.Response(status, content=content).json()["data"]["orderId"]
+        now = again.json()["data"]
+        assert now["orderId"] == order_id
+        if order_id in self.pending:
+            assert (again.status_code, again.content) == (status, content)
+        else:
+            assert (again.status_code, now["status"]) in ((201, "COMPLETED"), (502, "FAILED"))
 
     @precondition(lambda self: bool(self.sent))
     @rule(data=st.data(), cents=CENTS)
@@ -142,9 +174,14 @@ class WalletRules(RuleBasedStateMachine):
             if client not in self.model:
                 assert response.status_code == 404
                 continue
-            assert round(response.json()["data"]["balance"] * 100) == self.model[client]
-            pending = self.http.get("/orders", params={"status": "PENDING"}, headers={"client-id": client})
-            assert pending.json()["data"] == []
+            wallet = response.json()["data"]
+            assert round(wallet["balance"] * 100) == self.model[client]
+            held = [o for o, (owner, _) in self.pending.items() if owner == client]
+            assert round(wallet["held"] * 100) == sum(self.pending[o][1] for o in held)
+            pending = self.http.get(
+                "/orders", params={"status": "PENDING", "limit": 100}, headers={"client-id": client}
+            )
+            assert {o["orderId"] for o in pending.json()["data"]} == set(held)
 
     @invariant()
     def ledger_is_intact(self) -> None:
@@ -158,6 +195,7 @@ async def test_wallet_rules_hold_in_any_sequence(database_url: str, provider: Pr
         provider.url,
         fulfillment_max_attempts=2,
         fulfillment_backoff_seconds=0.001,
+        recovery_interval_seconds=3600,  # unknown outcomes stay unknown until an operator decides
     ) as api:
         base = str(api.http.base_url)
 

@@ -65,6 +65,8 @@ def serve() -> None:
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
             env["SIMULATOR"] = "true"
             env["FULFILLMENT_API_URL"] = f"http://{host}:{settings.port}/_simulator/fulfillments"
+            if not settings.fulfillment_status_url:  # the simulator answers lookups too
+                env["FULFILLMENT_STATUS_URL"] = env["FULFILLMENT_API_URL"]
             print("wallet: using the built-in fulfillment simulator", file=sys.stderr)
         workers = settings.worker_count
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -192,7 +192,12 @@ class Orders:
             placed = await self._placed_despite(exc, order_id)
         if isinstance(placed, Reply):
             return placed
-        outcome = await self.provider.fulfill(order_id, client_id, amount, request_id)
+        log.info("order placed; money held", order_id=order_id, amount=amount)
+        try:
+            outcome = await self.provider.fulfill(order_id, client_id, amount, request_id)
+        except Exception as exc:  # a bug, not an answer: nothing is proved, so nothing is undone
+            log.exception("calling the provider failed", order_id=order_id)
+            outcome = Outcome(Kind.UNKNOWN, 0, f"calling the provider failed: {type(exc).__name__}")
         return await self._settle(placed, outcome, path="request")
 
     async def _pay(
