@@ -85,6 +85,27 @@ async def test_keys_are_scoped_per_caller(database_url: str, provider: Provider)
         assert await api.balance("B") == Decimal(90)
 
 
+async def test_no_client_id_can_share_keys_with_the_admin_or_another_client(
+    database_url: str, provider: Provider
+) -> None:
+    """Client ids that spell the admin's scope, or another client's scope, still get scopes of
+    their own: nobody can replay or block anybody else's request."""
+    lookalikes = ["admin", "client:admin", "client", "client:", "client:client:admin"]
+    async with start_service(database_url, provider.url) as api:
+        for n, client in enumerate(lookalikes):
+            assert (await credit_with_key(api, client, 100, f"setup-{n}")).status_code == 200
+        assert (await credit_with_key(api, "admin", 1, "shared")).status_code == 200
+        for client in lookalikes:
+            order = await api.order(client, 10, headers=key("shared"))
+            assert order.status_code == 201, (client, order.text)
+            assert "Idempotent-Replayed" not in order.headers
+        again = await credit_with_key(api, "admin", 1, "shared")
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert await api.balance("admin") == Decimal(91)
+        for client in lookalikes[1:]:
+            assert await api.balance(client) == Decimal(90)
+
+
 async def test_refused_request_leaves_the_key_free(database_url: str, provider: Provider) -> None:
     async with start_service(database_url, provider.url) as api:
         await api.credit("C1", 10)
