@@ -76,26 +76,33 @@ async def test_ready_is_503_when_nothing_listens_at_the_database_address(provide
         assert response.json() == {"success": False, "error": "Database unreachable", "code": "NOT_READY"}
 
 
-async def test_metrics_move_when_orders_complete_and_fail(database_url: str, provider: Provider) -> None:
-    async with start_service(database_url, provider.url, fulfillment_max_attempts=3) as api:
+async def test_metrics_move_when_orders_complete_fail_or_stay_unknown(
+    database_url: str, provider: Provider
+) -> None:
+    async with start_service(
+        database_url, provider.url, fulfillment_max_attempts=3, recovery_interval_seconds=3600
+    ) as api:
         await api.credit("ACME", 100)
         before = await scrape(api)
         assert (await api.order("ACME", 10)).status_code == 201
         provider.set(error_status=500)
-        assert (await api.order("ACME", 10)).status_code == 502
+        assert (await api.order("ACME", 10)).status_code == 202
         provider.set(error_status=400)
         assert (await api.order("ACME", 10)).status_code == 502
         after = await scrape(api)
 
     assert delta(before, after, "wallet_orders_total", status="COMPLETED") == 1
-    assert delta(before, after, "wallet_orders_total", status="FAILED") == 2
-    # 1 + 3 (500 is retried) + 1 (400 is final)
-    assert delta(before, after, "wallet_fulfillment_attempts_total") == 5
+    assert delta(before, after, "wallet_orders_total", status="FAILED") == 1
+    for kind in ("fulfilled", "unknown", "refused"):
+        assert delta(before, after, "wallet_order_outcomes_total", kind=kind, path="request") == 1
+    # 1 fulfilled, 3 unknown (a 500 is asked again), 1 refused (a 400 is final)
+    assert delta(before, after, "wallet_fulfillment_attempts_total", kind="fulfilled") == 1
+    assert delta(before, after, "wallet_fulfillment_attempts_total", kind="unknown") == 3
+    assert delta(before, after, "wallet_fulfillment_attempts_total", kind="refused") == 1
     assert delta(before, after, "wallet_fulfillment_retries_total") == 2
-    assert delta(before, after, "wallet_fulfillment_failures_total", reason="PROVIDER_ERROR") == 2
     route = {"method": "POST", "route": "/orders"}
-    assert delta(before, after, "wallet_http_requests_total", status="201", **route) == 1
-    assert delta(before, after, "wallet_http_requests_total", status="502", **route) == 2
+    for status in ("201", "202", "502"):
+        assert delta(before, after, "wallet_http_requests_total", status=status, **route) == 1
     assert delta(before, after, "wallet_http_request_duration_seconds_count", **route) == 3
     assert delta(before, after, "wallet_http_request_duration_seconds_bucket", le="+Inf", **route) == 3
     assert delta(before, after, "wallet_http_request_duration_seconds_sum", **route) > 0

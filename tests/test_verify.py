@@ -145,7 +145,7 @@ TAMPERING: dict[str, tuple[list[str], tuple[str, int | None, str]]] = {
     "order without its deduction": (
         [
             "INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at)"
-            " VALUES ('ORD-0000000000001-deadbeef', 'A', 100, 'PENDING', now())"
+            " VALUES ('ORD-0000000000001-deadbeef', 'A', 100, 'PENDING', now() + interval '1 day')"
         ],
         ("A", None, "is PENDING with 0 ORDER_DEDUCTION and 0 ORDER_REFUND entries; it needs 1 and 0"),
     ),
