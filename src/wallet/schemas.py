@@ -22,7 +22,8 @@ _STATUS_TEXT = {
     431: "Request head too large: a header line over 8 KiB, more than 100 headers, or over 32 KiB in all",
     422: "Idempotency-Key reused with a different request",
     429: "Rate limit exceeded",
-    500: "Internal error (the message is masked in production)",
+    500: "Internal error (the message is masked in production). On POST /orders a 5xx that names no "
+    "order means no money moved",
     502: "The fulfillment provider refused the order: it is FAILED (under `data`) and its money is back",
     503: "Unavailable. An answer that names no order means no money moved. On POST /orders it may "
     "name one: a FAILED order under `data` (it never reached the provider; its money is back), or, "
