@@ -382,9 +382,11 @@ class Orders:
 
     # --- the resolver --------------------------------------------------------------------
 
-    async def resolve_due(self, batch: int = 20) -> int:
+    async def resolve_due(self, batch: int | None = None) -> int:
         """Ask again about every order due now, a batch at a time, so a backlog drains in one
-        pass; orders rescheduled during the pass wait for the next one."""
+        pass; orders rescheduled during the pass wait for the next one. A batch settles with at
+        most a quarter of the pool, so a backlog of thousands never starves new requests."""
+        batch = batch or max(1, self.settings.db_pool_size // 4)
         total = 0
         due = datetime.now(UTC)
         while True:
