@@ -111,9 +111,16 @@ def render(
     if growth:
         lines += ["", f"## Cost growth: a wallet with 10 ledger entries vs {growth_size:,}", ""]
         lines += _table(
-            ["measure (pgbench, same SQL)", "10 entries", f"{growth_size:,} entries", "large / small"],
+            ["measure", "10 entries", f"{growth_size:,} entries", "large / small"],
             [[g.measure, f"{g.small:,.2f}", f"{g.large:,.2f}", f"{_ratio(g):.2f}"] for g in growth],
         )
+        lines += [
+            "",
+            "Reads, orders and pages: pgbench running the service's SQL on the wallet. `wallet verify`:"
+            " `verify_ledger` over the whole bench database (every wallet, order and entry the run"
+            " wrote, in one snapshot) once the growth wallet has 10 entries and once it has"
+            f" {growth_size:,}; clean both times, or the bench stops.",
+        ]
     return "\n".join(lines) + "\n"
 
 
