@@ -239,7 +239,7 @@ def measure(url: str, size: int, workdir: Path, *, clients: int, seconds: int) -
         results.setdefault("ledger page, mid-history (EXPLAIN ANALYZE ms)", []).append(ms)
         results.setdefault("ledger page, mid-history (buffers)", []).append(buffers)
     (small, small_s), (large, large_s) = checks
-    results[VERIFY_ENTRIES] = [small.entries, large.entries]
+    results[VERIFY_ENTRIES] = [float(small.entries), float(large.entries)]
     results[VERIFY_SECONDS] = [small_s, large_s]
     results[VERIFY_RATE] = [small.entries / small_s, large.entries / large_s]
     return [GrowthRow(name, small, large) for name, (small, large) in results.items()]

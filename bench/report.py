@@ -112,7 +112,7 @@ def render(
         lines += ["", f"## Cost growth: a wallet with 10 ledger entries vs {growth_size:,}", ""]
         lines += _table(
             ["measure", "10 entries", f"{growth_size:,} entries", "large / small"],
-            [[g.measure, f"{g.small:,.2f}", f"{g.large:,.2f}", f"{_ratio(g):.2f}"] for g in growth],
+            [[g.measure, _figure(g.small), _figure(g.large), f"{_ratio(g):.2f}"] for g in growth],
         )
         lines += [
             "",
@@ -122,6 +122,11 @@ def render(
             f" {growth_size:,}; clean both times, or the bench stops.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _figure(value: float) -> str:
+    """Counts (entries, buffers) without decimals: "1,010,541", not "1,010,541.00"."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
 def _ratio(row: GrowthRow) -> float:

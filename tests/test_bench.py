@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from bench import ceiling, growth
+from bench import ceiling, growth, report
 from wallet import ledger
 from wallet.database import create_engine
 from wallet.verify import verify_ledger
@@ -114,3 +114,9 @@ async def test_the_growth_ledger_is_a_chain_verify_finds_clean(database_url: str
         await engine.dispose()
     assert tuple(wallet) == (growth.OPENING + 1_999 * growth.STEP, 2_000)
     assert [f.reason for f in forged.faults] == ["hash mismatch: the entry was changed after it was written"]
+
+
+def test_growth_counts_print_without_decimals() -> None:
+    rows = [report.GrowthRow(growth.VERIFY_ENTRIES, 10_541.0, 1_010_541.0)]
+    markdown = report.render([], about={}, peak_rss=0, processes=1, growth=rows, growth_size=1_000_000)
+    assert f"| {growth.VERIFY_ENTRIES} | 10,541 | 1,010,541 | 95.87 |" in markdown
