@@ -68,8 +68,8 @@ def chain(client_id: str, entries: int, key: LedgerKey, end: datetime) -> Iterat
     credits OPENING, every later one STEP; the last one is stamped `end`, each earlier one a
     microsecond before the next.
 
-    The hot loop is the whole cost of a large run, so it formats the content directly (a fifth
-    of the cost of calling `canonical_content`) and computes the HMAC from SHA-256 states
+    The loop runs N times, so it formats the content directly (cheaper than a keyword call to
+    `canonical_content` per entry) and computes the HMAC from SHA-256 states
     pre-fed with the key's padded halves (the same bytes as `chain_hash`, in half the time).
     Every CHECK_EVERY entries both are compared with `canonical_content` and `chain_hash`: a
     change there stops the generator instead of producing a chain verify rejects."""
