@@ -111,10 +111,22 @@ def render(
     if growth:
         lines += ["", f"## Cost growth: a wallet with 10 ledger entries vs {growth_size:,}", ""]
         lines += _table(
-            ["measure (pgbench, same SQL)", "10 entries", f"{growth_size:,} entries", "large / small"],
-            [[g.measure, f"{g.small:,.2f}", f"{g.large:,.2f}", f"{_ratio(g):.2f}"] for g in growth],
+            ["measure", "10 entries", f"{growth_size:,} entries", "large / small"],
+            [[g.measure, _figure(g.small), _figure(g.large), f"{_ratio(g):.2f}"] for g in growth],
         )
+        lines += [
+            "",
+            "Reads, orders and pages: pgbench running the service's SQL on the wallet. `wallet verify`:"
+            " `verify_ledger` over the whole bench database (every wallet, order and entry the run"
+            " wrote, in one snapshot) once the growth wallet has 10 entries and once it has"
+            f" {growth_size:,}; clean both times, or the bench stops.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _figure(value: float) -> str:
+    """Counts (entries, buffers) without decimals: "1,010,541", not "1,010,541.00"."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
 def _ratio(row: GrowthRow) -> float:

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from bench import ceiling
+from bench import ceiling, growth, report
 from wallet import ledger
 from wallet.database import create_engine
+from wallet.verify import verify_ledger
 
 ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
 
@@ -94,3 +95,28 @@ async def test_ceiling_orders_and_debits_are_the_service_s_transactions(database
     balances: dict[str, int] = dict(await _rows(database_url, "SELECT client_id, balance FROM wallets"))
     assert balances["100001"] + balances["100002"] == 2_000_000 - orders.transactions * ceiling.ORDER_CENTS
     assert balances["300001"] == 1_000_000 - debits.transactions * ceiling.DEBIT_CENTS
+
+
+async def test_the_growth_ledger_is_a_chain_verify_finds_clean(database_url: str) -> None:
+    """A fault here means every cost-growth figure would be measured on a ledger the service
+    could never have written."""
+    await growth.make_wallet(database_url, growth.LARGE_WALLET, 2_000)
+    verdict, _ = await growth.verify(database_url)
+    assert verdict.faults == []
+    assert (verdict.wallets, verdict.entries) == (1, 2_000)
+    engine = create_engine(database_url, pool_size=2)
+    try:
+        async with engine.connect() as conn:
+            wallet = (await conn.execute(text("SELECT balance, entry_count FROM wallets"))).one()
+        other_key = ledger.LedgerKey(ceiling.LEDGER_KEY.key_id, b"another-key-0123456789")
+        forged = await verify_ledger(engine, other_key)
+    finally:
+        await engine.dispose()
+    assert tuple(wallet) == (growth.OPENING + 1_999 * growth.STEP, 2_000)
+    assert [f.reason for f in forged.faults] == ["hash mismatch: the entry was changed after it was written"]
+
+
+def test_growth_counts_print_without_decimals() -> None:
+    rows = [report.GrowthRow(growth.VERIFY_ENTRIES, 10_541.0, 1_010_541.0)]
+    markdown = report.render([], about={}, peak_rss=0, processes=1, growth=rows, growth_size=1_000_000)
+    assert f"| {growth.VERIFY_ENTRIES} | 10,541 | 1,010,541 | 95.87 |" in markdown
