@@ -77,8 +77,8 @@ def _completed_body() -> str:
     """A reply of the size the service stores with a completed order."""
     now = datetime.now(UTC)
     row = OrderRow(
-        "ORD-0000000000000-00000000", "C1", ORDER_CENTS, orders.COMPLETED, "101", None, 1, 0, None, None,
-        False, None, None, None, None, now, now,
+        "ORD-0000000000000-00000000", "C1", ORDER_CENTS, orders.COMPLETED, "101", None, 1, 0,
+        None, None, None, False, None, None, None, None, now, now,
     )  # fmt: skip
     return orders.order_reply(row).body.decode()
 

@@ -10,6 +10,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -180,3 +181,30 @@ async def test_the_resolver_looks_the_order_up_first_when_it_can(lookup: str, ki
     assert looker.requests[0].startswith(f"GET /fulfillments/{ORDER_ID} ".encode())
     if kind is Kind.REFUSED:
         assert outcome.failure is Failure.UNREACHABLE
+
+
+async def test_nothing_found_while_an_earlier_call_may_still_arrive_proves_nothing() -> None:
+    """The provider has no record yet, but the request's last POST may still be on its way (in
+    a queue, a buffer): refunding now could refund an order carried out a moment later. The
+    resolver posts again with the same key instead, which is safe either way."""
+    async with (
+        raw_provider('201 {"id": "ff-3"}') as (url, poster),
+        raw_provider("404 {}") as (status_url, looker),
+    ):
+        settings = Settings(
+            database_url="postgresql://unused/x",
+            fulfillment_api_url=url,
+            fulfillment_status_url=status_url,
+            fulfillment_timeout_seconds=0.3,
+        )
+        async with new_http_client(settings) as http:
+            client = Provider(settings, http)
+            soon = datetime.now(UTC) + timedelta(seconds=60)
+            outcome = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=soon)
+            long_ago = datetime.now(UTC) - timedelta(seconds=60)
+            settled = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=long_ago)
+    assert outcome.kind is Kind.FULFILLED
+    assert outcome.fulfillment_id == "ff-3"
+    assert len(poster.requests) == 1
+    assert settled.kind is Kind.REFUSED  # nothing found long after the last call: never received
+    assert len(looker.requests) == 2

@@ -144,8 +144,7 @@ async def test_a_slow_provider_that_recorded_the_order_is_not_refunded(
         assert order["fulfillmentId"] == provider.simulator.by_order[order_id]
         assert provider.simulator.fulfilled == {order_id: order["fulfillmentId"]}
         assert {c.idempotency_key for c in provider.simulator.calls} == {order_id}
-        if status_lookup:  # the lookup found it: no further POST
-            assert provider.simulator.attempts_for(order_id) == 2
+        if status_lookup:
             assert order_id in provider.simulator.lookups
         await assert_held(api, "C1", 70, 0)
 

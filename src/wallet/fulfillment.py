@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import aiohttp
@@ -156,14 +157,27 @@ class Provider:
         return _combine(answers)
 
     async def ask_again(
-        self, order_id: str, client_id: str, amount: int, request_id: str | None = None
+        self,
+        order_id: str,
+        client_id: str,
+        amount: int,
+        request_id: str | None = None,
+        *,
+        quiet_since: datetime | None = None,
     ) -> Outcome:
         """The resolver's question for an order whose earlier calls proved nothing: the status
         lookup first when there is one, else the same POST with the same key. A call that is
-        not sent now proves nothing about the earlier ones, so it stays unknown."""
+        not sent now proves nothing about the earlier ones, so it stays unknown.
+
+        "Never received" is proof only once no earlier call can still arrive: `quiet_since` is
+        when the last call this service may have made could have reached the provider at the
+        latest, and a lookup before that (plus one timeout) that finds nothing falls back to
+        the POST, which the key makes safe whether or not the earlier one lands."""
         if self._status_url is not None:
             answer = await self.lookup(order_id, request_id)
-            if answer.kind is not Kind.UNKNOWN:
+            settled_in = timedelta(seconds=self._timeout)
+            quiet = quiet_since is None or datetime.now(UTC) >= quiet_since + settled_in
+            if answer.kind is Kind.FULFILLED or (answer.kind is Kind.REFUSED and quiet):
                 failure = Failure.UNREACHABLE if answer.kind is Kind.REFUSED else None
                 return Outcome(answer.kind, 1, answer.detail, answer.fulfillment_id, failure)
         answer = await self.post(order_id, client_id, amount, request_id)

@@ -158,7 +158,7 @@ HELD_SQL = (
 
 # What every reader of an order gets: the client's view and the operator's.
 ORDER_COLUMNS = """order_id, client_id, amount, status, fulfillment_id, failure, attempts,
-    resolver_attempts, next_attempt_at, last_error, needs_review, flagged_at, resolved_by,
+    resolver_attempts, next_attempt_at, sent_by, last_error, needs_review, flagged_at, resolved_by,
     resolved_at, resolution_note, created_at, updated_at"""
 
 _INSERT_ENTRY = """
@@ -218,9 +218,10 @@ WITH moved AS (
            updated_at, head_hash, :key_id
     FROM moved
 )
-INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at, request_id,
+INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at, sent_by, request_id,
                     created_at, updated_at)
 SELECT :order_id, client_id, :amount, 'PENDING',
+       updated_at + make_interval(secs => :lease_seconds),
        updated_at + make_interval(secs => :lease_seconds), CAST(:request_id AS text),
        updated_at, updated_at
 FROM moved
@@ -374,6 +375,7 @@ class OrderRow:
     attempts: int
     resolver_attempts: int
     next_attempt_at: datetime | None
+    sent_by: datetime | None
     last_error: str | None
     needs_review: bool
     flagged_at: datetime | None

@@ -148,16 +148,21 @@ WHERE order_id = :order_id AND response_status IS NULL
 """)
 _GET = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id")
 _GET_OWN = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id AND client_id = :client_id")
-# Orders due at the start of this pass, claimed for one resolver attempt.
+# Orders due at the start of this pass, claimed for one resolver attempt. The attempt may POST,
+# so `sent_by` moves past its lease; the lookup it makes first is judged by the value before.
 _CLAIM_DUE = text(f"""
-UPDATE orders SET next_attempt_at = clock_timestamp() + make_interval(secs => :lease)
-WHERE id IN (
-    SELECT id FROM orders
+UPDATE orders
+SET next_attempt_at = clock_timestamp() + make_interval(secs => :lease),
+    sent_by = greatest(orders.sent_by, clock_timestamp() + make_interval(secs => :lease))
+FROM (
+    SELECT id, sent_by FROM orders
     WHERE status = 'PENDING' AND next_attempt_at <= :due
     ORDER BY next_attempt_at
     LIMIT :batch
-    FOR UPDATE SKIP LOCKED)
-RETURNING {ORDER_COLUMNS}, request_id
+    FOR UPDATE SKIP LOCKED) AS due
+WHERE orders.id = due.id
+RETURNING {", ".join("orders." + c.strip() for c in ORDER_COLUMNS.split(","))}, orders.request_id,
+          due.sent_by AS sent_before
 """)
 _PENDING_STATS = text("""
 SELECT count(*) FILTER (WHERE needs_review) AS review, min(created_at) AS oldest
@@ -406,7 +411,7 @@ class Orders:
         order = OrderRow.of(row)
         try:
             outcome = await self.provider.ask_again(
-                order.order_id, order.client_id, order.amount, row.request_id
+                order.order_id, order.client_id, order.amount, row.request_id, quiet_since=row.sent_before
             )
             observability.RESOLVER_ATTEMPTS.labels(outcome.kind.value).inc()
             await self._settle(order, outcome, path="resolver")

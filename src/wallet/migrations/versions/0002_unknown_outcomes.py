@@ -2,7 +2,9 @@
 an operator's resolution; and idempotency scopes that no client id can collide with.
 
 The PENDING lease becomes `next_attempt_at`: while a request is fulfilling an order it is that
-request's deadline, afterwards the resolver's next try. Either way an order whose time has come
+request's deadline, afterwards the resolver's next try. `sent_by` is when the last call this
+service may have made for the order can have reached the provider at the latest: a status lookup
+that finds nothing proves the order was never received only after it. Either way an order whose time has come
 belongs to whichever process claims it first (FOR UPDATE SKIP LOCKED).
 
 Revision ID: 0002
@@ -25,6 +27,7 @@ ALTER INDEX orders_pending_lease RENAME TO orders_pending_due;
 
 ALTER TABLE orders
     ADD COLUMN resolver_attempts integer NOT NULL DEFAULT 0 CHECK (resolver_attempts >= 0),
+    ADD COLUMN sent_by           timestamptz,
     ADD COLUMN last_error        text,
     ADD COLUMN needs_review      boolean NOT NULL DEFAULT false,
     ADD COLUMN flagged_at        timestamptz,
@@ -80,6 +83,7 @@ ALTER TABLE orders
     DROP COLUMN flagged_at,
     DROP COLUMN needs_review,
     DROP COLUMN last_error,
+    DROP COLUMN sent_by,
     DROP COLUMN resolver_attempts;
 
 ALTER INDEX orders_pending_due RENAME TO orders_pending_lease;
