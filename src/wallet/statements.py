@@ -38,12 +38,12 @@ CSV_TYPE = "text/csv"
 _COLUMNS = "id, entry_no, type, amount, balance_before, balance_after, reference_id, description, created_at"
 _NOW = text("SELECT now() AS now, EXISTS (SELECT 1 FROM wallets WHERE client_id = :client_id) AS known")
 # The balance after the last entry written before a moment (0 before the first entry).
-_BALANCE_BEFORE = text("""
+BALANCE_BEFORE_SQL = text("""
 SELECT balance_after FROM ledger_entries
 WHERE client_id = :client_id AND created_at < :at
 ORDER BY created_at DESC, entry_no DESC LIMIT 1
 """)
-_ENTRIES = text(f"""
+ENTRIES_SQL = text(f"""
 SELECT {_COLUMNS} FROM ledger_entries
 WHERE client_id = :client_id AND created_at >= :start AND created_at < :end
 ORDER BY created_at, entry_no LIMIT :limit
@@ -102,15 +102,15 @@ async def statement(
             upper = end if end is not None else now.now
             lower = start if start is not None else _BEGINNING
             params = {"client_id": client_id, "start": lower, "end": upper}
-            rows = (await conn.execute(_ENTRIES, {**params, "limit": STATEMENT_MAX_ENTRIES + 1})).all()
+            rows = (await conn.execute(ENTRIES_SQL, {**params, "limit": STATEMENT_MAX_ENTRIES + 1})).all()
             if len(rows) > STATEMENT_MAX_ENTRIES:
                 raise BadRequest(
                     f"The period holds more than {STATEMENT_MAX_ENTRIES:,} entries: ask for a shorter one",
                     code="STATEMENT_TOO_LARGE",
                     details={"maxEntries": STATEMENT_MAX_ENTRIES},
                 )
-            opening = (await conn.execute(_BALANCE_BEFORE, {"client_id": client_id, "at": lower})).scalar()
-            closing = (await conn.execute(_BALANCE_BEFORE, {"client_id": client_id, "at": upper})).scalar()
+            opening = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": lower})).scalar()
+            closing = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": upper})).scalar()
     totals: dict[str, int] = {}
     for row in rows:
         totals[row.type] = totals.get(row.type, 0) + row.amount
@@ -122,7 +122,7 @@ async def balance_at(engine: AsyncEngine, client_id: str, at: datetime) -> int:
         known = (await conn.execute(_NOW, {"client_id": client_id})).one().known
         if not known:
             raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
-        value = (await conn.execute(_BALANCE_BEFORE, {"client_id": client_id, "at": at})).scalar()
+        value = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": at})).scalar()
     return int(value or 0)
 
 
