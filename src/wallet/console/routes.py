@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,7 @@ from wallet.orders import ORDER_ID_PATTERN, OrderStatus
 from wallet.ratelimit import client_ip
 from wallet.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
 from wallet.verify import take_digest, verify_ledger
-from wallet.wire import iso
+from wallet.wire import dumps, iso
 
 BY = "console"  # who the audit trail names for what the console does
 PER_PAGE = 25
@@ -351,8 +352,6 @@ async def move_money(request: Request, client_id: str, kind: str) -> Response:
 
 
 def _quote(value: str) -> str:
-    from urllib.parse import quote
-
     return quote(value, safe="")
 
 
@@ -414,17 +413,16 @@ async def resolve(request: Request, order_id: str) -> Response:
     fields: dict[str, Any] = {"outcome": outcome, "note": form.get("note", "").strip()}
     if outcome == "fulfilled":
         fields["fulfillmentId"] = form.get("fulfillmentId", "").strip()
-    req = _validated(ResolveRequest, fields).root
-    result = await _svc(request).orders.resolve(
+    body = _validated(ResolveRequest, fields)
+    req: ResolvedFulfilled | ResolvedFailed = body.root
+    # A final order is a 409 (Conflict) raised by resolve: shown as an error page with its reason.
+    await _svc(request).orders.resolve(
         order_id,
         fulfillment_id=req.fulfillmentId if isinstance(req, ResolvedFulfilled) else None,
         note=req.note,
         by=BY,
-        idem=_nonce_key(form, f"resolve {order_id}", _validated(ResolveRequest, fields)),
+        idem=_nonce_key(form, f"resolve {order_id}", body),
     )
-    if result.status == 409:
-        raise WalletError("That order is already final: the resolver or another operator finished it.")
-    assert isinstance(req, ResolvedFulfilled | ResolvedFailed)
     done = f"Order {order_id} resolved as {req.outcome}."
     return RedirectResponse(f"/console/orders?review=1&done={_quote(done)}", status_code=303)
 
@@ -453,8 +451,6 @@ async def digest(request: Request) -> Response:
     """The digest's `data`, as `wallet verify --digest FILE` reads it."""
     await viewer(request)
     svc = _svc(request)
-    from wallet.wire import dumps
-
     data = await take_digest(svc.wallets.engine, svc.settings.chain_key)
     name = f"ledger-digest-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     return Response(
