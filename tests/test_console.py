@@ -307,3 +307,14 @@ async def test_overview_figures_and_the_ledger_check(database_url: str, provider
         statement = await browser.get("/console/clients/C1/statement", params={"format": "csv"})
         assert statement.status_code == 200
         assert statement.headers["content-type"].startswith("text/csv")
+
+
+async def test_an_unexpected_failure_is_an_html_page(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        browser = await login(api)
+        await sql(database_url, "ALTER TABLE ledger_checks RENAME TO ledger_checks_gone")
+        response = await browser.get("/console/ledger")
+        assert response.status_code == 500
+        assert "text/html" in response.headers["content-type"]
+        assert "Something went wrong" in response.text
+        assert "ledger_checks" not in response.text  # no internals shown

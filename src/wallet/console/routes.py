@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import quote
 
+import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -33,6 +34,7 @@ from wallet.api import CreditRequest, DebitRequest, Services, _idem
 from wallet.auth import valid_client_id
 from wallet.console import queries
 from wallet.console.sessions import COOKIE, Session, Sessions
+from wallet.database import is_unavailable
 from wallet.errors import BadRequest, NotFound, WalletError
 from wallet.orders import ORDER_ID_PATTERN, OrderStatus
 from wallet.ratelimit import client_ip
@@ -40,6 +42,7 @@ from wallet.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
 from wallet.verify import take_digest, verify_ledger
 from wallet.wire import dumps, iso
 
+log = structlog.get_logger(__name__)
 BY = "console"  # who the audit trail names for what the console does
 PER_PAGE = 25
 HERE = Path(__file__).parent
@@ -111,6 +114,11 @@ class ConsoleRoute(APIRoute):
                 return error_page(request, exc.status, exc.message)
             except RequestValidationError:
                 return error_page(request, 400, "That request was not understood: check the address.")
+            except Exception as exc:  # the API's handlers would answer JSON; an operator reads HTML
+                if is_unavailable(exc):
+                    return error_page(request, 503, "The database is unavailable: try again shortly.")
+                log.exception("console page failed", path=request.url.path)
+                return error_page(request, 500, "Something went wrong; it has been logged.")
 
         return handle
 
