@@ -318,3 +318,10 @@ async def test_an_unexpected_failure_is_an_html_page(database_url: str, provider
         assert "text/html" in response.headers["content-type"]
         assert "Something went wrong" in response.text
         assert "ledger_checks" not in response.text  # no internals shown
+
+
+async def test_production_session_cookies_are_secure(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url, app_env="production") as api:
+        response = await api.http.post("/console/login", data={"key": ADMIN_KEY})
+        assert response.status_code == 303
+        assert "secure" in [part.strip() for part in response.headers["set-cookie"].lower().split(";")]
