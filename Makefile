@@ -4,13 +4,22 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench bench-tools lock clean
+.PHONY: run test test-tools check bench bench-tools lock clean
 
 run: $(STAMP)
 	$(BIN)/wallet serve
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The console's browser tests drive Debian's Chromium (/usr/bin/chromium) through Playwright;
+# installed here when running as root, as CI does. Playwright's own browser download
+# (`playwright install`) is never used.
+test-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -x /usr/bin/chromium ]; then \
+		echo "test: installing chromium (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 check: $(STAMP)
 	$(BIN)/ruff check

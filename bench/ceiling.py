@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import TextClause
 
-from wallet import ledger, orders
+from wallet import ledger, orders, statements
 from wallet.ledger import OrderRow
 
 _BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -151,6 +151,30 @@ def ledger_page(client_id: int, deepest: int) -> Script:
         f"{to_pgbench(LEDGER_PAGE, {'client_id': ':cid', 'before': ':before'})};\n"
     )
     return Script("ledger page", text)
+
+
+# The growth bench's synthetic history: entry n written at HISTORY_START + n * ENTRY_SPACING.
+ENTRY_TIME = "(timestamptz '1990-01-01 00:00:00+00' + {n} * interval '100 seconds')"
+STATEMENT_SPAN = 10  # entries in each statement's period
+
+
+def statement(client_id: int, entries: int) -> Script:
+    """A statement of a period holding STATEMENT_SPAN entries, anywhere in the wallet's history:
+    the service's own three queries (opening balance, the period's entries, closing balance)."""
+    start, end = ENTRY_TIME.format(n=":pos"), ENTRY_TIME.format(n=f"(:pos + {STATEMENT_SPAN})")
+    binds = {
+        "client_id": ":cid",
+        "start": start,
+        "end": end,
+        "limit": str(statements.STATEMENT_MAX_ENTRIES + 1),
+    }
+    text = (
+        f"{_pick((client_id, client_id))}\\set pos random(1, {max(entries - STATEMENT_SPAN, 1)})\n"
+        f"{to_pgbench(statements.BALANCE_BEFORE_SQL, {**binds, 'at': start})};\n"
+        f"{to_pgbench(statements.ENTRIES_SQL, binds)};\n"
+        f"{to_pgbench(statements.BALANCE_BEFORE_SQL, {**binds, 'at': end})};\n"
+    )
+    return Script("statement", text)
 
 
 def pgbench_binary() -> str:

@@ -27,6 +27,7 @@ import asyncpg
 
 from bench import ceiling
 from bench.report import GrowthRow
+from wallet import statements
 from wallet.database import create_engine, plain_url
 from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.verify import Verdict, verify_ledger
@@ -37,6 +38,9 @@ CHUNK = 100_000  # entries per COPY: a few tens of MB of Python objects at most
 PROGRESS = 1_000_000
 CHECK_EVERY = 10_000  # entries between cross-checks of the content against canonical_content
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# ceiling.ENTRY_TIME in Python: the statement scenarios compute periods with the SQL twin.
+ENTRY_BASE = datetime(1990, 1, 1, tzinfo=UTC)
+ENTRY_STEP_MICROS = 100_000_000
 EXPLAIN_RUNS = 7
 
 # Growth rows of `wallet verify` over the whole bench database (clean, or the bench stops).
@@ -63,27 +67,27 @@ COLUMNS = (
 Record = tuple[str, int, str, int, int, int, None, None, datetime, bytes, str]
 
 
-def chain(client_id: str, entries: int, key: LedgerKey, end: datetime) -> Iterator[Record]:
+def chain(client_id: str, entries: int, key: LedgerKey) -> Iterator[Record]:
     """A wallet's ledger as `ledger.credit` would have written it, in COPY column order: entry 1
-    credits OPENING, every later one STEP; the last one is stamped `end`, each earlier one a
-    microsecond before the next.
+    credits OPENING, every later one STEP; entry n is stamped ceiling.ENTRY_TIME(n) (1990-01-01
+    plus n times 100 s), so times grow with entry order as in the service and a statement's period
+    holds a known number of entries.
 
     The loop runs N times, so it formats the content directly (cheaper than a keyword call to
     `canonical_content` per entry) and computes the HMAC from SHA-256 states
     pre-fed with the key's padded halves (the same bytes as `chain_hash`, in half the time).
     Every CHECK_EVERY entries both are compared with `canonical_content` and `chain_hash`: a
     change there stops the generator instead of producing a chain verify rejects."""
-    first = end - timedelta(microseconds=entries - 1)
-    first_micros = (first - _EPOCH) // timedelta(microseconds=1)
+    base_micros = (ENTRY_BASE - _EPOCH) // timedelta(microseconds=1)
     key_id, pads = key.key_id, key.sql_params()
     inner, outer = hashlib.sha256(pads["ipad_key"]), hashlib.sha256(pads["opad_key"])
     previous, before = GENESIS_HASH, 0
     for entry_no in range(1, entries + 1):
         amount = OPENING if entry_no == 1 else STEP
         after = before + amount
-        micros = first_micros + entry_no - 1
+        micros = base_micros + entry_no * ENTRY_STEP_MICROS
         content = f"{client_id}|{entry_no}|CREDIT|{amount}|{before}|{after}|-1||-1||{micros}".encode()
-        created_at = first + timedelta(microseconds=entry_no - 1)
+        created_at = ENTRY_BASE + timedelta(microseconds=entry_no * ENTRY_STEP_MICROS)
         mac = inner.copy()
         mac.update(previous + content)
         hashed = outer.copy()
@@ -129,7 +133,7 @@ async def make_wallet(url: str, client_id: int, entries: int, key: LedgerKey = c
     try:
         await conn.execute("INSERT INTO clients (client_id) VALUES ($1)", cid)
         await conn.execute("INSERT INTO wallets (client_id) VALUES ($1)", cid)
-        records = chain(cid, entries, key, datetime.now(UTC))
+        records = chain(cid, entries, key)
 
         def next_chunk() -> list[Record]:
             return list(itertools.islice(records, CHUNK))
@@ -198,13 +202,24 @@ def verified(url: str, when: str) -> tuple[Verdict, float]:
 async def explain_page(url: str, client_id: int, before: int) -> tuple[float, float]:
     """(median execution ms, shared buffers touched) of the deep ledger page query."""
     sql = ceiling.to_pgbench(ceiling.LEDGER_PAGE, {"client_id": "$1", "before": "$2"})
+    return await _explain(url, sql, str(client_id), before)
+
+
+async def explain_statement(url: str, client_id: int, position: int) -> tuple[float, float]:
+    """The same for a statement's entries query over a period of STATEMENT_SPAN entries."""
+    start = ceiling.ENTRY_TIME.format(n="$2::bigint")
+    end = ceiling.ENTRY_TIME.format(n=f"($2::bigint + {ceiling.STATEMENT_SPAN})")
+    binds = {"client_id": "$1", "start": start, "end": end, "limit": "10001"}
+    sql = ceiling.to_pgbench(statements.ENTRIES_SQL, binds)
+    return await _explain(url, sql, str(client_id), position)
+
+
+async def _explain(url: str, sql: str, *args: Any) -> tuple[float, float]:
     conn = await asyncpg.connect(plain_url(url))
     try:
         times, buffers = [], 0.0
         for _ in range(EXPLAIN_RUNS):
-            raw = await conn.fetchval(
-                f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", str(client_id), before
-            )
+            raw = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
             plan: dict[str, Any] = (raw if isinstance(raw, list) else json.loads(raw))[0]
             times.append(float(plan["Execution Time"]))
             top = plan["Plan"]
@@ -229,6 +244,7 @@ def measure(url: str, size: int, workdir: Path, *, clients: int, seconds: int) -
             ("balance reads", ceiling.balance((client_id, client_id))),
             ("orders (one wallet)", ceiling.order((client_id, client_id))),
             ("ledger page, random depth", ceiling.ledger_page(client_id, entries)),
+            ("statement of 10 entries, random period", ceiling.statement(client_id, entries)),
         ]
         for name, script in scripts:
             run = ceiling.run_pgbench(url, script, workdir, clients=clients, threads=2, seconds=seconds)
@@ -238,6 +254,9 @@ def measure(url: str, size: int, workdir: Path, *, clients: int, seconds: int) -
         ms, buffers = asyncio.run(explain_page(url, client_id, max(21, entries // 2)))
         results.setdefault("ledger page, mid-history (EXPLAIN ANALYZE ms)", []).append(ms)
         results.setdefault("ledger page, mid-history (buffers)", []).append(buffers)
+        ms, buffers = asyncio.run(explain_statement(url, client_id, max(1, entries // 2)))
+        results.setdefault("statement of 10 entries, mid-history (EXPLAIN ANALYZE ms)", []).append(ms)
+        results.setdefault("statement of 10 entries, mid-history (buffers)", []).append(buffers)
     (small, small_s), (large, large_s) = checks
     results[VERIFY_ENTRIES] = [float(small.entries), float(large.entries)]
     results[VERIFY_SECONDS] = [small_s, large_s]

@@ -100,6 +100,7 @@ def settings_env(database_url: str, provider_url: str, **overrides: Any) -> dict
         "fulfillment_max_attempts": 3,
         "fulfillment_backoff_seconds": 0.01,
         "rate_limit": "off",
+        "console_login_rate": "off",  # tests that count logins turn it on, with an address of their own
         "log_level": "warning",
         # The resolver runs often, so tests see an unknown outcome resolved without waiting.
         "recovery_interval_seconds": 0.05,

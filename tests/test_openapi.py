@@ -108,9 +108,16 @@ def fuzz_config(live: Live) -> SchemathesisConfig:
 
 
 # A cursor is opaque: one that fits the documented shape but was never issued by the service is
-# refused like an unknown id, which only the server can know.
+# refused like an unknown id, which only the server can know. A period whose `from` is after its
+# `to`, or that holds too many entries, is refused for what the two times mean together.
 BUSINESS_REFUSALS = {
-    400: {"INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED", "INVALID_CURSOR"},
+    400: {
+        "INSUFFICIENT_FUNDS",
+        "BALANCE_LIMIT_EXCEEDED",
+        "INVALID_CURSOR",
+        "INVALID_PERIOD",
+        "STATEMENT_TOO_LARGE",
+    },
     422: {"IDEMPOTENCY_KEY_REUSED"},
 }
 

@@ -69,6 +69,9 @@ def test_production_defaults() -> None:
         {"ledger_old_keys": "k0:one,k0:two"},
         {"ledger_key_id": "k0", "ledger_old_keys": "k0:the-current-id"},
         {"ledger_key": "short"},
+        {"console_login_rate": "many"},
+        {"console_session_hours": 0},
+        {"console_session_hours": 24 * 8},
     ],
 )
 def test_invalid_values_are_refused(values: dict[str, Any]) -> None:
@@ -83,6 +86,10 @@ def test_lists_and_limits_parse() -> None:
     assert item is not None
     assert item.amount == 30
     assert settings(rate_limit="off").rate_limit_item is None
+    login = settings(console_login_rate="5/minute").console_login_item
+    assert login is not None
+    assert login.amount == 5
+    assert settings(console_login_rate="off").console_login_item is None
 
 
 def test_ledger_keys_rotate_by_id(tmp_path: Any) -> None:

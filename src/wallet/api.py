@@ -7,17 +7,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Security
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from wallet import idempotency
+from wallet import idempotency, statements
 from wallet.auth import ClientAuthenticator, check_admin
 from wallet.errors import BadRequest, NotFound
 from wallet.money import Amount, from_cents, parse_json
 from wallet.orders import ORDER_ID_PATTERN, Orders, order_json
 from wallet.schemas import (
+    BalanceAtEnvelope,
     BalanceEnvelope,
     MovementEnvelope,
     OrderEnvelope,
@@ -284,9 +285,31 @@ async def get_order(
 @router.get(
     "/wallet/balance",
     tags=["client"],
-    responses={200: {"model": BalanceEnvelope}, **error_responses(400, 401, 403, 404, 429)},
+    responses={
+        200: {
+            "model": BalanceEnvelope | BalanceAtEnvelope,
+            "description": "The balance now, or with `at` the balance at that moment",
+        },
+        **error_responses(400, 401, 403, 404, 429),
+    },
 )
-async def get_balance(svc: Svc, client_id: ClientId) -> Response:
+async def get_balance(
+    svc: Svc,
+    client_id: ClientId,
+    at: Annotated[
+        statements.TimeText | None,
+        Query(
+            max_length=64,
+            description="ISO 8601 time with a zone: the balance after every entry written before it "
+            "(0 before the first; a future time gives the balance now)",
+        ),
+    ] = None,
+) -> Response:
+    moment = statements.parse_time(at, "at")
+    if moment is not None:
+        cents = await statements.balance_at(svc.wallets.single, client_id, moment)
+        data_at = {"clientId": client_id, "balance": from_cents(cents), "at": iso(moment)}
+        return json_response(200, ok(data_at))
     balance = await svc.wallets.balance(client_id)
     data = {
         "clientId": balance.client_id,

@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wallet import api, apikeys, history, idempotency, openapi, review
 from wallet.auth import ClientAuthenticator
+from wallet.console import routes as console
+from wallet.console.sessions import Sessions
 from wallet.database import create_engine, is_unavailable
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
@@ -122,9 +124,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     http = new_http_client(settings)
     orders = Orders(engine, Provider(settings, http), settings)
     app.state.engine = engine
+    admin_key_digest = hashlib.sha256(settings.admin_key.encode()).digest()
+    app.state.console_sessions = Sessions(
+        engine,
+        admin_key_digest=admin_key_digest,
+        ttl_hours=settings.console_session_hours,
+        login_item=settings.console_login_item,
+        storage=app.state.limiter_storage,
+    )
     app.state.services = api.Services(
         settings=settings,
-        admin_key_digest=hashlib.sha256(settings.admin_key.encode()).digest(),
+        admin_key_digest=admin_key_digest,
         wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),
         orders=orders,
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
@@ -260,16 +270,19 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(history.router)
     app.include_router(apikeys.router)
     app.include_router(review.router)
+    console.install(app)
     _operations(app)
     openapi.install(app, settings.client_auth_mode)
     _error_handlers(app, settings.production)
     if settings.simulator:
         app.mount("/_simulator", Simulator().asgi("/fulfillments"))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # One store for the API's limit and the console's login limit: shared through Redis when set.
+    app.state.limiter_storage = make_storage(settings.redis_url)
     app.add_middleware(
         RateLimit,
         item=settings.rate_limit_item,
-        storage=make_storage(settings.redis_url),
+        storage=app.state.limiter_storage,
         trusted_proxies=settings.trusted_proxies,
     )
     app.add_middleware(CatchAll, production=settings.production)

@@ -14,11 +14,12 @@ import binascii
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.responses import Response
 
+from wallet import statements
 from wallet.api import Admin, ClientId, Svc
 from wallet.errors import BadRequest, NotFound
 from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
@@ -29,9 +30,11 @@ from wallet.schemas import (
     DigestEnvelope,
     LedgerPage,
     OrderPage,
+    StatementEnvelope,
     VerifyEnvelope,
     error_responses,
 )
+from wallet.statements import entry_json
 from wallet.verify import take_digest, verify_ledger
 from wallet.wire import iso, json_response, ok
 
@@ -126,20 +129,6 @@ WHERE c.client_id = :client_id
 """)
 
 
-def _entry_json(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "entryNo": row.entry_no,
-        "type": row.type,
-        "amount": from_cents(row.amount),
-        "balanceBefore": from_cents(row.balance_before),
-        "balanceAfter": from_cents(row.balance_after),
-        "referenceId": row.reference_id,
-        "description": row.description,
-        "createdAt": iso(row.created_at),
-    }
-
-
 def _page(items: list[dict[str, Any]], next_key: int | None) -> Response:
     body = {
         "success": True,
@@ -158,7 +147,7 @@ async def ledger_page(engine: AsyncEngine, client_id: str, limit: int, cursor: s
             raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
     more = len(rows) > limit
     rows = rows[:limit]
-    return _page([_entry_json(r) for r in rows], rows[-1].entry_no if more else None)
+    return _page([entry_json(r) for r in rows], rows[-1].entry_no if more else None)
 
 
 router = APIRouter()
@@ -248,3 +237,69 @@ async def ledger_digest(svc: Svc) -> Response:
     """Every wallet's chain head at this moment, HMACed: store `data` outside the database and
     give it to `wallet verify --digest` later."""
     return json_response(200, ok(await take_digest(svc.wallets.engine, svc.settings.chain_key)))
+
+
+# --- statements (statements.py) ----------------------------------------------------------------
+
+FromQuery = Annotated[
+    statements.TimeText | None,
+    Query(alias="from", max_length=64, description=f"Inclusive. {statements.TIME_DOC}"),
+]
+ToQuery = Annotated[
+    statements.TimeText | None,
+    Query(alias="to", max_length=64, description=f"Exclusive. {statements.TIME_DOC}"),
+]
+Format = Annotated[
+    str | None, Query(pattern="^(json|csv)$", description="`csv` for CSV (or Accept: text/csv)")
+]
+STATEMENT_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": StatementEnvelope,
+        "description": "The statement, or with `format=csv` / `Accept: text/csv` the entries as CSV",
+        "content": {statements.CSV_TYPE: {"schema": {"type": "string"}}},
+    },
+}
+
+
+async def _statement(
+    request: Request, svc: Svc, client_id: str, start: str | None, end: str | None, fmt: str | None
+) -> Response:
+    begin, until = statements.parse_time(start, "from"), statements.parse_time(end, "to")
+    st = await statements.statement(svc.wallets.engine, client_id, begin, until)
+    return statements.statement_response(st, statements.wants_csv(request, fmt))
+
+
+@router.get(
+    "/wallet/statement",
+    tags=["client"],
+    responses={**STATEMENT_DOC, **error_responses(400, 401, 403, 404, 429)},
+)
+async def own_statement(
+    request: Request,
+    svc: Svc,
+    client_id: ClientId,
+    start: FromQuery = None,
+    end: ToQuery = None,
+    format: Format = None,
+) -> Response:
+    """Opening and closing balance, totals by type and every entry with `from` <= time < `to`
+    (both optional: all history, until now). At most 10,000 entries: more is a 400."""
+    return await _statement(request, svc, client_id, start, end, format)
+
+
+@router.get(
+    "/admin/clients/{client_id}/statement",
+    tags=["admin"],
+    dependencies=[Admin],
+    responses={**STATEMENT_DOC, **error_responses(400, 401, 403, 404, 429)},
+)
+async def client_statement(
+    request: Request,
+    svc: Svc,
+    client_id: PathClientId,
+    start: FromQuery = None,
+    end: ToQuery = None,
+    format: Format = None,
+) -> Response:
+    """A client's statement, as `GET /wallet/statement` gives it to the client."""
+    return await _statement(request, svc, client_id, start, end, format)

@@ -114,6 +114,32 @@ class OrderPage(BaseModel):
     nextCursor: str | None
 
 
+class StatementData(BaseModel):
+    clientId: str
+    from_: str | None = Field(alias="from", description="Inclusive; null: from the first entry")
+    to: str = Field(description="Exclusive; the moment of the statement when not given")
+    openingBalance: float
+    closingBalance: float
+    totals: dict[str, float] = Field(description="Sum of the period's amounts by entry type")
+    entries: list[LedgerEntry]
+
+
+class StatementEnvelope(BaseModel):
+    success: Literal[True]
+    data: StatementData
+
+
+class BalanceAtData(BaseModel):
+    clientId: str
+    balance: float = Field(description="The balance after every entry written before `at`")
+    at: str
+
+
+class BalanceAtEnvelope(BaseModel):
+    success: Literal[True]
+    data: BalanceAtData
+
+
 class ClientProfile(BaseModel):
     clientId: str
     name: str | None

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     recovery_interval_seconds: float = Field(5.0, gt=0, le=3600)
     idempotency_ttl_hours: float = Field(24.0, ge=24)
 
+    # The operator console (/console): how long a login lasts, and login attempts per client IP
+    # (counted in REDIS_URL's store when set, so every worker and host shares the count).
+    console_session_hours: float = Field(8.0, gt=0, le=24 * 7)
+    console_login_rate: str = "10/minute"
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_proxies(cls, value: object) -> object:
@@ -111,7 +116,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return value or None
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "console_login_rate")
     @classmethod
     def _parse_rate_limit(cls, value: str) -> str:
         if value.strip().lower() != "off":
@@ -184,6 +189,10 @@ class Settings(BaseSettings):
     @property
     def rate_limit_item(self) -> RateLimitItem | None:
         return None if self.rate_limit.lower() == "off" else parse(self.rate_limit)
+
+    @property
+    def console_login_item(self) -> RateLimitItem | None:
+        return None if self.console_login_rate.lower() == "off" else parse(self.console_login_rate)
 
     @property
     def order_lease_seconds(self) -> float:

@@ -1,0 +1,100 @@
+"""Console sessions, CSRF tokens and the login limit.
+
+Sessions live in PostgreSQL (`console_sessions`), not in a signed cookie: logout and revocation
+then hold at once on every worker and host, and an expired or stolen cookie can be refused
+without a deny-list. The cookie carries a random 256-bit secret; the table only its SHA-256, so
+a copy of the table opens no session.
+
+A form's CSRF token is HMAC-SHA256(admin key digest, "csrf" || session secret): bound to the
+session, unknown to any other site (the cookie is HttpOnly and SameSite=Strict as well), and it
+needs no storage. Login attempts count per client IP in the rate limiter's store (Redis when
+REDIS_URL is set), so the limit holds across workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from limits import RateLimitItem
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from wallet.auth import digest
+
+COOKIE = "wallet_console"
+
+_CREATE = text("""
+INSERT INTO console_sessions (id_hash, expires_at) VALUES (:id_hash, now() + :ttl)
+RETURNING expires_at
+""")
+_PURGE = text("DELETE FROM console_sessions WHERE expires_at < now() - interval '1 day'")
+_FIND = text("""
+SELECT created_at, expires_at FROM console_sessions
+WHERE id_hash = :id_hash AND revoked_at IS NULL AND expires_at > now()
+""")
+_REVOKE = text(
+    "UPDATE console_sessions SET revoked_at = now() WHERE id_hash = :id_hash AND revoked_at IS NULL"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    secret: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class Sessions:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        admin_key_digest: bytes,
+        ttl_hours: float,
+        login_item: RateLimitItem | None,
+        storage: Storage,
+    ) -> None:
+        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.admin_key_digest = admin_key_digest
+        self.ttl = timedelta(hours=ttl_hours)
+        self.login_item = login_item
+        self.limiter = MovingWindowRateLimiter(storage)
+
+    async def login_allowed(self, ip: str) -> bool:
+        """Counts this attempt; False past the limit."""
+        if self.login_item is None:
+            return True
+        return await self.limiter.hit(self.login_item, "console-login", ip)
+
+    def key_matches(self, key: str) -> bool:
+        return hmac.compare_digest(digest(key.strip()), self.admin_key_digest)
+
+    async def open(self) -> Session:
+        secret = secrets.token_urlsafe(32)
+        async with self.single.connect() as conn:
+            await conn.execute(_PURGE)
+            expires = (await conn.execute(_CREATE, {"id_hash": digest(secret), "ttl": self.ttl})).scalar_one()
+        return Session(secret, expires - self.ttl, expires)
+
+    async def find(self, secret: str | None) -> Session | None:
+        if not secret or len(secret) > 128:
+            return None
+        async with self.single.connect() as conn:
+            row = (await conn.execute(_FIND, {"id_hash": digest(secret)})).first()
+        return None if row is None else Session(secret, row.created_at, row.expires_at)
+
+    async def close(self, secret: str) -> None:
+        async with self.single.connect() as conn:
+            await conn.execute(_REVOKE, {"id_hash": digest(secret)})
+
+    def csrf_token(self, session: Session) -> str:
+        return hmac.new(self.admin_key_digest, b"csrf|" + session.secret.encode(), hashlib.sha256).hexdigest()
+
+    def csrf_ok(self, session: Session, sent: object) -> bool:
+        return isinstance(sent, str) and hmac.compare_digest(self.csrf_token(session), sent)

@@ -1,0 +1,220 @@
+"""Statements (SPEC §6): a wallet's opening and closing balance, totals and entries for a period,
+as JSON or CSV; and its balance at any past moment.
+
+Boundaries: `from` is inclusive and `to` exclusive, so consecutive periods never share or miss
+an entry, and "the balance at T" is the balance after every entry written before T: the
+closing balance of a statement to T and the opening balance of one from T. Before a wallet's
+first entry it is 0; a moment in the future gives the balance now.
+
+Every figure is an index range scan of `ledger_client_time (client_id, created_at, entry_no)`
+(ledger times never go back within a wallet, so time order is entry order): one probe for each
+balance, one scan of the period's entries, all in one snapshot. A statement costs what its
+period holds, never what the wallet's whole history holds. A period of more than
+STATEMENT_MAX_ENTRIES entries is refused (400 STATEMENT_TOO_LARGE, narrow the period), so no
+request reads an unbounded range and a statement is never silently cut short.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Request
+from pydantic import WithJsonSchema
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.responses import Response
+
+from wallet.errors import BadRequest, NotFound
+from wallet.money import from_cents
+from wallet.wire import iso, json_response, ok
+
+STATEMENT_MAX_ENTRIES = 10_000
+CSV_TYPE = "text/csv"
+
+_COLUMNS = "id, entry_no, type, amount, balance_before, balance_after, reference_id, description, created_at"
+_NOW = text("SELECT now() AS now, EXISTS (SELECT 1 FROM wallets WHERE client_id = :client_id) AS known")
+# The balance after the last entry written before a moment (0 before the first entry).
+BALANCE_BEFORE_SQL = text("""
+SELECT balance_after FROM ledger_entries
+WHERE client_id = :client_id AND created_at < :at
+ORDER BY created_at DESC, entry_no DESC LIMIT 1
+""")
+ENTRIES_SQL = text(f"""
+SELECT {_COLUMNS} FROM ledger_entries
+WHERE client_id = :client_id AND created_at >= :start AND created_at < :end
+ORDER BY created_at, entry_no LIMIT :limit
+""")
+_BEGINNING = datetime.min.replace(tzinfo=UTC)  # before any entry
+
+TIME_DOC = "ISO 8601 time with a zone, e.g. 2026-01-31T00:00:00Z"
+# Documented as RFC 3339 date-times; read by `parse_time`, which has an error code of its own.
+TimeText = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time", "maxLength": 64})]
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    """An ISO 8601 time with its zone (a time without one would mean different moments to
+    different readers), in UTC; None when absent. A moment beyond what Python can hold in UTC
+    (year 1 east of Greenwich, year 9999 west of it) is the earliest or latest one."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.upper())  # RFC 3339 allows a lowercase t and z
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None:
+        raise BadRequest(
+            f"{name}: must be an ISO 8601 time with a zone, e.g. 2026-01-31T00:00:00Z",
+            code="INVALID_TIME",
+        )
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    client_id: str
+    start: datetime | None
+    end: datetime
+    opening: int
+    closing: int
+    totals: dict[str, int]
+    entries: list[Any]
+
+
+async def statement(
+    engine: AsyncEngine, client_id: str, start: datetime | None, end: datetime | None
+) -> Statement:
+    """One REPEATABLE READ snapshot, so the balances, totals and entries agree with each other."""
+    if start is not None and end is not None and start > end:
+        raise BadRequest("from must not be after to", code="INVALID_PERIOD")
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            now = (await conn.execute(_NOW, {"client_id": client_id})).one()
+            if not now.known:
+                raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+            upper = end if end is not None else now.now
+            lower = start if start is not None else _BEGINNING
+            params = {"client_id": client_id, "start": lower, "end": upper}
+            rows = (await conn.execute(ENTRIES_SQL, {**params, "limit": STATEMENT_MAX_ENTRIES + 1})).all()
+            if len(rows) > STATEMENT_MAX_ENTRIES:
+                raise BadRequest(
+                    f"The period holds more than {STATEMENT_MAX_ENTRIES:,} entries: ask for a shorter one",
+                    code="STATEMENT_TOO_LARGE",
+                    details={"maxEntries": STATEMENT_MAX_ENTRIES},
+                )
+            opening = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": lower})).scalar()
+            closing = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": upper})).scalar()
+    totals: dict[str, int] = {}
+    for row in rows:
+        totals[row.type] = totals.get(row.type, 0) + row.amount
+    return Statement(client_id, start, upper, opening or 0, closing or 0, totals, list(rows))
+
+
+async def balance_at(engine: AsyncEngine, client_id: str, at: datetime) -> int:
+    async with engine.connect() as conn:
+        known = (await conn.execute(_NOW, {"client_id": client_id})).one().known
+        if not known:
+            raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+        value = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": at})).scalar()
+    return int(value or 0)
+
+
+def entry_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "entryNo": row.entry_no,
+        "type": row.type,
+        "amount": from_cents(row.amount),
+        "balanceBefore": from_cents(row.balance_before),
+        "balanceAfter": from_cents(row.balance_after),
+        "referenceId": row.reference_id,
+        "description": row.description,
+        "createdAt": iso(row.created_at),
+    }
+
+
+def statement_json(st: Statement) -> dict[str, Any]:
+    return {
+        "clientId": st.client_id,
+        "from": iso(st.start) if st.start is not None else None,
+        "to": iso(st.end),
+        "openingBalance": from_cents(st.opening),
+        "closingBalance": from_cents(st.closing),
+        "totals": {kind: from_cents(amount) for kind, amount in sorted(st.totals.items())},
+        "entries": [entry_json(row) for row in st.entries],
+    }
+
+
+def decimal_text(cents: int) -> str:
+    """Exact, from integer cents: `1234.50`, no separators, so a spreadsheet reads a number."""
+    sign = "-" if cents < 0 else ""
+    whole, part = divmod(abs(cents), 100)
+    return f"{sign}{whole}.{part:02d}"
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text, never runs: one starting like a formula gets a `'`
+    in front (OWASP's advice for CSV injection)."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
+CSV_HEADER = [
+    "entryNo",
+    "createdAt",
+    "type",
+    "amount",
+    "balanceBefore",
+    "balanceAfter",
+    "referenceId",
+    "description",
+]
+
+
+def statement_csv(st: Statement) -> bytes:
+    """UTF-8 with a byte-order mark (so spreadsheets do not guess another encoding), a header
+    row, one row per entry. Amounts are exact decimals; every text cell is escaped."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_HEADER)
+    for row in st.entries:
+        writer.writerow(
+            [
+                str(row.entry_no),
+                iso(row.created_at),
+                csv_cell(row.type),
+                decimal_text(row.amount),
+                decimal_text(row.balance_before),
+                decimal_text(row.balance_after),
+                csv_cell(row.reference_id or ""),
+                csv_cell(row.description or ""),
+            ]
+        )
+    return "\ufeff".encode() + out.getvalue().encode()
+
+
+def wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    accept = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip().lower() == CSV_TYPE for part in accept.split(","))
+
+
+def statement_response(st: Statement, as_csv: bool) -> Response:
+    if not as_csv:
+        return json_response(200, ok(statement_json(st)))
+    name = f"statement-{st.client_id}-{st.end.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
+    return Response(
+        statement_csv(st),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )

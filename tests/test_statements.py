@@ -1,0 +1,201 @@
+"""Statements and the balance at a moment (SPEC §6): `from` inclusive, `to` exclusive, balances
+that agree with the entries, CSV a spreadsheet opens as text, and clear 400s for bad periods."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.builders import Api, Provider, start_service
+from wallet import statements
+from wallet.database import plain_url
+
+
+async def entry_times(database_url: str, client_id: str) -> list[datetime]:
+    """Ledger times with their microseconds (the API shows milliseconds)."""
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT created_at FROM ledger_entries WHERE client_id = $1 ORDER BY entry_no", client_id
+        )
+    finally:
+        await conn.close()
+    return [row["created_at"] for row in rows]
+
+
+def at(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+async def get_statement(api: Api, client_id: str, **params: str) -> dict[str, Any]:
+    response = await api.http.get("/wallet/statement", params=params, headers={"client-id": client_id})
+    assert response.status_code == 200, response.text
+    data: dict[str, Any] = response.json()["data"]
+    return data
+
+
+async def test_whole_history_statement(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 1000.5)
+        await api.debit("C1", 0.3)
+        await api.order("C1", 100)
+        await api.credit("C2", 7)
+        data = await get_statement(api, "C1")
+        assert data["clientId"] == "C1"
+        assert data["from"] is None
+        assert data["openingBalance"] == 0
+        assert data["closingBalance"] == 900.2
+        assert data["totals"] == {"CREDIT": 1000.5, "DEBIT": 0.3, "ORDER_DEDUCTION": 100}
+        assert [e["entryNo"] for e in data["entries"]] == [1, 2, 3]
+        assert [e["type"] for e in data["entries"]] == ["CREDIT", "DEBIT", "ORDER_DEDUCTION"]
+        admin = await api.http.get("/admin/clients/C1/statement", headers=api.admin_headers)
+        assert admin.status_code == 200
+        assert admin.json()["data"]["entries"] == data["entries"]
+        assert (await api.http.get("/admin/clients/C1/statement")).status_code == 401
+
+
+async def test_from_is_inclusive_and_to_exclusive(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        for amount in (10, 20, 30, 40):
+            await api.credit("C1", amount)
+        times = await entry_times(database_url, "C1")
+        data = await get_statement(api, "C1", **{"from": at(times[1]), "to": at(times[3])})
+        assert [e["entryNo"] for e in data["entries"]] == [2, 3]
+        assert data["openingBalance"] == 10
+        assert data["closingBalance"] == 60
+        assert data["totals"] == {"CREDIT": 50}
+        # Consecutive periods neither share nor miss an entry.
+        rest = await get_statement(api, "C1", **{"from": at(times[3])})
+        assert [e["entryNo"] for e in rest["entries"]] == [4]
+        assert rest["openingBalance"] == data["closingBalance"]
+        empty = await get_statement(api, "C1", **{"from": at(times[2]), "to": at(times[2])})
+        assert empty["entries"] == []
+        assert empty["openingBalance"] == empty["closingBalance"] == 30
+
+
+async def test_balance_at_a_moment(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 10)
+        await api.credit("C1", 20.05)
+        times = await entry_times(database_url, "C1")
+
+        async def balance_at(moment: str) -> Any:
+            response = await api.http.get(
+                "/wallet/balance", params={"at": moment}, headers={"client-id": "C1"}
+            )
+            assert response.status_code == 200, response.text
+            return response.json()["data"]["balance"]
+
+        assert await balance_at("2000-01-01T00:00:00Z") == 0
+        assert await balance_at(at(times[0])) == 0  # an entry written at `at` is not yet in it
+        assert await balance_at(at(times[0] + timedelta(microseconds=1))) == 10
+        assert await balance_at(at(times[1])) == 10
+        assert await balance_at("2999-01-01T00:00:00+02:00") == 30.05
+        # Without `at`, the usual answer.
+        now = await api.wallet("C1")
+        assert now["balance"] == 30.05
+        assert "held" in now
+        missing = await api.http.get(
+            "/wallet/balance", params={"at": at(times[0])}, headers={"client-id": "X"}
+        )
+        assert missing.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"from": "yesterday"}, "INVALID_TIME"),
+        ({"to": "2026-01-01T00:00:00"}, "INVALID_TIME"),  # no zone: a different moment for each reader
+        ({"from": "2026-13-01T00:00:00Z"}, "INVALID_TIME"),
+        ({"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "INVALID_PERIOD"),
+        ({"format": "xml"}, "VALIDATION_ERROR"),
+        ({"from": "2026-01-01T00:00:00Z" + " " * 60}, "VALIDATION_ERROR"),
+    ],
+)
+async def test_bad_periods_are_400s(
+    database_url: str, provider: Provider, params: dict[str, str], code: str
+) -> None:
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 1)
+        response = await api.http.get("/wallet/statement", params=params, headers={"client-id": "C1"})
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == code
+        balance = await api.http.get("/wallet/balance", params={"at": "noon"}, headers={"client-id": "C1"})
+        assert balance.status_code == 400
+        assert balance.json()["code"] == "INVALID_TIME"
+
+
+async def test_unknown_client_is_404(database_url: str, provider: Provider) -> None:
+    async with start_service(database_url, provider.url) as api:
+        response = await api.http.get("/wallet/statement", headers={"client-id": "NOPE"})
+        assert response.status_code == 404
+        admin = await api.http.get("/admin/clients/NOPE/statement", headers=api.admin_headers)
+        assert admin.status_code == 404
+
+
+async def test_csv_opens_as_text_in_a_spreadsheet(database_url: str, provider: Provider) -> None:
+    hostile = ['=HYPERLINK("http://x")', "+1+1", "-2", "@SUM(A1)", "\tTAB", "\rCR", 'plain, "quoted"']
+    async with start_service(database_url, provider.url) as api:
+        for n, description in enumerate(hostile, start=1):
+            await api.credit("C1", 1000 + n / 100, description=description)
+        for headers, params in (
+            ({"client-id": "C1"}, {"format": "csv"}),
+            ({"client-id": "C1", "Accept": "text/csv"}, {}),
+        ):
+            response = await api.http.get("/wallet/statement", params=params, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"].startswith("text/csv")
+            assert "attachment" in response.headers["content-disposition"]
+            assert response.content.startswith(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+            rows = list(csv.reader(io.StringIO(response.content.decode("utf-8-sig"), newline="")))
+            assert rows[0] == statements.CSV_HEADER
+            assert len(rows) == 1 + len(hostile)
+            descriptions = [row[7] for row in rows[1:]]
+            assert descriptions == [
+                '\'=HYPERLINK("http://x")',
+                "'+1+1",
+                "'-2",
+                "'@SUM(A1)",
+                "'\tTAB",
+                "'\rCR",
+                'plain, "quoted"',
+            ]
+            assert [row[3] for row in rows[1:3]] == ["1000.01", "1000.02"]
+            assert rows[2][4] == "1000.01"
+            assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+
+
+async def test_a_period_over_the_cap_is_refused(
+    database_url: str, provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(statements, "STATEMENT_MAX_ENTRIES", 3)
+    async with start_service(database_url, provider.url) as api:
+        for _ in range(4):
+            await api.credit("C1", 1)
+        response = await api.http.get("/wallet/statement", headers={"client-id": "C1"})
+        assert response.status_code == 400
+        assert response.json()["code"] == "STATEMENT_TOO_LARGE"
+        times = await entry_times(database_url, "C1")
+        narrower = await get_statement(api, "C1", **{"from": at(times[1])})
+        assert len(narrower["entries"]) == 3
+
+
+async def test_statement_reads_a_range_of_the_time_index(database_url: str) -> None:
+    """The period's entries come from one range scan of ledger_client_time, in order, no sort."""
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        rows = await conn.fetch(
+            "EXPLAIN SELECT * FROM ledger_entries WHERE client_id = 'C1' AND created_at >= now() "
+            "AND created_at < now() + interval '1 day' ORDER BY created_at, entry_no LIMIT 10"
+        )
+    finally:
+        await conn.close()
+    plan = "\n".join(row["QUERY PLAN"] for row in rows)
+    assert "ledger_client_time" in plan
+    assert "Sort" not in plan
