@@ -25,6 +25,7 @@ from wallet.schemas import (
 )
 from wallet.settings import Settings
 from wallet.wallets import Wallets
+from wallet.webhooks import Webhooks
 from wallet.wire import JSONBytes, Reply, iso, json_response, ok
 
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
@@ -39,6 +40,7 @@ class Services:
     wallets: Wallets
     orders: Orders
     clients: ClientAuthenticator
+    webhooks: Webhooks
 
 
 async def services(request: Request) -> Services:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, get_args
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -88,7 +89,8 @@ def event_json(row: Any) -> dict[str, Any]:
         "type": row.type,
         "createdAt": iso(row.created_at),
         "clientId": row.client_id,
-        "data": row.data,
+        # Without a column type SQLAlchemy hands jsonb over as its text.
+        "data": orjson.loads(row.data) if isinstance(row.data, str | bytes) else row.data,
     }
 
 
