@@ -3,7 +3,8 @@
 Each pass (`Deliverer.run`, a background job like the order resolver):
 
 1. fan-out: queued events (`event_queue`, filled by a trigger in the event's own transaction)
-   become one delivery row per matching enabled endpoint, in one statement;
+   become one delivery row per matching enabled endpoint registered before the event, in one
+   statement (older events reach a new endpoint only by replay);
 2. claim: due deliveries are taken with FOR UPDATE SKIP LOCKED and their due time moved past a
    lease (`Settings.webhook_lease_seconds`), committed at once: no lock is held during a call;
 3. call: POST the event (no redirects, WEBHOOK_TIMEOUT_SECONDS, the target checked against SSRF
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 BODY_LOG_BYTES = 1024
 _BATCH = 50
+_MAX_RETRY_AFTER = 86400.0  # a receiver asking for longer gets its next attempt after a day
 
 _FAN_OUT = text("""
 WITH taken AS (
@@ -55,7 +57,7 @@ WITH taken AS (
     FROM taken t
     JOIN events e ON e.client_id = t.client_id AND e.id = t.event_no
     JOIN webhook_endpoints w ON (w.client_id IS NULL OR w.client_id = e.client_id) AND w.enabled
-        AND (w.event_types IS NULL OR e.type = ANY (w.event_types))
+        AND (w.event_types IS NULL OR e.type = ANY (w.event_types)) AND w.created_at <= e.created_at
     ORDER BY e.id
     RETURNING 1
 )
@@ -249,7 +251,7 @@ class Deliverer:
         outcome = "delivered" if ok else "gone" if gone else "failed" if exhausted else "retry"
         delay = 0.0
         if outcome == "retry":
-            delay = max(schedule[row.attempts - 1], min(wait or 0.0, max(schedule)))
+            delay = max(schedule[row.attempts - 1], min(wait or 0.0, _MAX_RETRY_AFTER))
         if error is None and not ok:
             error = f"HTTP {status}"
         keys = {"client_id": row.client_id, "delivery_id": row.id, "endpoint_id": row.endpoint_id}

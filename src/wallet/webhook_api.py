@@ -1,8 +1,9 @@
 """HTTP routes for events and webhooks: the event feed, endpoints (a client's own at
 /webhook-endpoints, any client's and global ones at /admin/webhook-endpoints), their delivery
-log and replay, and the per-client low-balance threshold that balance.low events follow."""
+log and replay, and the per-client low-balance threshold that balance.low events follow.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: the endpoint routes are built in a function for
+both callers, and FastAPI must see their local annotations evaluated."""
 
 import re
 from datetime import UTC, datetime
@@ -59,7 +60,7 @@ class ReplayRequest(_Body):
     since: Annotated[str, Field(min_length=10, max_length=40, description="ISO 8601 time")] | None = None
 
     @model_validator(mode="after")
-    def _one(self) -> ReplayRequest:
+    def _one(self) -> "ReplayRequest":
         if (self.eventId is None) == (self.since is None):
             raise ValueError("give exactly one of eventId and since")
         return self
