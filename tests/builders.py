@@ -301,6 +301,7 @@ class Receiver:
     got: list[Delivery] = field(default_factory=list)
     answers: list[int] = field(default_factory=list)
     answer_headers: dict[str, str] = field(default_factory=dict)
+    gate: asyncio.Event | None = None  # hold every answer until it is set
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -313,6 +314,8 @@ class Receiver:
                 break
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.got.append(Delivery(headers, body))
+        if self.gate is not None:
+            await self.gate.wait()
         status = self.answers.pop(0) if self.answers else 200
         extra = [(k.encode(), v.encode()) for k, v in self.answer_headers.items()] if status != 200 else []
         await send({"type": "http.response.start", "status": status, "headers": extra})
