@@ -195,7 +195,8 @@ class Deliverer:
         client's events in the order they happened (retries aside; `createdAt` orders them)."""
         for row in rows:
             try:
-                await self._record(row, *await self._call(row))
+                if not await self._record(row, *await self._call(row)):
+                    return  # the endpoint was just disabled: the rest were failed with it
             except Exception:
                 log.exception("webhook delivery failed; it will be claimed again", delivery_id=row.id)
 
@@ -243,7 +244,8 @@ class Deliverer:
         error: str | None,
         body: str | None,
         wait: float | None,
-    ) -> None:
+    ) -> bool:
+        """Log the attempt and settle the delivery; False if the endpoint is now disabled."""
         ok = status is not None and 200 <= status < 300
         gone = status == 410
         schedule = self.settings.webhook_retry_schedule
@@ -267,13 +269,14 @@ class Deliverer:
                 | {"attempt": row.attempts},
             )
             if not row.enabled:  # disabled since the fan-out: nothing was sent
-                return
+                return False
             await conn.execute(
                 _HEALTH, {"endpoint_id": row.endpoint_id, "ok": ok, "attempted_at": attempted_at}
             )
+            still_enabled = True
             if gone or exhausted:
                 reason = "answered 410 Gone" if gone else "failed every delivery for the whole retry schedule"
-                await self._disable(conn, keys, gone=gone, reason=reason)
+                still_enabled = not await self._disable(conn, keys, gone=gone, reason=reason)
         observability.WEBHOOK_DELIVERIES.labels(outcome if row.enabled else "refused").inc()
         log.info(
             "webhook attempt",
@@ -283,16 +286,18 @@ class Deliverer:
             outcome=outcome,
             error=error,
         )
+        return still_enabled
 
-    async def _disable(self, conn: AsyncConnection, keys: dict[str, Any], *, gone: bool, reason: str) -> None:
+    async def _disable(self, conn: AsyncConnection, keys: dict[str, Any], *, gone: bool, reason: str) -> bool:
         row = (await conn.execute(_DISABLE, {**keys, "gone": gone, "reason": reason})).first()
         if row is None:
-            return
+            return False
         await conn.execute(_FAIL_PENDING, {"endpoint_id": row.endpoint_id})
         log.error("webhook endpoint disabled", endpoint_id=row.endpoint_id, reason=reason)
         if row.client_id is not None:  # a global endpoint belongs to no client's event stream
             data = orjson.dumps(endpoint_json(row)).decode()
             await conn.execute(_DISABLED_EVENT, {"client_id": row.client_id, "data": data})
+        return True
 
     async def _measure(self) -> None:
         async with self.single.connect() as conn:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import Field, model_validator
+from pydantic import Field, RootModel
 from sqlalchemy import text
 from starlette.responses import Response
 
@@ -35,7 +35,14 @@ from wallet.wire import json_response, ok
 
 _ENDPOINT_ID = re.compile(ENDPOINT_ID_PATTERN)
 PathEndpointId = Annotated[str, Path(max_length=64, examples=["we_0123456789abcdef01234567"])]
-After = Annotated[datetime | None, Query(description="Only events created after this time (ISO 8601)")]
+After = Annotated[
+    str | None,
+    Query(
+        max_length=40,
+        description="Only events created after this time (ISO 8601)",
+        json_schema_extra={"format": "date-time"},
+    ),
+]
 TypeFilter = Annotated[EventType | None, Query(alias="type")]
 
 
@@ -53,25 +60,26 @@ class EndpointPatch(_Body):
     enabled: bool
 
 
-class ReplayRequest(_Body):
-    """Exactly one: one event again, or every event whose delivery failed since a time."""
+class ReplayEvent(_Body):
+    """Deliver this one event again."""
 
-    eventId: Annotated[str, Field(pattern=EVENT_ID_PATTERN)] | None = None
-    since: Annotated[str, Field(min_length=10, max_length=40, description="ISO 8601 time")] | None = None
+    eventId: Annotated[str, Field(pattern=EVENT_ID_PATTERN)]
 
-    @model_validator(mode="after")
-    def _one(self) -> "ReplayRequest":
-        if (self.eventId is None) == (self.since is None):
-            raise ValueError("give exactly one of eventId and since")
-        return self
+
+class ReplaySince(_Body):
+    """Deliver again every event whose delivery failed since this time."""
+
+    since: Annotated[
+        str, Field(max_length=40, description="ISO 8601 time", json_schema_extra={"format": "date-time"})
+    ]
+
+
+class ReplayRequest(RootModel[ReplayEvent | ReplaySince]):
+    pass
 
 
 class ThresholdRequest(_Body):
     amount: Amount | None = Field(description="null removes the threshold")
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 def _endpoint_id(endpoint_id: str) -> str:
@@ -80,11 +88,21 @@ def _endpoint_id(endpoint_id: str) -> str:
     return endpoint_id
 
 
-def _since(raw: str) -> datetime:
+def _time(raw: str | None, name: str) -> datetime | None:
+    """RFC 3339 as the document says (`t`/`z` in either case; a leap second read as :59); a
+    time without an offset is UTC."""
+    if raw is None:
+        return None
     try:
-        return _aware(datetime.fromisoformat(raw)) or datetime.now(UTC)
-    except ValueError:
-        raise BadRequest("since: must be an ISO 8601 time") from None
+        moment = datetime.fromisoformat(raw.upper().replace(":60", ":59"))
+    except ValueError:  # e.g. year 0000: RFC 3339 allows it, Python cannot hold it
+        raise BadRequest(f"{name}: must be an ISO 8601 time", code="INVALID_TIME") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # within a day of year 1 or 9999: the nearest representable instant
+        return datetime.min.replace(tzinfo=UTC) if moment.year == 1 else datetime.max.replace(tzinfo=UTC)
 
 
 router = APIRouter()
@@ -110,7 +128,7 @@ async def own_events(
     """The caller's events, newest first."""
     key = decode_cursor(cursor)
     return await _events(
-        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_aware(after)
+        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_time(after, "after")
     )
 
 
@@ -130,7 +148,7 @@ async def all_events(
 ) -> Response:
     key = decode_cursor(cursor)
     return await _events(
-        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_aware(after)
+        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_time(after, "after")
     )
 
 
@@ -223,9 +241,10 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
         body: Annotated[Parsed[ReplayRequest], Depends(json_body(ReplayRequest))],
     ) -> Response:
         """Deliver one event again (`eventId`), or every event whose delivery failed since a time."""
-        req = body.model
-        since = _since(req.since) if req.since is not None else None
-        count = await svc.webhooks.replay(_endpoint_id(endpoint_id), who, event_id=req.eventId, since=since)
+        req = body.model.root
+        event_id = req.eventId if isinstance(req, ReplayEvent) else None
+        since = _time(req.since, "since") if isinstance(req, ReplaySince) else None
+        count = await svc.webhooks.replay(_endpoint_id(endpoint_id), who, event_id=event_id, since=since)
         return json_response(200, ok({"replayed": count}, "Deliveries scheduled"))
 
     return sub
