@@ -152,3 +152,26 @@ async def test_events_are_immutable_but_old_ones_can_be_purged(
         assert await conn.fetchval("SELECT count(*) FROM events") == 1
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("outcome", ["fulfilled", "failed"])
+async def test_review_and_resolution_are_events(database_url: str, provider: Provider, outcome: str) -> None:
+    from tests.test_resolver import flagged, resolve, stuck_orders
+
+    async with stuck_orders(database_url, provider) as (api, [order_id]):
+        await flagged(api, order_id)
+        body = {"outcome": outcome, "note": "checked"} | (
+            {"fulfillmentId": "ff-1"} if outcome == "fulfilled" else {}
+        )
+        assert (await resolve(api, order_id, body)).status_code == 200
+        order = (await api.get_order("C1", order_id)).json()["data"]
+        events = [e for e in await feed(api, "C1") if e["type"].startswith("order.")]
+        final = "order.completed" if outcome == "fulfilled" else "order.failed"
+        assert [e["type"] for e in events] == [
+            "order.created",
+            "order.pending",
+            "order.needs_review",
+            final,
+            "order.resolved",
+        ]
+        assert events[-1]["data"] == events[-2]["data"] == order
