@@ -52,6 +52,8 @@ def test_public_addresses_are_allowed(address: str) -> None:
         "https://10.0.0.8:8443/hook",
         "http://93.184.215.14/hook",  # public, but not https
         "https://user:pass@93.184.215.14/hook",
+        "https://exa]mple.com/",  # not a URL at all: refused, not a crash
+        "https://\u00e4\ud94f\udfa6.example/",  # a name IDNA cannot encode
     ],
 )
 async def test_production_refuses_unsafe_urls(url: str) -> None:

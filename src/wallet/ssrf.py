@@ -42,17 +42,17 @@ def is_public(address: str) -> bool:
 
 
 def _host_port(url: str, allow_private: bool) -> tuple[str, int]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an unbalanced [ or ], a port that is no number
+        raise UnsafeTarget("webhook URL is not a valid URL") from None
     schemes = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in schemes:
         raise UnsafeTarget(f"webhook URLs must be {' or '.join(schemes)}")
-    if not parts.hostname or parts.username is not None or parts.password is not None:
+    if not host or parts.username is not None or parts.password is not None:
         raise UnsafeTarget("webhook URLs need a host and no credentials")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise UnsafeTarget("webhook URL has an invalid port") from None
-    return parts.hostname, port
+    return host, port or (443 if parts.scheme == "https" else 80)
 
 
 async def check_url(url: str, *, allow_private: bool) -> None:
@@ -67,7 +67,7 @@ async def check_url(url: str, *, allow_private: bool) -> None:
     except ValueError:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             raise UnsafeTarget(f"webhook host {host} does not resolve") from exc
         addresses = [str(info[4][0]) for info in infos]
     refused = [a for a in addresses if not is_public(a)]
