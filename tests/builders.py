@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -28,12 +30,12 @@ LEDGER_KEY = "test-ledger-key-0123456789abcdef012"
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
+async def serve(app: ASGIApp, port: int = 0) -> AsyncIterator[str]:
     """Serve `app` with uvicorn on a loopback port bound up front: connections made before
     startup finishes wait in the listen backlog, so no readiness polling is needed."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(1024)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
@@ -277,3 +279,59 @@ async def until(
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def event(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.body)
+        return data
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback: records every request; answers the statuses queued in
+    `answers` first (with `headers`), then 200."""
+
+    url: str = ""
+    got: list[Delivery] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    answer_headers: dict[str, str] = field(default_factory=dict)
+    gate: asyncio.Event | None = None  # hold every answer until it is set
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.got.append(Delivery(headers, body))
+        if self.gate is not None:
+            await self.gate.wait()
+        status = self.answers.pop(0) if self.answers else 200
+        extra = [(k.encode(), v.encode()) for k, v in self.answer_headers.items()] if status != 200 else []
+        await send({"type": "http.response.start", "status": status, "headers": extra})
+        await send({"type": "http.response.body", "body": b"ok" * 1000})
+
+    def events(self) -> list[dict[str, Any]]:
+        return [d.event for d in self.got]
+
+    def types(self) -> list[str]:
+        return [d.event["type"] for d in self.got]
+
+
+@contextlib.asynccontextmanager
+async def start_receiver(receiver: Receiver | None = None, port: int = 0) -> AsyncIterator[Receiver]:
+    receiver = receiver or Receiver()
+    async with serve(receiver, port) as base:
+        receiver.url = f"{base}/hook"
+        yield receiver

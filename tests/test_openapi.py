@@ -28,6 +28,7 @@ class Live:
     url: str
     client_key: str
     order_id: str
+    endpoint_id: str
 
 
 @contextlib.contextmanager
@@ -47,7 +48,17 @@ def service_in_thread(database_url: str, **overrides: Any) -> Iterator[Live]:
             issued = await api.http.post(f"/admin/clients/{CLIENT}/api-keys", headers=api.admin_headers)
             key = issued.json()["data"]["apiKey"]
             order = await api.order(CLIENT, 1, headers={"Authorization": f"Bearer {key}"})
-            found["live"] = Live(str(api.http.base_url).rstrip("/"), key, order.json()["data"]["orderId"])
+            endpoint = await api.http.post(
+                "/admin/webhook-endpoints",
+                json={"url": "http://127.0.0.1:9/hook", "clientId": CLIENT},
+                headers=api.admin_headers,
+            )
+            found["live"] = Live(
+                str(api.http.base_url).rstrip("/"),
+                key,
+                order.json()["data"]["orderId"],
+                endpoint.json()["data"]["id"],
+            )
             ready.set()
             await stop.wait()
 
@@ -78,11 +89,16 @@ def fuzz_config(live: Live) -> SchemathesisConfig:
             "auth": {
                 "openapi": {"AdminKey": {"bearer": ADMIN_KEY}, "ClientKey": {"bearer": live.client_key}}
             },
-            "dictionaries": {"known": {"values": [CLIENT]}, "orders": {"values": [live.order_id]}},
+            "dictionaries": {
+                "known": {"values": [CLIENT]},
+                "orders": {"values": [live.order_id]},
+                "endpoints": {"values": [live.endpoint_id]},
+            },
             "parameters": {
                 "header.client-id": known,
                 "path.client_id": known,
                 "path.order_id": {"dictionary": "orders", "probability": 0.5},
+                "path.endpoint_id": {"dictionary": "endpoints", "probability": 0.5},
             },
             "generation": {"max-examples": 25},
             # A schema-valid request may still be refused by a business rule (400, 422): allowed
@@ -109,7 +125,9 @@ def fuzz_config(live: Live) -> SchemathesisConfig:
 
 # A cursor is opaque: one that fits the documented shape but was never issued by the service is
 # refused like an unknown id, which only the server can know. A period whose `from` is after its
-# `to`, or that holds too many entries, is refused for what the two times mean together.
+# `to`, or that holds too many entries, is refused for what the two times mean together. So is a
+# webhook URL whose host does not resolve, or resolves where the service may not call, and a
+# date-time Python cannot hold (year 0000).
 BUSINESS_REFUSALS = {
     400: {
         "INSUFFICIENT_FUNDS",
@@ -117,6 +135,8 @@ BUSINESS_REFUSALS = {
         "INVALID_CURSOR",
         "INVALID_PERIOD",
         "STATEMENT_TOO_LARGE",
+        "INVALID_WEBHOOK_URL",
+        "INVALID_TIME",
     },
     422: {"IDEMPOTENCY_KEY_REUSED"},
 }
@@ -182,6 +202,13 @@ def test_document_lists_every_route_and_the_docs_page_serves(database_url: str) 
         ("GET", "/health"),
         ("GET", "/ready"),
         ("GET", "/metrics"),
+        ("GET", "/events"),
+        ("GET", "/admin/events"),
+        ("POST", "/webhook-endpoints"),
+        ("PATCH", "/webhook-endpoints/{endpoint_id}"),
+        ("POST", "/admin/webhook-endpoints/{endpoint_id}/replay"),
+        ("GET", "/admin/webhook-endpoints/{endpoint_id}/deliveries"),
+        ("PUT", "/admin/clients/{client_id}/low-balance-threshold"),
     }
     assert doc["paths"]["/orders"]["post"]["security"] == [{"ClientKey": []}]
     assert doc["paths"]["/admin/wallet/credit"]["post"]["security"] == [{"AdminKey": []}]

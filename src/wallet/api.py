@@ -26,6 +26,7 @@ from wallet.schemas import (
 )
 from wallet.settings import Settings
 from wallet.wallets import Wallets
+from wallet.webhooks import Webhooks
 from wallet.wire import JSONBytes, Reply, iso, json_response, ok
 
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
@@ -40,6 +41,7 @@ class Services:
     wallets: Wallets
     orders: Orders
     clients: ClientAuthenticator
+    webhooks: Webhooks
 
 
 async def services(request: Request) -> Services:

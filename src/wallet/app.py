@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wallet import api, apikeys, history, idempotency, openapi, review
+from wallet import api, apikeys, delivery, events, history, idempotency, openapi, review, webhook_api
 from wallet.auth import ClientAuthenticator
 from wallet.console import routes as console
 from wallet.console.sessions import Sessions
@@ -35,6 +35,7 @@ from wallet.schemas import StatusEnvelope, error_responses
 from wallet.settings import Settings
 from wallet.simulator import Simulator
 from wallet.wallets import Wallets
+from wallet.webhooks import SecretBox, Webhooks
 from wallet.wire import json_response, ok
 
 log = structlog.get_logger(__name__)
@@ -123,6 +124,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     track_pool(engine, settings.db_pool_size)
     http = new_http_client(settings)
     orders = Orders(engine, Provider(settings, http), settings)
+    box = SecretBox(settings.chain_key)
+    webhook_http = delivery.new_http_client(settings)
+    deliverer = delivery.Deliverer(engine, settings, box, webhook_http)
     app.state.engine = engine
     admin_key_digest = hashlib.sha256(settings.admin_key.encode()).digest()
     app.state.console_sessions = Sessions(
@@ -138,10 +142,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),
         orders=orders,
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
+        webhooks=Webhooks(engine, box, allow_private=settings.webhooks_private_ok),
     )
+    retention = settings.event_retention_days
     jobs = [
         asyncio.create_task(_every(settings.recovery_interval_seconds, orders.resolve_due, "resolver")),
         asyncio.create_task(_every(3600, lambda: idempotency.purge_expired(engine), "purge")),
+        asyncio.create_task(_every(settings.webhook_interval_seconds, deliverer.run, "webhooks")),
+        asyncio.create_task(_every(3600, lambda: events.purge_expired(engine, retention), "event purge")),
     ]
     try:
         yield
@@ -150,6 +158,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
         await http.close()
+        await webhook_http.close()
         await engine.dispose()
         untrack_pool(settings.db_pool_size)
 
@@ -271,6 +280,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(apikeys.router)
     app.include_router(review.router)
     console.install(app)
+    app.include_router(webhook_api.router)
     _operations(app)
     openapi.install(app, settings.client_auth_mode)
     _error_handlers(app, settings.production)

@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from wallet.events import INSERT_EVENT, time_sql
 from wallet.settings import ClientAuth
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -41,15 +42,35 @@ def check_admin(token: str | None, admin_key_digest: bytes) -> None:
 
 
 _KEY_OWNER = text("SELECT client_id FROM api_keys WHERE key_hash = :hash AND revoked_at IS NULL")
-_CREATE_KEY = text("""
-INSERT INTO api_keys (key_id, client_id, key_hash)
-SELECT :key_id, client_id, :hash FROM clients WHERE client_id = :client_id
-RETURNING created_at
+# Issuing and revoking write their event (never the secret) in the same statement; revoking
+# again changes nothing, so it writes nothing.
+_CREATE_KEY = text(f"""
+WITH created AS (
+    INSERT INTO api_keys (key_id, client_id, key_hash)
+    SELECT :key_id, client_id, :hash FROM clients WHERE client_id = :client_id
+    RETURNING key_id, client_id, created_at
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'api_key.created',
+           jsonb_build_object('keyId', key_id, 'clientId', client_id, 'createdAt', {time_sql("created_at")}),
+           created_at
+    FROM created
+)
+SELECT created_at FROM created
 """)
-_REVOKE_KEY = text("""
-UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
-WHERE key_id = :key_id AND client_id = :client_id
-RETURNING revoked_at
+_REVOKE_KEY = text(f"""
+WITH revoked AS (
+    UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+    WHERE key_id = :key_id AND client_id = :client_id
+    RETURNING key_id, client_id, revoked_at, revoked_at = now() AS newly
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'api_key.revoked',
+           jsonb_build_object('keyId', key_id, 'clientId', client_id, 'revokedAt', {time_sql("revoked_at")}),
+           revoked_at
+    FROM revoked WHERE newly
+)
+SELECT revoked_at FROM revoked
 """)
 
 

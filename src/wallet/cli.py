@@ -1,4 +1,4 @@
-"""`wallet serve | migrate | verify | simulator | openapi`."""
+"""`wallet serve | migrate | verify | simulator | openapi | webhooks listen`."""
 
 from __future__ import annotations
 
@@ -209,6 +209,30 @@ def simulator(port: int, faults: argparse.Namespace) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def listen(host: str, port: int, secret: str) -> None:
+    """Receive webhooks on this machine and print each verified event (see `listen.Listener`)."""
+    import uvicorn
+
+    from wallet.listen import Listener
+
+    try:
+        app = Listener(secret)
+    except Exception as exc:
+        print(f"wallet webhooks listen: invalid --secret: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    print(
+        f"wallet: listening for webhooks at http://{host}:{sock.getsockname()[1]}/",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(app, log_level="warning", http="httptools", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
 def openapi() -> None:
     from wallet.app import openapi_document
 
@@ -243,6 +267,13 @@ def main(argv: list[str] | None = None) -> None:
         " timeout, its outcome is unknown until the resolver asks again)",
     )
     commands.add_parser("openapi", help="print the OpenAPI document")
+    hooks = commands.add_parser("webhooks", help="webhook tools for developers").add_subparsers(
+        dest="webhooks_command", required=True
+    )
+    receiver = hooks.add_parser("listen", help="receive webhooks here and print each verified event")
+    receiver.add_argument("--port", type=int, default=4000)
+    receiver.add_argument("--host", default="127.0.0.1")
+    receiver.add_argument("--secret", required=True, help="the endpoint's whsec_... secret")
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
@@ -257,6 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         simulator(args.port, args)
     elif args.command == "openapi":
         openapi()
+    elif args.command == "webhooks":
+        try:
+            listen(args.host, args.port, args.secret)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def _client_order_json(order: OrderRow) -> dict[str, Any]:
 
 _WALLET_EXISTS = text("SELECT 1 FROM wallets WHERE client_id = :client_id")
 _PROFILE = text(f"""
-SELECT c.client_id, c.name, c.email, c.created_at, w.balance, w.updated_at,
+SELECT c.client_id, c.name, c.email, c.low_balance_threshold, c.created_at, w.balance, w.updated_at,
        {HELD_SQL.format(client="w.client_id")} AS held
 FROM clients c JOIN wallets w USING (client_id)
 WHERE c.client_id = :client_id
@@ -197,6 +197,9 @@ async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
         "email": row.email,
         "balance": from_cents(row.balance),
         "held": from_cents(row.held),
+        "lowBalanceThreshold": None
+        if row.low_balance_threshold is None
+        else from_cents(row.low_balance_threshold),
         "createdAt": iso(row.created_at),
         "updatedAt": iso(row.updated_at),
     }

@@ -16,6 +16,10 @@ of both; `wallet verify` recomputes them.
 An entry's time is `greatest(statement_timestamp(), wallets.updated_at)`, the previous entry's
 time re-read after the row lock is granted: a movement that waited for the lock can never be
 stamped earlier than the one it waited for, and `updated_at` never goes back.
+
+Each statement also writes the events its change means (`events`: wallet.credited,
+wallet.debited, order.created, order.failed, order.resolved, balance.low) through one more CTE,
+in the same statement: an event exists exactly when its change committed, at no extra round trip.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.errors import BalanceCapExceeded, InsufficientFunds, NotFound
+from wallet.events import INSERT_EVENT, balance_low_sql, movement_data_sql, order_data_sql
 from wallet.money import MAX_CENTS, from_cents
 
 GENESIS_HASH = bytes(32)
@@ -181,7 +186,11 @@ WITH moved AS (
     WHERE client_id = :client_id
       AND wallets.balance + :delta + {HELD_SQL.format(client="wallets.client_id")} <= {MAX_CENTS}
     RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
-              head_hash, updated_at
+              head_hash, updated_at, CAST(:amount AS bigint) AS amount
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'wallet.credited', {movement_data_sql("moved", "amountCredited")}, updated_at
+    FROM moved
 )
 {_INSERT_ENTRY}
 SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash,
@@ -195,7 +204,12 @@ WITH moved AS (
     UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
     WHERE client_id = :client_id AND wallets.balance >= :amount
     RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
-              head_hash, updated_at
+              head_hash, updated_at, CAST(:amount AS bigint) AS amount
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'wallet.debited', {movement_data_sql("moved", "amountDebited")}, updated_at
+    FROM moved
+    UNION ALL {balance_low_sql("moved")}
 )
 {_INSERT_ENTRY}
 SELECT client_id, entry_count, :type, :amount, before, after, :ref, :desc, updated_at, head_hash,
@@ -217,15 +231,21 @@ WITH moved AS (
     SELECT client_id, entry_count, 'ORDER_DEDUCTION', :amount, before, after, :order_id, :desc,
            updated_at, head_hash, :key_id
     FROM moved
+), placed AS (
+    INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at, sent_by, request_id,
+                        created_at, updated_at)
+    SELECT :order_id, client_id, :amount, 'PENDING',
+           updated_at + make_interval(secs => :lease_seconds),
+           updated_at + make_interval(secs => :lease_seconds), CAST(:request_id AS text),
+           updated_at, updated_at
+    FROM moved
+    RETURNING {ORDER_COLUMNS}
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'order.created', {order_data_sql("placed")}, created_at FROM placed
+    UNION ALL {balance_low_sql("moved")}
 )
-INSERT INTO orders (order_id, client_id, amount, status, next_attempt_at, sent_by, request_id,
-                    created_at, updated_at)
-SELECT :order_id, client_id, :amount, 'PENDING',
-       updated_at + make_interval(secs => :lease_seconds),
-       updated_at + make_interval(secs => :lease_seconds), CAST(:request_id AS text),
-       updated_at, updated_at
-FROM moved
-RETURNING {ORDER_COLUMNS}
+SELECT {ORDER_COLUMNS} FROM placed
 """)
 
 _REFUND_ORDER = text(f"""
@@ -259,6 +279,12 @@ WITH failed AS (
     SELECT client_id, entry_count, 'ORDER_REFUND', amount, before, after, order_id,
            'Refund for failed order ' || order_id, updated_at, head_hash, :key_id
     FROM moved
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'order.failed', {order_data_sql("failed")}, updated_at FROM failed
+    UNION ALL
+    SELECT client_id, 'order.resolved', {order_data_sql("failed")}, updated_at FROM failed
+    WHERE failed.resolved_by IS NOT NULL
 )
 SELECT {ORDER_COLUMNS} FROM failed
 """)

@@ -62,6 +62,22 @@ FULFILLMENT_LOOKUPS = Counter(
 )
 FULFILLMENT_RETRIES = Counter("wallet_fulfillment_retries_total", "Provider calls that were retries")
 RATE_LIMITED = Counter("wallet_rate_limited_total", "Requests refused by the rate limit")
+WEBHOOK_DELIVERIES = Counter(
+    "wallet_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered, retry, failed (retries exhausted), gone (410),"
+    " refused (unsafe target)",
+    ["outcome"],
+)
+WEBHOOK_QUEUE_DEPTH = Gauge(
+    "wallet_webhook_queue_depth",
+    "Events waiting for fan-out plus deliveries not yet delivered",
+    multiprocess_mode="livemax",
+)
+WEBHOOK_OLDEST_SECONDS = Gauge(
+    "wallet_webhook_oldest_undelivered_age_seconds",
+    "Age of the oldest event not yet fanned out or delivered (0 when there is none)",
+    multiprocess_mode="livemax",
+)
 DB_POOL_IN_USE = Gauge(
     "wallet_db_pool_connections_in_use",
     "Database connections checked out",

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from wallet import idempotency, ledger, observability
 from wallet.database import is_unavailable
 from wallet.errors import Conflict, NotFound, ServiceUnavailable
+from wallet.events import INSERT_EVENT, order_data_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
 from wallet.ledger import ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
@@ -126,11 +127,19 @@ WITH done AS (
     UPDATE idempotency_keys SET response_status = 201, response_body = :body
     WHERE order_id = :order_id AND response_status IS NULL AND CAST(:body AS bytea) IS NOT NULL
       AND EXISTS (SELECT 1 FROM done)
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'order.completed', {order_data_sql("done")}, updated_at FROM done
+    UNION ALL
+    SELECT client_id, 'order.resolved', {order_data_sql("done")}, updated_at FROM done
+    WHERE done.resolved_by IS NOT NULL
 )
 SELECT {ORDER_COLUMNS} FROM done
 """)
 # Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
+# Events: order.pending when the request answers 202 (`announce`), order.needs_review once.
 _RESCHEDULE = text(f"""
+WITH kept AS (
 UPDATE orders
 SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay),
     attempts = attempts + :attempts, resolver_attempts = resolver_attempts + :resolver_attempt,
@@ -141,6 +150,15 @@ SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay),
     needs_review = needs_review OR created_at < clock_timestamp() - make_interval(secs => :review_after)
 WHERE order_id = :order_id AND status = 'PENDING'
 RETURNING {ORDER_COLUMNS}, flagged_at = statement_timestamp() AS newly_flagged
+), emitted AS (
+    {INSERT_EVENT}
+    SELECT client_id, 'order.pending', {order_data_sql("kept")}, updated_at FROM kept
+    WHERE CAST(:announce AS boolean)
+    UNION ALL
+    SELECT client_id, 'order.needs_review', {order_data_sql("kept")}, flagged_at FROM kept
+    WHERE kept.newly_flagged
+)
+SELECT * FROM kept
 """)
 _STORE_ANSWER = text("""
 UPDATE idempotency_keys SET response_status = :status, response_body = :body
@@ -342,6 +360,7 @@ class Orders:
             "resolver_attempt": 1 if resolver else 0,
             "detail": outcome.detail,
             "review_after": self.settings.fulfillment_resolve_hours * 3600,
+            "announce": not resolver,
         }
         async with self.single.connect() as conn:
             row = (await conn.execute(_RESCHEDULE, params)).first()

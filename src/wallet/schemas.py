@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from wallet.events import EVENT_ID_PATTERN, EventType
 from wallet.orders import ORDER_ID_PATTERN, OrderStatus
 
 _STATUS_TEXT = {
@@ -146,6 +147,9 @@ class ClientProfile(BaseModel):
     email: str | None
     balance: float
     held: float
+    lowBalanceThreshold: float | None = Field(
+        description="balance.low is sent when a movement takes the balance below it"
+    )
     createdAt: str
     updatedAt: str
 
@@ -267,3 +271,94 @@ class AdminOrderPage(BaseModel):
     success: Literal[True]
     data: list[AdminOrderData]
     nextCursor: str | None
+
+
+# --- events and webhooks (events.py, webhooks.py, webhook_api.py) ---
+
+
+class EventData(BaseModel):
+    id: str = Field(pattern=EVENT_ID_PATTERN, description="Also the `webhook-id` of its deliveries")
+    type: EventType
+    createdAt: str
+    clientId: str
+    data: dict[str, Any] = Field(description="The object the event is about, as the API shows it")
+
+
+class EventPage(BaseModel):
+    success: Literal[True]
+    data: list[EventData]
+    nextCursor: str | None
+
+
+class WebhookEndpointData(BaseModel):
+    id: str
+    url: str
+    clientId: str | None = Field(description="null: a global endpoint, receiving every client's events")
+    eventTypes: list[EventType] | None = Field(description="null: every type")
+    description: str | None
+    enabled: bool
+    disabledReason: str | None
+    createdAt: str
+    secret: str | None = Field(
+        None, description="`whsec_…`: only in the answers of creation and rotation, never again"
+    )
+
+
+class WebhookEndpointEnvelope(BaseModel):
+    success: Literal[True]
+    message: str | None = None
+    data: WebhookEndpointData
+
+
+class WebhookEndpointList(BaseModel):
+    success: Literal[True]
+    data: list[WebhookEndpointData]
+
+
+class DeletedData(BaseModel):
+    id: str
+    deleted: Literal[True]
+
+
+class DeletedEnvelope(BaseModel):
+    success: Literal[True]
+    message: str
+    data: DeletedData
+
+
+class AttemptData(BaseModel):
+    id: int
+    deliveryId: int
+    eventId: str
+    attemptedAt: str
+    statusCode: int | None = Field(description="The receiver's HTTP status; null if none came")
+    latencyMs: int
+    error: str | None
+    responseBody: str | None = Field(description="The first 1,024 bytes of the receiver's answer")
+
+
+class AttemptPage(BaseModel):
+    success: Literal[True]
+    data: list[AttemptData]
+    nextCursor: str | None
+
+
+class ReplayData(BaseModel):
+    replayed: int = Field(description="Deliveries scheduled")
+
+
+class ReplayEnvelope(BaseModel):
+    success: Literal[True]
+    message: str
+    data: ReplayData
+
+
+class ThresholdData(BaseModel):
+    clientId: str
+    lowBalanceThreshold: float | None
+
+
+class ThresholdEnvelope(BaseModel):
+    success: Literal[True]
+    message: str
+    data: ThresholdData

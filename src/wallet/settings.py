@@ -85,11 +85,44 @@ class Settings(BaseSettings):
     console_session_hours: float = Field(8.0, gt=0, le=24 * 7)
     console_login_rate: str = "10/minute"
 
+    event_retention_days: int = Field(30, ge=1, le=3650)
+    # http and loopback/private endpoint addresses: unset means allowed in development only.
+    webhook_allow_private: bool | None = None
+    # Seconds before each retry after a failed delivery attempt (Standard Webhooks-like, ~3 days).
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = (
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        36000,
+        86400,
+        86400,
+    )
+    webhook_timeout_seconds: float = Field(15.0, gt=0, le=60)
+    webhook_interval_seconds: float = Field(1.0, gt=0, le=3600)
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_proxies(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                delays = tuple(float(p) for p in value.replace(",", " ").split())
+            except ValueError:
+                raise ValueError("must be seconds separated by commas, e.g. 5,300,1800") from None
+            value = delays
+        if isinstance(value, tuple | list) and (
+            not value or len(value) > 50 or any(not 0 <= d <= 7 * 86400 for d in value)
+        ):
+            raise ValueError("must be 1-50 delays of 0 to 604800 seconds")
         return value
 
     @field_validator("ledger_old_keys", mode="before")
@@ -193,6 +226,19 @@ class Settings(BaseSettings):
     @property
     def console_login_item(self) -> RateLimitItem | None:
         return None if self.console_login_rate.lower() == "off" else parse(self.console_login_rate)
+
+    @property
+    def webhooks_private_ok(self) -> bool:
+        """Whether webhook endpoints may be http and loopback/private (development, tests)."""
+        if self.webhook_allow_private is not None:
+            return self.webhook_allow_private
+        return not self.production
+
+    @property
+    def webhook_lease_seconds(self) -> float:
+        """How long a claimed delivery belongs to its process: one call timing out, with a
+        margin. A process killed mid-call leaves it due again after this (same webhook-id)."""
+        return float(1.5 * self.webhook_timeout_seconds + 2.0)
 
     @property
     def order_lease_seconds(self) -> float:

@@ -1,0 +1,307 @@
+"""Webhook delivery: at least once, signed per Standard Webhooks, in every server process.
+
+Each pass (`Deliverer.run`, a background job like the order resolver):
+
+1. fan-out: queued events (`event_queue`, filled by a trigger in the event's own transaction)
+   become one delivery row per matching enabled endpoint registered before the event, in one
+   statement (older events reach a new endpoint only by replay);
+2. claim: due deliveries are taken with FOR UPDATE SKIP LOCKED and their due time moved past a
+   lease (`Settings.webhook_lease_seconds`), committed at once: no lock is held during a call;
+3. call: POST the event (no redirects, WEBHOOK_TIMEOUT_SECONDS, the target checked against SSRF
+   again), `webhook-id` = the event id so receivers de-duplicate;
+4. record, in one transaction: the attempt in the log, then delivered (2xx), a retry after the
+   next delay of WEBHOOK_RETRY_SCHEDULE (at least the `Retry-After` of a 429/503), or failed once
+   the schedule is exhausted. 410 Gone disables the endpoint; so does a delivery that exhausted
+   its schedule while the endpoint failed everything since its first attempt (days of failure).
+
+A process killed mid-call leaves its claim to expire: another pass delivers again with the same
+webhook-id, so a receiver sees at most a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from standardwebhooks.webhooks import Webhook
+
+from wallet import observability, ssrf
+from wallet.events import event_json
+from wallet.settings import Settings
+from wallet.webhooks import SecretBox, endpoint_json
+
+log = structlog.get_logger(__name__)
+
+BODY_LOG_BYTES = 1024
+_BATCH = 50
+_MAX_RETRY_AFTER = 86400.0  # a receiver asking for longer gets its next attempt after a day
+
+_FAN_OUT = text("""
+WITH taken AS (
+    DELETE FROM event_queue q
+    USING (SELECT client_id, event_no FROM event_queue ORDER BY event_no LIMIT :batch
+           FOR UPDATE SKIP LOCKED) t
+    WHERE q.client_id = t.client_id AND q.event_no = t.event_no
+    RETURNING q.client_id, q.event_no
+), made AS (
+    INSERT INTO webhook_deliveries (client_id, endpoint_id, event_no)
+    SELECT e.client_id, w.endpoint_id, e.id
+    FROM taken t
+    JOIN events e ON e.client_id = t.client_id AND e.id = t.event_no
+    JOIN webhook_endpoints w ON (w.client_id IS NULL OR w.client_id = e.client_id) AND w.enabled
+        AND (w.event_types IS NULL OR e.type = ANY (w.event_types)) AND w.created_at <= e.created_at
+    ORDER BY e.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM taken) AS taken, (SELECT count(*) FROM made) AS made
+""")
+_CLAIM = text("""
+WITH claimed AS (
+    UPDATE webhook_deliveries d
+    SET next_attempt_at = statement_timestamp() + make_interval(secs => :lease),
+        attempts = d.attempts + 1, updated_at = statement_timestamp()
+    FROM (SELECT client_id, id FROM webhook_deliveries
+          WHERE status = 'PENDING' AND next_attempt_at <= statement_timestamp()
+          ORDER BY next_attempt_at LIMIT :batch FOR UPDATE SKIP LOCKED) due
+    WHERE d.client_id = due.client_id AND d.id = due.id
+    RETURNING d.client_id, d.id, d.endpoint_id, d.event_no, d.attempts
+)
+SELECT c.client_id, c.id, c.endpoint_id, c.attempts, e.id AS event_no, e.event_id, e.type, e.data,
+       e.created_at, w.url, w.enabled, w.secret,
+       CASE WHEN w.previous_until > now() THEN w.previous_secret END AS previous_secret
+FROM claimed c
+JOIN events e ON e.client_id = c.client_id AND e.id = c.event_no
+JOIN webhook_endpoints w ON w.endpoint_id = c.endpoint_id
+ORDER BY e.id
+""")
+_LOG_ATTEMPT = text("""
+INSERT INTO webhook_attempts (client_id, delivery_id, endpoint_id, event_id, attempted_at,
+                              status_code, latency_ms, error, response_body)
+VALUES (:client_id, :delivery_id, :endpoint_id, :event_id, :attempted_at, :status_code,
+        :latency_ms, :error, :response_body)
+""")
+# Guarded by the attempt number: a claim that expired and was taken again is not overwritten.
+_SETTLE = text("""
+UPDATE webhook_deliveries
+SET status = :status,
+    next_attempt_at = CASE WHEN :status = 'PENDING'
+                           THEN statement_timestamp() + make_interval(secs => :delay) END,
+    last_status = :status_code, last_error = :error, updated_at = statement_timestamp()
+WHERE client_id = :client_id AND id = :delivery_id AND attempts = :attempt AND status = 'PENDING'
+""")
+_HEALTH = text("""
+UPDATE webhook_endpoints
+SET failing_since = CASE WHEN :ok THEN NULL ELSE coalesce(failing_since, :attempted_at) END
+WHERE endpoint_id = :endpoint_id AND (failing_since IS NULL) = NOT CAST(:ok AS boolean)
+""")
+_DISABLE = text("""
+UPDATE webhook_endpoints
+SET enabled = false, disabled_reason = :reason, updated_at = now()
+WHERE endpoint_id = :endpoint_id AND enabled
+  AND (CAST(:gone AS boolean) OR failing_since <= (
+        SELECT min(attempted_at) FROM webhook_attempts
+        WHERE client_id = :client_id AND delivery_id = :delivery_id))
+RETURNING endpoint_id, client_id, url, event_types, description, enabled, disabled_reason,
+          created_at, updated_at
+""")
+_FAIL_PENDING = text("""
+UPDATE webhook_deliveries
+SET status = 'FAILED', next_attempt_at = NULL, last_error = 'endpoint disabled',
+    updated_at = statement_timestamp()
+WHERE endpoint_id = :endpoint_id AND status = 'PENDING'
+""")
+_DISABLED_EVENT = text("""
+INSERT INTO events (client_id, type, data)
+VALUES (:client_id, 'webhook_endpoint.disabled', CAST(:data AS jsonb))
+""")
+_STATS = text("""
+SELECT (SELECT count(*) FROM event_queue) + (SELECT count(*) FROM webhook_deliveries
+                                              WHERE status = 'PENDING') AS depth,
+       least((SELECT min(e.created_at) FROM event_queue q
+              JOIN events e ON e.client_id = q.client_id AND e.id = q.event_no),
+             (SELECT min(created_at) FROM webhook_deliveries WHERE status = 'PENDING')) AS oldest
+""")
+
+
+def new_http_client(settings: Settings) -> aiohttp.ClientSession:
+    """Delivery calls connect only through `ssrf.PublicResolver` in production."""
+    resolver = None if settings.webhooks_private_ok else ssrf.PublicResolver()
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=100, resolver=resolver, use_dns_cache=False),
+        timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_seconds),
+        raise_for_status=False,
+        auto_decompress=False,
+        trust_env=False,
+    )
+
+
+def retry_after(value: str | None) -> float | None:
+    """A `Retry-After` header in seconds (delta-seconds or an HTTP date), None if unusable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max((parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def signature(event_id: str, at: datetime, body: str, secrets: list[str]) -> str:
+    """Standard Webhooks `webhook-signature`: one `v1,<base64>` per valid secret."""
+    return " ".join(Webhook(s).sign(event_id, at, body) for s in secrets)
+
+
+class Deliverer:
+    def __init__(
+        self, engine: AsyncEngine, settings: Settings, box: SecretBox, http: aiohttp.ClientSession
+    ) -> None:
+        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.engine = engine
+        self.settings = settings
+        self.box = box
+        self.http = http
+
+    async def run(self) -> int:
+        """One pass: fan out every queued event, then deliver whatever is due, a batch at a time."""
+        async with self.single.connect() as conn:
+            while (await conn.execute(_FAN_OUT, {"batch": 500})).one().taken == 500:
+                pass
+        total = 0
+        while True:
+            params = {"lease": self.settings.webhook_lease_seconds, "batch": _BATCH}
+            async with self.single.connect() as conn:
+                claimed = (await conn.execute(_CLAIM, params)).all()
+            by_endpoint: dict[str, list[Any]] = {}
+            for row in claimed:
+                by_endpoint.setdefault(row.endpoint_id, []).append(row)
+            await asyncio.gather(*(self._deliver_in_order(rows) for rows in by_endpoint.values()))
+            total += len(claimed)
+            if len(claimed) < _BATCH:
+                break
+        await self._measure()
+        return total
+
+    async def _deliver_in_order(self, rows: list[Any]) -> None:
+        """One endpoint's deliveries one after another, oldest event first: a receiver sees a
+        client's events in the order they happened (retries aside; `createdAt` orders them)."""
+        for row in rows:
+            try:
+                if not await self._record(row, *await self._call(row)):
+                    return  # the endpoint was just disabled: the rest were failed with it
+            except Exception:
+                log.exception("webhook delivery failed; it will be claimed again", delivery_id=row.id)
+
+    async def _call(self, row: Any) -> tuple[datetime, int | None, int, str | None, str | None, float | None]:
+        """(time, status, latency ms, error, response body, Retry-After); never raises for the
+        receiver's sake."""
+        attempted_at = datetime.now(UTC)
+        if not row.enabled:
+            return attempted_at, None, 0, "endpoint disabled", None, None
+        body = orjson.dumps(event_json(row)).decode()
+        secrets = [self.box.open(row.endpoint_id, row.secret)]
+        if row.previous_secret is not None:
+            secrets.append(self.box.open(row.endpoint_id, row.previous_secret))
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "wallet-webhooks/1",
+            "webhook-id": row.event_id,
+            "webhook-timestamp": str(int(attempted_at.timestamp())),
+            "webhook-signature": signature(row.event_id, attempted_at, body, secrets),
+        }
+        started = time.monotonic()
+        status, error, text_, wait = None, None, None, None
+        try:
+            await ssrf.check_url(row.url, allow_private=self.settings.webhooks_private_ok)
+            async with self.http.post(row.url, data=body, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+                text_ = (await resp.content.read(BODY_LOG_BYTES)).decode(errors="replace")
+                if status in (429, 503):
+                    wait = retry_after(resp.headers.get("Retry-After"))
+        except ssrf.UnsafeTarget as exc:
+            error = f"refused: {exc}"
+        except TimeoutError:
+            error = f"timed out after {self.settings.webhook_timeout_seconds:g} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        latency = int((time.monotonic() - started) * 1000)
+        return attempted_at, status, latency, error, text_, wait
+
+    async def _record(
+        self,
+        row: Any,
+        attempted_at: datetime,
+        status: int | None,
+        latency: int,
+        error: str | None,
+        body: str | None,
+        wait: float | None,
+    ) -> bool:
+        """Log the attempt and settle the delivery; False if the endpoint is now disabled."""
+        ok = status is not None and 200 <= status < 300
+        gone = status == 410
+        schedule = self.settings.webhook_retry_schedule
+        exhausted = row.attempts > len(schedule) or not row.enabled
+        outcome = "delivered" if ok else "gone" if gone else "failed" if exhausted else "retry"
+        delay = 0.0
+        if outcome == "retry":
+            delay = max(schedule[row.attempts - 1], min(wait or 0.0, _MAX_RETRY_AFTER))
+        if error is None and not ok:
+            error = f"HTTP {status}"
+        keys = {"client_id": row.client_id, "delivery_id": row.id, "endpoint_id": row.endpoint_id}
+        async with self.engine.begin() as conn:
+            attempt = {**keys, "event_id": row.event_id, "attempted_at": attempted_at}
+            attempt |= {"status_code": status, "latency_ms": latency, "error": error, "response_body": body}
+            await conn.execute(_LOG_ATTEMPT, attempt)
+            settled = {"PENDING": "retry", "DELIVERED": "delivered"}
+            new_status = next((s for s, o in settled.items() if o == outcome), "FAILED")
+            await conn.execute(
+                _SETTLE,
+                {**keys, "status": new_status, "delay": delay, "status_code": status, "error": error}
+                | {"attempt": row.attempts},
+            )
+            if not row.enabled:  # disabled since the fan-out: nothing was sent
+                return False
+            await conn.execute(
+                _HEALTH, {"endpoint_id": row.endpoint_id, "ok": ok, "attempted_at": attempted_at}
+            )
+            still_enabled = True
+            if gone or exhausted:
+                reason = "answered 410 Gone" if gone else "failed every delivery for the whole retry schedule"
+                still_enabled = not await self._disable(conn, keys, gone=gone, reason=reason)
+        observability.WEBHOOK_DELIVERIES.labels(outcome if row.enabled else "refused").inc()
+        log.info(
+            "webhook attempt",
+            event_id=row.event_id,
+            endpoint_id=row.endpoint_id,
+            status=status,
+            outcome=outcome,
+            error=error,
+        )
+        return still_enabled
+
+    async def _disable(self, conn: AsyncConnection, keys: dict[str, Any], *, gone: bool, reason: str) -> bool:
+        row = (await conn.execute(_DISABLE, {**keys, "gone": gone, "reason": reason})).first()
+        if row is None:
+            return False
+        await conn.execute(_FAIL_PENDING, {"endpoint_id": row.endpoint_id})
+        log.error("webhook endpoint disabled", endpoint_id=row.endpoint_id, reason=reason)
+        if row.client_id is not None:  # a global endpoint belongs to no client's event stream
+            data = orjson.dumps(endpoint_json(row)).decode()
+            await conn.execute(_DISABLED_EVENT, {"client_id": row.client_id, "data": data})
+        return True
+
+    async def _measure(self) -> None:
+        async with self.single.connect() as conn:
+            stats = (await conn.execute(_STATS)).one()
+        observability.WEBHOOK_QUEUE_DEPTH.set(stats.depth)
+        oldest = (datetime.now(UTC) - stats.oldest).total_seconds() if stats.oldest else 0.0
+        observability.WEBHOOK_OLDEST_SECONDS.set(max(oldest, 0.0))
