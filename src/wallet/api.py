@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from wallet import idempotency
 from wallet.auth import ClientAuthenticator, check_admin
+from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.money import Amount, from_cents, parse_json
 from wallet.orders import ORDER_ID_PATTERN, Orders, order_json
@@ -39,6 +40,8 @@ class Services:
     wallets: Wallets
     orders: Orders
     clients: ClientAuthenticator
+    # Reads that may lag the writes (history pages, admin reads): the replica when there is one.
+    reads: Connector
 
 
 async def services(request: Request) -> Services:

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wallet import api, apikeys, history, idempotency, openapi, review
 from wallet.auth import ClientAuthenticator
-from wallet.database import create_engine, is_unavailable
+from wallet.database import Connector, ReadRouter, create_engine, is_unavailable, single
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
@@ -117,17 +117,30 @@ async def _every(seconds: float, job: Callable[[], Awaitable[int]], name: str) -
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     assert settings.database_url is not None
-    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size, pooler=settings.db_pooler)
     track_pool(engine, settings.db_pool_size)
+    replica = None
+    reads: Connector = single(engine)
+    if settings.database_read_url:
+        # A replica that cannot be reached fails fast (2 s to connect), then reads use the primary.
+        replica = create_engine(
+            settings.database_read_url,
+            pool_size=settings.db_pool_size,
+            pooler=settings.db_pooler,
+            connect_args={"timeout": 2},
+        )
+        reads = ReadRouter(replica, engine)
     http = new_http_client(settings)
     orders = Orders(engine, Provider(settings, http), settings)
     app.state.engine = engine
+    app.state.replica = replica
     app.state.services = api.Services(
         settings=settings,
         admin_key_digest=hashlib.sha256(settings.admin_key.encode()).digest(),
         wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),
         orders=orders,
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
+        reads=reads,
     )
     jobs = [
         asyncio.create_task(_every(settings.recovery_interval_seconds, orders.resolve_due, "resolver")),
@@ -141,6 +154,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*jobs, return_exceptions=True)
         await http.close()
         await engine.dispose()
+        if replica is not None:
+            await replica.dispose()
         untrack_pool(settings.db_pool_size)
 
 
@@ -213,6 +228,15 @@ def _error_handlers(app: FastAPI, production: bool) -> None:
         return await internal_error(request, exc)
 
 
+# Seconds since the last replayed transaction; 0 when the replica has replayed all it received
+# (an idle primary sends nothing new, which is not lag); NULL on a server that is no replica.
+_REPLICA_LAG = text("""
+SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL
+            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
+""")
+
+
 def _operations(app: FastAPI) -> None:
     @app.get("/health", tags=["operations"], responses={200: {"model": StatusEnvelope}})
     async def health() -> Response:
@@ -223,13 +247,26 @@ def _operations(app: FastAPI) -> None:
         "/ready", tags=["operations"], responses={200: {"model": StatusEnvelope}, **error_responses(503)}
     )
     async def ready(request: Request) -> Response:
-        """The database answers (readiness): 503 when it does not."""
+        """The primary answers (readiness): 503 when it does not. A replica is reported (`ok` with
+        its replay lag in seconds, or `unreachable`) but never makes the service unready: reads
+        then go to the primary, and every instance shares the replica, so taking instances out of
+        the load balancer for it would turn a degraded read path into an outage."""
         try:
-            async with asyncio.timeout(2), request.app.state.engine.connect() as conn:
+            async with asyncio.timeout(2), single(request.app.state.engine).connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:
             raise ServiceUnavailable("Database unreachable", code="NOT_READY") from exc
-        return json_response(200, ok({"status": "ready"}))
+        data: dict[str, Any] = {"status": "ready", "primary": "ok"}
+        replica = request.app.state.replica
+        if replica is not None:
+            try:
+                async with asyncio.timeout(2), single(replica).connect() as conn:
+                    lag = await conn.scalar(_REPLICA_LAG)
+                data["replica"] = {"status": "ok", "lagSeconds": None if lag is None else float(lag)}
+            except Exception as exc:
+                log.warning("read replica unreachable", error=str(exc))
+                data["replica"] = {"status": "unreachable", "lagSeconds": None}
+        return json_response(200, ok(data))
 
     @app.get(
         "/metrics",
