@@ -81,13 +81,15 @@ async def wallet_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
     return process.returncode, output.decode(errors="replace")
 
 
-async def burst(http: httpx.AsyncClient) -> Counter[int]:
-    """BURST requests at once: orders, credits, balance reads and history pages, mixed."""
+async def burst(instances: list[httpx.AsyncClient]) -> Counter[int]:
+    """BURST requests at once, spread over the instances: orders, credits, balance reads and
+    history pages, mixed."""
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     rng = random.Random(16)
 
     def one(n: int) -> asyncio.Task[httpx.Response]:
         client = rng.choice(CLIENTS)
+        http = instances[n % len(instances)]
         kind = n % 6
         if kind in (0, 1):
             request = http.post("/orders", json={"amount": 3}, headers={"client-id": client})
@@ -114,13 +116,18 @@ async def burst(http: httpx.AsyncClient) -> Counter[int]:
 async def test_a_burst_through_pgbouncer_in_transaction_mode(
     pooled_url: str, database_url: str, provider: Provider
 ) -> None:
+    """Two instances (two `wallet serve`, 2 workers each), as two hosts would run them."""
     provider.set(error_status=503, error_rate=0.3)  # unknown outcomes: the resolver works too
     env = pooled_env(pooled_url, provider)
+    limits = httpx.Limits(max_connections=200)
     async with (
         spawn_service(env) as server,
-        httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=400)) as http,
+        spawn_service(env) as other,
+        httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http,
+        httpx.AsyncClient(base_url=other.url, timeout=60, limits=limits) as other_http,
     ):
         await server.wait_for("Application startup complete", count=2)
+        await other.wait_for("Application startup complete", count=2)
         for client in CLIENTS:
             credited = await http.post(
                 "/admin/wallet/credit",
@@ -128,7 +135,7 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
                 headers={"Authorization": f"Bearer {ADMIN_KEY}"},
             )
             assert credited.status_code == 200, credited.text
-        statuses = await burst(http)
+        statuses = await burst([http, other_http])
         assert statuses[201] > 0, statuses
         assert statuses[200] > 0, statuses
         provider.set()  # the provider recovers: the resolver finishes what is still unknown
@@ -152,7 +159,8 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
             assert balances == credited_total - taken
         finally:
             await direct.close()
-        assert not [line for line in server.lines if "prepared statement" in line], server.lines[-20:]
+        for instance in (server, other):
+            assert not [line for line in instance.lines if "prepared statement" in line], instance.lines[-20:]
 
     code, output = await wallet_cli(env, "verify")
     assert code == 0, output
