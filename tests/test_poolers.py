@@ -128,6 +128,10 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
     ):
         await server.wait_for("Application startup complete", count=2)
         await other.wait_for("Application startup complete", count=2)
+        # The sizing line: 2 workers x DB_POOL_SIZE 20, all PgBouncer's clients.
+        sizing = [line for line in server.lines if '"database connections"' in line]
+        assert len(sizing) == 1, server.lines[:20]
+        assert '"total": 40' in sizing[0], sizing
         for client in CLIENTS:
             credited = await http.post(
                 "/admin/wallet/credit",
