@@ -135,9 +135,9 @@ def _pg_ctl(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def primary_and_replica() -> Iterator[Replicated]:
+def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
     """A PostgreSQL primary and a streaming replica of it (pg_basebackup -R), in a temporary
-    directory, on free loopback ports."""
+    directory, on free loopback ports. Without the replica: one server of our own on TCP."""
     bin_dir = _pg_bin()
     with _owned_temp_dir("wallet-replica-") as tmp:
         directory = Path(tmp)
@@ -172,6 +172,9 @@ def primary_and_replica() -> Iterator[Replicated]:
                 "start",
             )
             started.append(primary)
+            if not with_replica:
+                yield Replicated(f"postgresql://postgres@127.0.0.1:{primary_port}/postgres", "", replica)
+                return
             subprocess.run(
                 [
                     *run,

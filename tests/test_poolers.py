@@ -10,15 +10,16 @@ import random
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, spawn_service, until
-from tests.servers import pgbouncer
-from wallet.database import MIGRATION_LOCK, plain_url
+from tests.servers import pgbouncer, primary_and_replica
+from wallet.database import MIGRATION_LOCK, migrate_url, plain_url
 
 CLIENTS = [f"pool-{n}" for n in range(16)]
 CREDIT = 1000
@@ -26,24 +27,49 @@ BURST = 360  # orders, credits and reads, all at once
 
 
 @pytest.fixture(scope="module")
-def bouncer(postgres_url: str) -> Iterator[str]:
-    """4 server connections for 2 workers x 20 pooled connections."""
-    with pgbouncer(postgres_url, pool_size=4) as url:
+def tcp_server(postgres_url: str) -> Iterator[str]:
+    """PgBouncer reaches PostgreSQL over TCP, as the `postgres` user when the tests run as root:
+    the tests' server when it listens on TCP, else one of our own (the embedded server listens on
+    a socket in a private directory only)."""
+    if make_url(postgres_url).host:
+        yield postgres_url
+        return
+    with primary_and_replica(with_replica=False) as servers:
+        yield servers.primary_url
+
+
+@pytest.fixture(scope="module")
+def bouncer(tcp_server: str) -> Iterator[str]:
+    """4 server connections for 2 instances x 2 workers x 20 pooled connections."""
+    with pgbouncer(tcp_server, pool_size=4) as url:
         yield url
+
+
+@pytest.fixture
+async def own_database(tcp_server: str) -> AsyncIterator[str]:
+    """A migrated database of the test's own on the server PgBouncer is in front of."""
+    name = f"wallet_pool_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(plain_url(tcp_server))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(plain_url(tcp_server)).set(database=name).render_as_string(hide_password=False)
+        await migrate_url(url)
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 def through(bouncer: str, database_url: str) -> str:
     """`database_url`'s database, reached through the PgBouncer."""
-    from sqlalchemy.engine import make_url
-
     return (
         make_url(bouncer).set(database=make_url(database_url).database).render_as_string(hide_password=False)
     )
 
 
 @pytest.fixture
-def pooled_url(bouncer: str, database_url: str) -> str:
-    return through(bouncer, database_url)
+def pooled_url(bouncer: str, own_database: str) -> str:
+    return through(bouncer, own_database)
 
 
 def pooled_env(url: str, provider: Provider, pooler: str = "transaction") -> dict[str, str]:
@@ -114,7 +140,7 @@ async def burst(instances: list[httpx.AsyncClient]) -> Counter[int]:
 
 
 async def test_a_burst_through_pgbouncer_in_transaction_mode(
-    pooled_url: str, database_url: str, provider: Provider
+    pooled_url: str, own_database: str, provider: Provider
 ) -> None:
     """Two instances (two `wallet serve`, 2 workers each), as two hosts would run them."""
     provider.set(error_status=503, error_rate=0.3)  # unknown outcomes: the resolver works too
@@ -144,7 +170,7 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
         assert statuses[200] > 0, statuses
         provider.set()  # the provider recovers: the resolver finishes what is still unknown
 
-        direct = await asyncpg.connect(plain_url(database_url))
+        direct = await asyncpg.connect(plain_url(own_database))
         try:
 
             async def none_pending() -> bool:
@@ -171,12 +197,12 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
 
 
 async def test_migrations_through_pgbouncer_twice_and_together(
-    bouncer: str, postgres_url: str, provider: Provider
+    bouncer: str, tcp_server: str, provider: Provider
 ) -> None:
     """An empty database migrated through PgBouncer, by two processes at once and then again: none
     hangs, and no migration lock is left held on any server connection."""
     name = f"wallet_pool_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(plain_url(postgres_url))
+    admin = await asyncpg.connect(plain_url(tcp_server))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         env = pooled_env(through(bouncer, f"postgresql:///{name}"), provider)
