@@ -32,10 +32,20 @@ bench: $(STAMP) bench-tools
 # The load generator is wrk, from Debian's packages: installed here when running as root; otherwise
 # the bench falls back to a slower Python generator and says so. pgbench (the raw-SQL ceiling) is
 # the machine's, else the one shipped inside the embedded PostgreSQL wheel.
-bench-tools:
+bench-tools: test-tools
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v wrk >/dev/null; then \
 		echo "bench: installing wrk (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	fi
+
+# The tests start their own PgBouncer (transaction mode, Debian's 1.18, what managed databases put in
+# front): installed here when running as root and missing. Their primary + streaming replica use
+# the machine's PostgreSQL 15 binaries, else the ones inside the embedded PostgreSQL wheel.
+test-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v pgbouncer >/dev/null \
+		&& [ ! -x /usr/sbin/pgbouncer ]; then \
+		echo "test: installing pgbouncer (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
 	fi
 
 $(STAMP): requirements.lock pyproject.toml

@@ -149,6 +149,28 @@ def measure_service(args: argparse.Namespace, kind: str, url: str, workdir: Path
     admin_key = secrets.token_urlsafe(32)
     env = service_env(url, provider_port, port, admin_key, args.client_auth)
     simulator = [python, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
+    with contextlib.ExitStack() as pooled:
+        if args.pooler == "transaction":
+            # The service (not pgbench: the ceiling stays raw SQL on the server) through PgBouncer.
+            from tests.servers import pgbouncer
+
+            env["DATABASE_URL"] = pooled.enter_context(pgbouncer(url, pool_size=args.pooler_pool_size))
+            env["DB_POOLER"] = "transaction"
+        return _measure(args, kind, url, workdir, env, simulator, provider_port, port, admin_key)
+
+
+def _measure(
+    args: argparse.Namespace,
+    kind: str,
+    url: str,
+    workdir: Path,
+    env: dict[str, str],
+    simulator: list[str],
+    provider_port: int,
+    port: int,
+    admin_key: str,
+) -> ServiceRun:
+    python = sys.executable
     with stack.process("provider", simulator, env=env, workdir=workdir) as provider:
         stack.wait_port(provider_port, provider)
         serve = [python, "-m", "wallet.cli", "serve"]
@@ -199,6 +221,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how the service authenticates clients (api_key: the production default)",
     )
     parser.add_argument(
+        "--pooler",
+        choices=["none", "transaction"],
+        default="none",
+        help="transaction: the service reaches PostgreSQL through a local PgBouncer in transaction mode",
+    )
+    parser.add_argument(
+        "--pooler-pool-size", type=int, default=20, help="PgBouncer's server connections (default_pool_size)"
+    )
+    parser.add_argument(
         "--large-ledger", type=int, default=0, metavar="N", help="also compare 10 vs N ledger entries"
     )
     return parser.parse_args(argv)
@@ -245,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
         "command": "make bench" + (f' BENCH_ARGS="{" ".join(sys.argv[1:])}"' if sys.argv[1:] else ""),
         "PostgreSQL": f"{version}, {where}",
         "service": f"wallet serve, APP_ENV=production, {os.cpu_count()} workers (default), "
-        f"CLIENT_AUTH={args.client_auth}, RATE_LIMIT=off",
+        f"CLIENT_AUTH={args.client_auth}, RATE_LIMIT=off"
+        + (
+            f", through PgBouncer 1.18 (pool_mode=transaction, default_pool_size={args.pooler_pool_size}),"
+            " DB_POOLER=transaction"
+            if args.pooler == "transaction"
+            else ", direct to PostgreSQL"
+        ),
         "load": f"{kind}, {args.connections} keep-alive connections, {args.duration} s per measurement; "
         f"pgbench -M prepared -c {args.connections} -j 2",
     }

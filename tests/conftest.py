@@ -1,5 +1,7 @@
 """Real parts only: a real PostgreSQL (DATABASE_URL, or an embedded server when unset), a fresh
-database per test cloned from a migrated template, and real HTTP servers on loopback."""
+database per test cloned from a migrated template, and real HTTP servers on loopback. With
+DB_POOLER=transaction (CI's third leg), the service reaches each test's database through a
+PgBouncer in transaction mode that the tests start (tests/servers.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import Provider, start_provider
+from tests.servers import pgbouncer, with_server
 from wallet.database import embedded_postgres, migrate_url, plain_url
 
 
@@ -59,14 +62,34 @@ def template_database(postgres_url: str) -> Iterator[str]:
     asyncio.run(_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(scope="session")
+def pooler_url(postgres_url: str) -> Iterator[str | None]:
+    """With DB_POOLER=transaction: a PgBouncer in transaction mode in front of the tests' server,
+    with fewer server connections (4) than a service has clients, so transactions move between
+    server connections as they do in production."""
+    if os.environ.get("DB_POOLER") != "transaction":
+        yield None
+        return
+    with pgbouncer(postgres_url, pool_size=4) as url:
+        yield url
+
+
 @pytest.fixture
-async def database_url(postgres_url: str, template_database: str) -> AsyncIterator[str]:
+async def database_url(
+    postgres_url: str, template_database: str, pooler_url: str | None
+) -> AsyncIterator[str]:
     name = f"wallet_test_{uuid.uuid4().hex[:12]}"
     await _admin(
         postgres_url,
         f'CREATE DATABASE "{name}" TEMPLATE "{template_database}" STRATEGY FILE_COPY',
     )
-    yield _with_database(postgres_url, name)
+    if pooler_url is None:
+        yield _with_database(postgres_url, name)
+    else:
+        parsed = make_url(pooler_url)
+        assert parsed.host is not None
+        assert parsed.port is not None
+        yield with_server(postgres_url, parsed.host, parsed.port, name)
     await _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -45,7 +45,7 @@ async def test_health_and_ready(database_url: str, provider: Provider) -> None:
         assert health.json() == {"success": True, "data": {"status": "ok"}}
         ready = await api.http.get("/ready")
         assert ready.status_code == 200
-        assert ready.json() == {"success": True, "data": {"status": "ready"}}
+        assert ready.json() == {"success": True, "data": {"status": "ready", "primary": "ok"}}
 
 
 async def test_ready_is_503_when_the_database_is_gone(

@@ -72,6 +72,8 @@ def test_production_defaults() -> None:
         {"console_login_rate": "many"},
         {"console_session_hours": 0},
         {"console_session_hours": 24 * 8},
+        {"db_pooler": "session"},
+        {"database_url": "postgresql://primary/db", "database_read_url": "mysql://replica/db"},
     ],
 )
 def test_invalid_values_are_refused(values: dict[str, Any]) -> None:
@@ -115,6 +117,16 @@ def test_development_ledger_key_is_generated_once_beside_data_dir(tmp_path: Any)
     assert settings(data_dir=data_dir).chain_key.secret == first.secret
 
 
+def test_connections_per_host_count_every_pool() -> None:
+    """What `wallet serve` logs at start (README: Sizing)."""
+    direct = settings(workers=4, db_pool_size=10, database_url="postgresql://primary/db")
+    replicated = settings(
+        workers=4, db_pool_size=10, database_url="postgresql://p/db", database_read_url="postgresql://r/db"
+    )
+    assert direct.connections_per_host == 40
+    assert replicated.connections_per_host == 80
+
+
 def test_order_lease_outlasts_the_worst_fulfillment() -> None:
     s = settings(fulfillment_timeout_seconds=5, fulfillment_max_attempts=3, fulfillment_backoff_seconds=0.5)
     worst = 3 * 5 + (0.5 + 1.0) * 1.5
@@ -127,6 +139,8 @@ def test_order_lease_outlasts_the_worst_fulfillment() -> None:
         ({"PORT": "seventy"}, "PORT"),
         ({"APP_ENV": "production", "FULFILLMENT_API_URL": PROVIDER}, "ADMIN_API_KEY"),
         ({"RATE_LIMIT": "fast"}, "RATE_LIMIT"),
+        ({"DB_POOLER": "statement"}, "DB_POOLER"),
+        ({"DATABASE_READ_URL": "postgresql://replica/db"}, "DATABASE_READ_URL"),
         (
             {"APP_ENV": "production", "FULFILLMENT_API_URL": PROVIDER, "ADMIN_API_KEY": STRONG},
             "LEDGER_KEY",

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from wallet import idempotency, statements
 from wallet.auth import ClientAuthenticator, check_admin
+from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.money import Amount, from_cents, parse_json
 from wallet.orders import ORDER_ID_PATTERN, Orders, order_json
@@ -42,6 +43,8 @@ class Services:
     orders: Orders
     clients: ClientAuthenticator
     webhooks: Webhooks
+    # Reads that may lag the writes (history pages, admin reads): the replica when there is one.
+    reads: Connector
 
 
 async def services(request: Request) -> Services:

@@ -25,7 +25,7 @@ from wallet import api, apikeys, delivery, events, history, idempotency, openapi
 from wallet.auth import ClientAuthenticator
 from wallet.console import routes as console
 from wallet.console.sessions import Sessions
-from wallet.database import create_engine, is_unavailable
+from wallet.database import Connector, ReadRouter, create_engine, is_unavailable, single
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
@@ -120,8 +120,19 @@ async def _every(seconds: float, job: Callable[[], Awaitable[int]], name: str) -
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     assert settings.database_url is not None
-    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size, pooler=settings.db_pooler)
     track_pool(engine, settings.db_pool_size)
+    replica = None
+    reads: Connector = single(engine)
+    if settings.database_read_url:
+        # A replica that cannot be reached fails fast (2 s to connect), then reads use the primary.
+        replica = create_engine(
+            settings.database_read_url,
+            pool_size=settings.db_pool_size,
+            pooler=settings.db_pooler,
+            connect_args={"timeout": 2},
+        )
+        reads = ReadRouter(replica, engine)
     http = new_http_client(settings)
     orders = Orders(engine, Provider(settings, http), settings)
     box = SecretBox(settings.chain_key)
@@ -136,6 +147,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         login_item=settings.console_login_item,
         storage=app.state.limiter_storage,
     )
+    app.state.replica = replica
     app.state.services = api.Services(
         settings=settings,
         admin_key_digest=admin_key_digest,
@@ -143,6 +155,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         orders=orders,
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
         webhooks=Webhooks(engine, box, allow_private=settings.webhooks_private_ok),
+        reads=reads,
     )
     retention = settings.event_retention_days
     jobs = [
@@ -160,6 +173,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.close()
         await webhook_http.close()
         await engine.dispose()
+        if replica is not None:
+            await replica.dispose()
         untrack_pool(settings.db_pool_size)
 
 
@@ -232,6 +247,15 @@ def _error_handlers(app: FastAPI, production: bool) -> None:
         return await internal_error(request, exc)
 
 
+# Seconds since the last replayed transaction; 0 when the replica has replayed all it received
+# (an idle primary sends nothing new, which is not lag); NULL on a server that is no replica.
+_REPLICA_LAG = text("""
+SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL
+            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
+""")
+
+
 def _operations(app: FastAPI) -> None:
     @app.get("/health", tags=["operations"], responses={200: {"model": StatusEnvelope}})
     async def health() -> Response:
@@ -242,13 +266,26 @@ def _operations(app: FastAPI) -> None:
         "/ready", tags=["operations"], responses={200: {"model": StatusEnvelope}, **error_responses(503)}
     )
     async def ready(request: Request) -> Response:
-        """The database answers (readiness): 503 when it does not."""
+        """The primary answers (readiness): 503 when it does not. A replica is reported (`ok` with
+        its replay lag in seconds, or `unreachable`) but never makes the service unready: reads
+        then go to the primary, and every instance shares the replica, so taking instances out of
+        the load balancer for it would turn a degraded read path into an outage."""
         try:
-            async with asyncio.timeout(2), request.app.state.engine.connect() as conn:
+            async with asyncio.timeout(2), single(request.app.state.engine).connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:
             raise ServiceUnavailable("Database unreachable", code="NOT_READY") from exc
-        return json_response(200, ok({"status": "ready"}))
+        data: dict[str, Any] = {"status": "ready", "primary": "ok"}
+        replica = request.app.state.replica
+        if replica is not None:
+            try:
+                async with asyncio.timeout(2), single(replica).connect() as conn:
+                    lag = await conn.scalar(_REPLICA_LAG)
+                data["replica"] = {"status": "ok", "lagSeconds": None if lag is None else float(lag)}
+            except Exception as exc:
+                log.warning("read replica unreachable", error=str(exc))
+                data["replica"] = {"status": "unreachable", "lagSeconds": None}
+        return json_response(200, ok(data))
 
     @app.get(
         "/metrics",

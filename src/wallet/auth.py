@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from wallet.database import single
 from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from wallet.events import INSERT_EVENT, time_sql
 from wallet.settings import ClientAuth
@@ -84,7 +85,7 @@ class IssuedKey:
 class ClientAuthenticator:
     def __init__(self, engine: AsyncEngine, mode: ClientAuth) -> None:
         self.engine = engine
-        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.single = single(engine)
         self.mode = mode
 
     async def authenticate(self, client_id_header: str | None, token: str | None) -> str:

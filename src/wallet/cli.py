@@ -17,7 +17,7 @@ from types import FrameType
 import structlog
 from pydantic import ValidationError
 
-from wallet.database import connection_limit, create_engine, embedded_postgres, migrate_url
+from wallet.database import Pooler, connection_limit, create_engine, embedded_postgres, migrate_url
 from wallet.observability import configure_logging
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.settings import Settings, development_ledger_key_path
@@ -76,8 +76,8 @@ def serve() -> None:
             env["PROMETHEUS_MULTIPROC_DIR"] = cleanup.enter_context(metrics_dir)
         os.environ.update(env)
         settings = load_settings()
-        asyncio.run(migrate_url(url))
-        _warn_if_connections_run_short(url, workers * settings.db_pool_size)
+        asyncio.run(migrate_url(url, pooler=settings.db_pooler))
+        _log_connections(settings, url)
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
         # previous handler in place. Make that handler an orderly exit, so the `with` above
         # still stops the embedded PostgreSQL instead of the process dying by the signal.
@@ -101,10 +101,24 @@ def serve() -> None:
         )
 
 
-def _warn_if_connections_run_short(url: str, wanted: int) -> None:
-    """Production runs CPU-count workers, each with its own pool: on a large host their sum can
-    pass what the database accepts, and under load requests would then fail. Said at start, once."""
+def _log_connections(settings: Settings, url: str) -> None:
+    """Say at start how many database connections this host may open (every worker's pool, and
+    the replica's), what a PgBouncer in front needs for it, and warn when the server accepts
+    fewer: production runs CPU-count workers, and under load requests would then fail."""
+    structlog.get_logger("wallet.cli").info(
+        "database connections",
+        total=settings.connections_per_host,
+        workers=settings.worker_count,
+        pool_size=settings.db_pool_size,
+        primary=settings.worker_count * settings.db_pool_size,
+        replica=settings.worker_count * settings.db_pool_size if settings.database_read_url else 0,
+        pooler=settings.db_pooler.value,
+        note="a session-pooling PgBouncer needs a pool of hosts x this; README: Sizing",
+    )
+    if settings.db_pooler is Pooler.TRANSACTION:
+        return  # the pools are PgBouncer's clients (max_client_conn), not the server's
     allowed = asyncio.run(connection_limit(url))
+    wanted = settings.worker_count * settings.db_pool_size  # what the primary sees
     if wanted > allowed:
         structlog.get_logger("wallet.cli").warning(
             "the pools may open more database connections than the server accepts",
@@ -121,7 +135,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 def migrate_cmd() -> None:
     settings = load_settings()
     with database(settings) as url:
-        asyncio.run(migrate_url(url))
+        asyncio.run(migrate_url(url, pooler=settings.db_pooler))
     print("wallet: migrations applied", file=sys.stderr)
 
 
@@ -149,7 +163,7 @@ def verify(digest_path: str | None) -> None:
         )
 
     async def run(url: str) -> Verdict:
-        engine = create_engine(url, pool_size=2)
+        engine = create_engine(url, pool_size=2, pooler=settings.db_pooler)
         try:
             return await verify_ledger(
                 engine, settings.chain_key, digest=digest, progress=progress if show_progress else None

@@ -1,23 +1,45 @@
-"""Connections: the engine, the embedded PostgreSQL used when no DATABASE_URL is given, and
-migrations applied under an advisory lock so that processes starting together do not race."""
+"""Connections: the engine (direct or through a transaction-pooling PgBouncer), the read
+replica's router, the embedded PostgreSQL used when no DATABASE_URL is given, and migrations
+applied under a transaction-scoped advisory lock so that processes starting together do not race."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy.exc
+import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-MIGRATION_LOCK = 0x57A11E7  # pg_advisory_lock key shared by every process that migrates
+MIGRATION_LOCK = 0x57A11E7  # pg_advisory_xact_lock key shared by every process that migrates
+# How long a migrating process waits for any one lock (the migration lock held by another process,
+# a table lock for DDL) before it gives up with an error instead of hanging its start.
+MIGRATION_LOCK_TIMEOUT = "120s"
+_POOLER_OPTION = "wallet_pooler"  # engine execution option naming the pooler mode
+
+
+class Pooler(StrEnum):
+    NONE = "none"  # PostgreSQL itself, or a session-pooling PgBouncer
+    TRANSACTION = "transaction"  # a transaction-pooling PgBouncer (server connection per transaction)
+
+
+class Connector(Protocol):
+    """What runs a unit of work: `async with x.connect() as conn`."""
+
+    def connect(self) -> AbstractAsyncContextManager[AsyncConnection]: ...
+
+
+log = structlog.get_logger(__name__)
 
 # Connection exception, no such database, authentication, too many connections, shutting down.
 _UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
@@ -51,18 +73,88 @@ def plain_url(url: str) -> str:
     return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 20, **kwargs: Any) -> AsyncEngine:
+def _unnamed() -> str:
+    return ""
+
+
+def create_engine(
+    url: str, *, pool_size: int = 20, pooler: Pooler = Pooler.NONE, **kwargs: Any
+) -> AsyncEngine:
     """A fixed-size pool: overflow connections would be opened and closed under every burst.
-    Requests wait up to `pool_timeout` for a connection, then get 503."""
+    Requests wait up to `pool_timeout` for a connection, then get 503.
+
+    Behind a transaction-pooling PgBouncer a server connection is ours only inside a transaction,
+    so nothing may outlive one: no statement caches (asyncpg's nor SQLAlchemy's) and no named
+    prepared statements. Statements are unnamed: asyncpg's Parse and Bind are separate round trips,
+    which every statement then makes inside an explicit transaction (see `single`), and an unnamed
+    statement is replaced by the next one, so nothing needs deallocating and nothing piles up on a
+    server connection (unique names would: the last statement of each transaction is only closed
+    at the next prepare, by then on another server connection)."""
+    connect_args: dict[str, Any] = {"server_settings": {"application_name": "wallet"}}
+    if pooler is Pooler.TRANSACTION:
+        connect_args |= {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unnamed,
+        }
+    connect_args |= kwargs.pop("connect_args", {})
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=10,
         pool_pre_ping=False,
-        connect_args={"server_settings": {"application_name": "wallet"}},
+        connect_args=connect_args,
+        execution_options={_POOLER_OPTION: pooler.value},
         **kwargs,
     )
+
+
+def pooler_of(engine: AsyncEngine) -> Pooler:
+    return Pooler(engine.get_execution_options().get(_POOLER_OPTION, Pooler.NONE.value))
+
+
+def single(engine: AsyncEngine) -> Connector:
+    """Where a single statement runs. Directly on PostgreSQL: AUTOCOMMIT, atomic on its own, no
+    BEGIN/COMMIT round trips. Behind a transaction pooler: BEGIN … COMMIT, since between a
+    statement's Parse and its Bind outside a transaction PgBouncer may switch server connections."""
+    if pooler_of(engine) is Pooler.TRANSACTION:
+        return _Transactional(engine)
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+class _Transactional:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def connect(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.engine.begin()
+
+
+class ReadRouter:
+    """Reads that may lag the primary (history pages, admin lists) go to the replica; when the
+    replica cannot be reached they go to the primary instead, so a dead replica costs the primary
+    load, never an outage. A replica that answers but lags is used as it is (see README)."""
+
+    def __init__(self, replica: AsyncEngine, primary: AsyncEngine) -> None:
+        self.replica = replica
+        self.replica_single = single(replica)
+        self.primary_single = single(primary)
+
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(self.replica_single.connect())
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("read replica unreachable; reading from the primary", error=str(exc))
+                conn = await stack.enter_async_context(self.primary_single.connect())
+            yield conn
+
+    def connect(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._connect()
 
 
 @contextlib.contextmanager
@@ -90,11 +182,11 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
-async def connection_limit(url: str) -> int:
+async def connection_limit(url: str, pooler: Pooler = Pooler.NONE) -> int:
     """How many connections the server accepts from ordinary roles (superusers' reserve excluded)."""
-    engine = create_engine(url, pool_size=1)
+    engine = create_engine(url, pool_size=1, pooler=pooler)
     try:
-        async with engine.connect() as conn:
+        async with single(engine).connect() as conn:
             limit = await conn.scalar(
                 text(
                     "SELECT current_setting('max_connections')::int"
@@ -106,9 +198,9 @@ async def connection_limit(url: str) -> int:
     return int(limit)
 
 
-async def migrate_url(url: str, revision: str = "head") -> None:
+async def migrate_url(url: str, revision: str = "head", pooler: Pooler = Pooler.NONE) -> None:
     """`migrate` on a short-lived engine of its own (the CLI, the tests' template, the bench)."""
-    engine = create_engine(url, pool_size=1)
+    engine = create_engine(url, pool_size=1, pooler=pooler)
     try:
         await migrate(engine, revision)
     finally:
@@ -116,14 +208,12 @@ async def migrate_url(url: str, revision: str = "head") -> None:
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Apply pending migrations (up to `revision`: tests build older schemas); concurrent
-    callers wait on the lock, then find nothing to do."""
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
-        await conn.commit()
-        try:
-            await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), revision))
-            await conn.commit()
-        finally:
-            await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
-            await conn.commit()
+    """Apply pending migrations (up to `revision`: tests build older schemas) in one transaction
+    holding a transaction-scoped advisory lock: concurrent callers wait on the lock, then find
+    nothing to do. The lock ends with the transaction, on the connection that took it, whatever
+    happens (a session lock behind a transaction pooler was released on another server connection
+    and stayed held); `lock_timeout` turns any wait that would hang a start into an error."""
+    async with engine.begin() as conn:
+        await conn.execute(text(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'"))
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), revision))

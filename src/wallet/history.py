@@ -16,11 +16,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from wallet import statements
 from wallet.api import Admin, ClientId, Svc
+from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
@@ -138,7 +139,7 @@ def _page(items: list[dict[str, Any]], next_key: int | None) -> Response:
     return json_response(200, body)
 
 
-async def ledger_page(engine: AsyncEngine, client_id: str, limit: int, cursor: str | None) -> Response:
+async def ledger_page(engine: Connector, client_id: str, limit: int, cursor: str | None) -> Response:
     key = decode_cursor(cursor)
     params = {"client_id": client_id, "limit": limit + 1, "key": key}
     async with engine.connect() as conn:
@@ -161,7 +162,7 @@ router = APIRouter()
 async def own_transactions(
     svc: Svc, client_id: ClientId, limit: Limit = 20, cursor: Cursor = None
 ) -> Response:
-    return await ledger_page(svc.wallets.single, client_id, limit, cursor)
+    return await ledger_page(svc.reads, client_id, limit, cursor)
 
 
 @router.get(
@@ -176,7 +177,7 @@ async def own_orders(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> Response:
-    async with svc.wallets.single.connect() as conn:
+    async with svc.reads.connect() as conn:
         return await order_page(conn, limit, cursor, admin=False, client_id=client_id, status=status)
 
 
@@ -187,7 +188,7 @@ async def own_orders(
     responses={200: {"model": ClientEnvelope}, **error_responses(400, 401, 403, 404, 429)},
 )
 async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
-    async with svc.wallets.single.connect() as conn:
+    async with svc.reads.connect() as conn:
         row = (await conn.execute(_PROFILE, {"client_id": client_id})).first()
     if row is None:
         raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
@@ -215,7 +216,7 @@ async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
 async def client_ledger(
     svc: Svc, client_id: PathClientId, limit: Limit = 20, cursor: Cursor = None
 ) -> Response:
-    return await ledger_page(svc.wallets.single, client_id, limit, cursor)
+    return await ledger_page(svc.reads, client_id, limit, cursor)
 
 
 @router.get(

@@ -30,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
-from wallet.database import is_unavailable
+from wallet.database import is_unavailable, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable
 from wallet.events import INSERT_EVENT, order_data_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
@@ -193,7 +193,7 @@ class Orders:
         self.engine = engine
         self.key = settings.chain_key
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
-        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.single = single(engine)
         self.provider = provider
         self.settings = settings
 

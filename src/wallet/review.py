@@ -79,7 +79,7 @@ async def list_orders(
     cursor: Cursor = None,
 ) -> Response:
     """Every client's orders, newest first; `needsReview=true` is the review queue."""
-    async with svc.wallets.single.connect() as conn:
+    async with svc.reads.connect() as conn:
         return await order_page(
             conn, limit, cursor, admin=True, client_id=client_id, status=status, needs_review=needs_review
         )

@@ -227,8 +227,15 @@ class RevokedKeyEnvelope(BaseModel):
     data: RevokedKeyData
 
 
+class ReplicaStatus(BaseModel):
+    status: Literal["ok", "unreachable"]
+    lagSeconds: float | None
+
+
 class StatusData(BaseModel):
     status: Literal["ok", "ready"]
+    primary: Literal["ok"] | None = None  # /ready
+    replica: ReplicaStatus | None = None  # /ready with DATABASE_READ_URL: reported, never required
 
 
 class StatusEnvelope(BaseModel):

@@ -17,6 +17,7 @@ from limits import RateLimitItem, parse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from wallet.database import Pooler
 from wallet.ledger import KEY_ID_PATTERN, LedgerKey
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
 
     app_env: AppEnv = AppEnv.DEVELOPMENT
     database_url: str | None = None
+    # A replica for reads that may lag: history pages and admin reads (README: which reads go where).
+    database_read_url: str | None = None
+    # `transaction` when DATABASE_URL (and DATABASE_READ_URL) is a transaction-pooling PgBouncer.
+    db_pooler: Pooler = Pooler.NONE
     data_dir: Path = Path("./.wallet-data")
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
@@ -76,7 +81,7 @@ class Settings(BaseSettings):
     simulator: bool = False  # mount the built-in fulfillment simulator (development only)
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
-    db_pool_size: int = Field(20, ge=1, le=200)
+    db_pool_size: int = Field(20, ge=1, le=200)  # per worker, and again for the replica if any
     recovery_interval_seconds: float = Field(5.0, gt=0, le=3600)
     idempotency_ttl_hours: float = Field(24.0, ge=24)
 
@@ -140,7 +145,7 @@ class Settings(BaseSettings):
             pairs.append((key_id, secret))
         return tuple(pairs)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_read_url")
     @classmethod
     def _postgres_only(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(
@@ -177,6 +182,8 @@ class Settings(BaseSettings):
         old_ids = [key_id for key_id, _ in self.ledger_old_keys]
         if len(set(old_ids)) != len(old_ids) or self.ledger_key_id in old_ids:
             raise ValueError("LEDGER_OLD_KEYS: each key id once, and not LEDGER_KEY_ID's")
+        if self.database_read_url and not self.database_url:
+            raise ValueError("DATABASE_READ_URL: needs DATABASE_URL (the embedded server has no replica)")
         for name, url in (
             ("FULFILLMENT_API_URL", self.fulfillment_api_url),
             ("FULFILLMENT_STATUS_URL", self.fulfillment_status_url),
@@ -184,6 +191,13 @@ class Settings(BaseSettings):
             if url and not url.startswith(("http://", "https://")):
                 raise ValueError(f"{name}: must be an http(s) URL")
         return self
+
+    @property
+    def connections_per_host(self) -> int:
+        """The most database connections one `wallet serve` may open: every worker's pool, and
+        its replica pool when reads go to a replica (the start-up sizing line and the README)."""
+        pools = 2 if self.database_read_url else 1
+        return self.worker_count * self.db_pool_size * pools
 
     @property
     def production(self) -> bool:

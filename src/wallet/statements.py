@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
 
+from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.money import from_cents
 from wallet.wire import iso, json_response, ok
@@ -117,7 +118,7 @@ async def statement(
     return Statement(client_id, start, upper, opening or 0, closing or 0, totals, list(rows))
 
 
-async def balance_at(engine: AsyncEngine, client_id: str, at: datetime) -> int:
+async def balance_at(engine: Connector, client_id: str, at: datetime) -> int:
     async with engine.connect() as conn:
         known = (await conn.execute(_NOW, {"client_id": client_id})).one().known
         if not known:

@@ -67,7 +67,7 @@ SELECT o.order_id, o.client_id, o.status,
 FROM orders o
 LEFT JOIN ledger_entries e
        ON e.reference_id = o.order_id AND e.type IN ('ORDER_DEDUCTION', 'ORDER_REFUND')
-GROUP BY o.id
+GROUP BY o.client_id, o.id
 HAVING count(e.id) FILTER (WHERE e.type = 'ORDER_DEDUCTION') <> 1
     OR count(e.id) FILTER (WHERE e.type = 'ORDER_REFUND') <> (o.status = 'FAILED')::int
     OR count(e.id) FILTER (WHERE e.client_id <> o.client_id OR e.amount <> o.amount) > 0

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger
+from wallet.database import single
 from wallet.ledger import Balance, LedgerKey, Movement
 from wallet.money import from_cents
 from wallet.wire import Reply, dumps, ok
@@ -30,7 +31,7 @@ class Wallets:
         self.engine = engine
         self.key = key
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
-        self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.single = single(engine)
         self.idempotency_ttl_hours = idempotency_ttl_hours
 
     async def _once(

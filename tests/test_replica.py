@@ -1,0 +1,111 @@
+"""DATABASE_READ_URL: history pages and admin reads come from a streaming replica; anything a client
+must see right after its own write comes from the primary; a dead replica costs the primary load,
+not an outage. A primary and a replica of our own, from the machine's PostgreSQL binaries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from tests.builders import Api, Provider, start_service, until
+from tests.servers import Replicated, primary_and_replica
+from wallet.database import migrate_url, plain_url
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Iterator[Replicated]:
+    with primary_and_replica() as servers:
+        asyncio.run(migrate_url(servers.primary_url))
+        yield servers
+
+
+async def caught_up(replicated: Replicated) -> None:
+    """Until the replica has replayed everything the primary has written so far."""
+    primary = await asyncpg.connect(plain_url(replicated.primary_url))
+    replica = await asyncpg.connect(plain_url(replicated.replica_url))
+    try:
+        written = await primary.fetchval("SELECT pg_current_wal_lsn()")
+
+        async def replayed() -> bool:
+            return bool(await replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", written))
+
+        await until(replayed, what="the replica to replay the primary's writes")
+    finally:
+        await primary.close()
+        await replica.close()
+
+
+async def replay(replicated: Replicated, *, paused: bool) -> None:
+    replica = await asyncpg.connect(plain_url(replicated.replica_url))
+    try:
+        await replica.execute("SELECT pg_wal_replay_pause()" if paused else "SELECT pg_wal_replay_resume()")
+    finally:
+        await replica.close()
+
+
+async def history(api: Api, client_id: str) -> list[str]:
+    """The references of the client's ledger entries and the ids of its orders, as listed."""
+    ledger = await api.http.get("/wallet/transactions", headers={"client-id": client_id})
+    orders = await api.http.get("/orders", headers={"client-id": client_id})
+    assert ledger.status_code == 200, ledger.text
+    assert orders.status_code == 200, orders.text
+    return [e["type"] for e in ledger.json()["data"]] + [o["orderId"] for o in orders.json()["data"]]
+
+
+async def test_history_from_the_replica_own_writes_from_the_primary(
+    replicated: Replicated, provider: Provider
+) -> None:
+    async with start_service(
+        replicated.primary_url, provider.url, database_read_url=replicated.replica_url
+    ) as api:
+        assert (await api.credit("REPL", 100)).status_code == 200
+        await caught_up(replicated)
+        assert await history(api, "REPL") == ["CREDIT"]
+
+        await replay(replicated, paused=True)  # the replica lags from here on, as far as it likes
+        try:
+            placed = await api.order("REPL", 30)
+            assert placed.status_code == 201, placed.text
+            order_id = placed.json()["data"]["orderId"]
+            # The client's own write, read back at once: from the primary.
+            assert await api.balance("REPL") == 70
+            assert await api.order_status("REPL", order_id) == "COMPLETED"
+            # History comes from the replica, which has not replayed the order yet.
+            assert await history(api, "REPL") == ["CREDIT"]
+            profile = await api.http.get("/admin/clients/REPL", headers=api.admin_headers)
+            assert profile.json()["data"]["balance"] == 100
+        finally:
+            await replay(replicated, paused=False)
+        await caught_up(replicated)
+        assert await history(api, "REPL") == ["ORDER_DEDUCTION", "CREDIT", order_id]
+
+        ready = await api.http.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json()["data"]["replica"]["status"] == "ok"
+
+
+async def test_a_dead_replica_reads_fall_back_to_the_primary(provider: Provider) -> None:
+    with primary_and_replica() as servers:
+        await migrate_url(servers.primary_url)
+        async with start_service(
+            servers.primary_url, provider.url, database_read_url=servers.replica_url
+        ) as api:
+            assert (await api.credit("GONE", 10)).status_code == 200
+            await caught_up(servers)
+            assert await history(api, "GONE") == ["CREDIT"]
+            servers.stop_replica()
+            assert (await api.credit("GONE", 5)).status_code == 200
+            # Pooled connections to the dead replica fail once each (503), then new ones are refused
+            # at connect and the reads go to the primary.
+
+            async def from_primary() -> bool:
+                response = await api.http.get("/wallet/transactions", headers={"client-id": "GONE"})
+                return response.status_code == 200 and len(response.json()["data"]) == 2
+
+            await until(from_primary, what="history read from the primary")
+            ready = await api.http.get("/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["data"]["replica"]["status"] == "unreachable"
