@@ -12,13 +12,19 @@ run: $(STAMP)
 test: $(STAMP) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# The console's browser tests drive Debian's Chromium (/usr/bin/chromium) through Playwright;
-# installed here when running as root, as CI does. Playwright's own browser download
-# (`playwright install`) is never used.
+# What the tests drive besides Python, from Debian's packages, installed here when running as root
+# (as CI does) and missing: Chromium (/usr/bin/chromium) for the console's browser tests through
+# Playwright, whose own browser download (`playwright install`) is never used; and PgBouncer
+# (transaction mode, Debian's 1.18, what managed databases put in front), which the tests start
+# themselves. Their primary + streaming replica use the machine's PostgreSQL 15 binaries, else the
+# ones inside the embedded PostgreSQL wheel.
 test-tools:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -x /usr/bin/chromium ]; then \
-		echo "test: installing chromium (apt-get)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "test: installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 check: $(STAMP)
@@ -36,16 +42,6 @@ bench-tools: test-tools
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v wrk >/dev/null; then \
 		echo "bench: installing wrk (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
-	fi
-
-# The tests start their own PgBouncer (transaction mode, Debian's 1.18, what managed databases put in
-# front): installed here when running as root and missing. Their primary + streaming replica use
-# the machine's PostgreSQL 15 binaries, else the ones inside the embedded PostgreSQL wheel.
-test-tools:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v pgbouncer >/dev/null \
-		&& [ ! -x /usr/sbin/pgbouncer ]; then \
-		echo "test: installing pgbouncer (apt-get)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
 	fi
 
 $(STAMP): requirements.lock pyproject.toml
