@@ -82,11 +82,14 @@ JOIN events e ON e.client_id = c.client_id AND e.id = c.event_no
 JOIN webhook_endpoints w ON w.endpoint_id = c.endpoint_id
 ORDER BY e.id
 """)
+# An endpoint deleted while its delivery was at the receiver took the delivery with it (ON DELETE
+# CASCADE): its attempt is not logged either.
 _LOG_ATTEMPT = text("""
 INSERT INTO webhook_attempts (client_id, delivery_id, endpoint_id, event_id, attempted_at,
                               status_code, latency_ms, error, response_body)
-VALUES (:client_id, :delivery_id, :endpoint_id, :event_id, :attempted_at, :status_code,
-        :latency_ms, :error, :response_body)
+SELECT :client_id, :delivery_id, :endpoint_id, :event_id, :attempted_at, :status_code,
+       :latency_ms, :error, :response_body
+WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE endpoint_id = :endpoint_id)
 """)
 # Guarded by the attempt number: a claim that expired and was taken again is not overwritten.
 _SETTLE = text("""
