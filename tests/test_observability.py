@@ -125,7 +125,10 @@ async def test_metrics_count_rate_limit_refusals_and_unknown_routes(
 async def test_pool_gauge_counts_connections_in_use(database_url: str, provider: Provider) -> None:
     """A balance read held up by a table lock keeps one pooled connection checked out."""
     gauge = ("wallet_db_pool_connections_in_use", ())
-    async with start_service(database_url, provider.url, recovery_interval_seconds=3600) as api:
+    # No background job may hold a connection while the gauge is read: the resolver and the
+    # webhook delivery job run once at start, then not again during the test.
+    quiet = {"recovery_interval_seconds": 3600, "webhook_interval_seconds": 3600}
+    async with start_service(database_url, provider.url, **quiet) as api:
         await api.credit("ACME", 5)
         idle = (await scrape(api))[gauge]
         assert (await scrape(api))[("wallet_db_pool_connections_max", ())] >= 20
