@@ -143,7 +143,7 @@ async def test_pool_gauge_counts_connections_in_use(database_url: str, provider:
                 waiting = await blocker.fetchval(
                     """SELECT count(*) FROM pg_stat_activity
                        WHERE datname = current_database() AND application_name = 'wallet'
-                         AND wait_event_type = 'Lock'"""
+                         AND wait_event_type = 'Lock' AND query LIKE '%SELECT balance, updated_at%'"""
                 )
             busy = (await scrape(api))[gauge]
             await lock.rollback()
