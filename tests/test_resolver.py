@@ -243,7 +243,6 @@ async def test_database_connections_cut_mid_burst_leave_no_anonymous_charge(
                     " WHERE datname = current_database() AND application_name = 'wallet'"
                     " AND pid <> pg_backend_pid()"
                 )
-                await asyncio.sleep(0.005)
             return cuts
 
         cutter = asyncio.create_task(cut_connections())
