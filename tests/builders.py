@@ -18,10 +18,11 @@ from typing import Any
 
 import httpx
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wallet.app import create_app
 from wallet.ledger import LedgerKey
+from wallet.listen import read_delivery
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.simulator import Faults, Simulator
 
@@ -295,8 +296,9 @@ class Delivery:
 
 @dataclass
 class Receiver:
-    """A webhook receiver on loopback: records every request; answers the statuses queued in
-    `answers` first (with `headers`), then 200."""
+    """A webhook receiver on loopback: records every request, read as `wallet webhooks listen`
+    reads it, without judging it; answers the statuses queued in `answers` first (with
+    `headers`), then 200."""
 
     url: str = ""
     got: list[Delivery] = field(default_factory=list)
@@ -304,17 +306,10 @@ class Receiver:
     answer_headers: dict[str, str] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # hold every answer until it is set
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.got.append(Delivery(headers, body))
+        self.got.append(Delivery(*await read_delivery(scope, receive)))
         if self.gate is not None:
             await self.gate.wait()
         status = self.answers.pop(0) if self.answers else 200
