@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -21,7 +22,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wallet.app import create_app
-from wallet.ledger import LedgerKey
+from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.listen import read_delivery
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.simulator import Faults, Simulator
@@ -90,6 +91,26 @@ def dead_url() -> str:
 def ledger_key() -> LedgerKey:
     """The key the tests' services sign the ledger with."""
     return LedgerKey("k1", LEDGER_KEY.encode())
+
+
+_CONTENT_FIELDS = tuple(inspect.signature(canonical_content).parameters)
+
+
+def chain_hashes(
+    entries: Iterable[Mapping[str, Any]],
+    *,
+    previous: bytes = GENESIS_HASH,
+    secret: bytes | None = LEDGER_KEY.encode(),
+) -> list[bytes]:
+    """Each ledger entry's hash, chained from `previous` by ledger.py's rules (`secret` None: a
+    legacy unkeyed chain): what verify recomputes, and what anyone rewriting or forging a history
+    in the database has to write."""
+    hashes = []
+    for entry in entries:
+        content = canonical_content(**{name: entry[name] for name in _CONTENT_FIELDS})
+        previous = chain_hash(previous, content, secret)
+        hashes.append(previous)
+    return hashes
 
 
 def settings_env(database_url: str, provider_url: str, **overrides: Any) -> dict[str, Any]:
