@@ -15,7 +15,7 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet import events
-from wallet.api import Admin, ClientId, ClientIdField, Parsed, Svc, Text, _Body, body_doc, json_body
+from wallet.api import Admin, ClientId, ClientIdField, Parsed, RequestBody, Svc, Text, body_doc, json_body
 from wallet.errors import BadRequest, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
 from wallet.history import Cursor, Limit, PathClientId, _page, decode_cursor
@@ -46,7 +46,7 @@ After = Annotated[
 TypeFilter = Annotated[EventType | None, Query(alias="type")]
 
 
-class EndpointRequest(_Body):
+class EndpointRequest(RequestBody):
     url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://[^\x00-\x20]+$")]
     eventTypes: Annotated[list[EventType], Field(min_length=1, max_length=20)] | None = None
     description: Text | None = None
@@ -56,17 +56,17 @@ class AdminEndpointRequest(EndpointRequest):
     clientId: ClientIdField | None = Field(None, description="Omit for a global endpoint (every client)")
 
 
-class EndpointPatch(_Body):
+class EndpointPatch(RequestBody):
     enabled: bool
 
 
-class ReplayEvent(_Body):
+class ReplayEvent(RequestBody):
     """Deliver this one event again."""
 
     eventId: Annotated[str, Field(pattern=EVENT_ID_PATTERN)]
 
 
-class ReplaySince(_Body):
+class ReplaySince(RequestBody):
     """Deliver again every event whose delivery failed since this time."""
 
     since: Annotated[
@@ -78,7 +78,7 @@ class ReplayRequest(RootModel[ReplayEvent | ReplaySince]):
     pass
 
 
-class ThresholdRequest(_Body):
+class ThresholdRequest(RequestBody):
     amount: Amount | None = Field(description="null removes the threshold")
 
 
