@@ -110,9 +110,20 @@ _ENDPOINT_ERRORS = error_responses(400, 401, 403, 404, 429)
 _BODY_ERRORS = error_responses(400, 401, 403, 404, 413, 429)
 
 
-async def _events(svc: Svc, **filters: Any) -> Response:
+async def _events(
+    svc: Svc,
+    client_id: str | None,
+    type_: EventType | None,
+    after: str | None,
+    limit: int,
+    cursor: str | None,
+) -> Response:
+    """A page of events, newest first: the client's list and the admin's alike."""
+    before_key, since = decode_cursor(cursor), _time(after, "after")
     async with svc.wallets.single.connect() as conn:
-        items, next_key = await events.page(conn, **filters)
+        items, next_key = await events.page(
+            conn, limit=limit, before_key=before_key, client_id=client_id, type_=type_, after=since
+        )
     return _page(items, next_key)
 
 
@@ -126,10 +137,7 @@ async def own_events(
     cursor: Cursor = None,
 ) -> Response:
     """The caller's events, newest first."""
-    key = decode_cursor(cursor)
-    return await _events(
-        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_time(after, "after")
-    )
+    return await _events(svc, client_id, type, after, limit, cursor)
 
 
 @router.get(
@@ -146,10 +154,7 @@ async def all_events(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> Response:
-    key = decode_cursor(cursor)
-    return await _events(
-        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_time(after, "after")
-    )
+    return await _events(svc, client_id, type, after, limit, cursor)
 
 
 def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
