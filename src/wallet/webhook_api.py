@@ -18,7 +18,7 @@ from wallet import events
 from wallet.api import Admin, ClientId, ClientIdField, Parsed, RequestBody, Svc, Text, body_doc, json_body
 from wallet.errors import BadRequest, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
-from wallet.history import Cursor, Limit, PathClientId, _page, decode_cursor
+from wallet.history import Cursor, Limit, PathClientId, decode_cursor, page_response
 from wallet.money import Amount, from_cents
 from wallet.schemas import (
     AttemptPage,
@@ -124,7 +124,7 @@ async def _events(
         items, next_key = await events.page(
             conn, limit=limit, before_key=before_key, client_id=client_id, type_=type_, after=since
         )
-    return _page(items, next_key)
+    return page_response(items, next_key)
 
 
 @router.get("/events", tags=["client"], responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
@@ -232,7 +232,7 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
         items, next_key = await svc.webhooks.attempts(
             _endpoint_id(endpoint_id), who, limit, decode_cursor(cursor)
         )
-        return _page(items, next_key)
+        return page_response(items, next_key)
 
     @sub.post(
         prefix + "/{endpoint_id}/replay",
