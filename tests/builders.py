@@ -186,6 +186,38 @@ class Api:
         return Decimal(str(response.json()["data"]["balance"]))
 
 
+@dataclass
+class RawAnswer:
+    """An HTTP answer as it came over the socket (header names lower-case)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_exchange(api: Api, *parts: bytes) -> RawAnswer:
+    """Write `parts` as they are, one by one on a fresh connection, each flushed before the next
+    (what HTTP clients refuse to send: a NUL in a header, a head in pieces), then read the answer
+    until the server closes."""
+    url = httpx.URL(str(api.http.base_url))
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return RawAnswer(int(lines[0].split()[1]), headers, body)
+
+
 def spell_amount(cents: int, zeros: int, exponent: int) -> str:
     """A JSON literal worth exactly `cents`/100: the cents followed by `zeros` zeros, the decimal
     point placed so that the literal's exponent is `exponent` (1000, 3, -1 -> "100.0000e-1")."""
