@@ -170,7 +170,12 @@ def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
             check=True,
             capture_output=True,
         )
-        options = f"-c listen_addresses=127.0.0.1 -k {directory} -c fsync=off -c max_wal_senders=4"
+        # Any standby is synchronous, but only a transaction that asks waits for it (every other
+        # commit is local): the tests wait for the replica to catch up by such a commit.
+        synchronous = "-c synchronous_standby_names='*' -c synchronous_commit=local"
+        options = (
+            f"-c listen_addresses=127.0.0.1 -k {directory} -c fsync=off -c max_wal_senders=4 {synchronous}"
+        )
         started: list[Path] = []
         try:
             _pg_ctl(
