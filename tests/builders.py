@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import httpx
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wallet.app import create_app
+from wallet.database import plain_url
 from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.listen import read_delivery
 from wallet.protocol import JsonErrorsHttpToolsProtocol
@@ -166,13 +168,13 @@ class Api:
         status: str = response.json()["data"]["status"]
         return status
 
-    async def settled(self, client_id: str, *order_ids: str) -> None:
-        """Until none of these orders is PENDING any more."""
+    async def settled(self, commits: Commits, client_id: str, *order_ids: str) -> None:
+        """Until none of these orders is PENDING any more (checked as the service commits)."""
 
         async def none_pending() -> bool:
             return all([await self.order_status(client_id, o) != "PENDING" for o in order_ids])
 
-        await until(none_pending, what="orders settled")
+        await commits.until(none_pending, what="orders settled")
 
     async def wallet(self, client_id: str) -> dict[str, Any]:
         response = await self.http.get("/wallet/balance", headers={"client-id": client_id})
@@ -321,18 +323,73 @@ async def spawn_service(env: dict[str, str], *, unset: tuple[str, ...] = ()) -> 
         await pump
 
 
-async def until(
-    check: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str = "condition"
-) -> None:
-    """Wait for a condition the service reaches on its own (the resolver finishing an order):
-    check it every 20 ms, fail after `within` seconds."""
+COMMIT_CHANNEL = "wallet_test_commit"
+# Installed by `watch_commits` in the test's own database only: a statement trigger on every
+# table of the service that NOTIFYs when a statement wrote to it (even when it changed no row, so
+# a statement that lost a race is heard too). PostgreSQL delivers a NOTIFY when its transaction
+# commits, so whatever a notification announces is visible to every read that follows it.
+_NOTIFY_ON_WRITE = f"""
+CREATE OR REPLACE FUNCTION wallet_test_notify_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{COMMIT_CHANNEL}', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+DO $$
+DECLARE
+    name text;
+BEGIN
+    FOR name IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'
+    LOOP
+        EXECUTE format('CREATE OR REPLACE TRIGGER wallet_test_notify_commit'
+                       ' AFTER INSERT OR UPDATE OR DELETE ON %I'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION wallet_test_notify_commit()', name);
+    END LOOP;
+END
+$$;
+"""  # noqa: S608 (a constant channel name)
+
+
+class Commits:
+    """The commits of the service's writes to one database, heard through LISTEN: a condition the
+    service reaches on its own (the resolver settling an order, a delivery attempt logged) is
+    checked again each time something was committed, never on a timer."""
+
+    def __init__(self) -> None:
+        self._committed = asyncio.Event()
+
+    def _notified(self, *_: object) -> None:
+        self._committed.set()
+
+    async def until(
+        self, check: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str = "condition"
+    ) -> None:
+        """Until `check` holds: now, and again after each commit; fail after `within` seconds.
+        The event is cleared before each check, so a commit made during the check is not lost."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    self._committed.clear()
+                    if await check():
+                        return
+                    await self._committed.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def watch_commits(database_url: str) -> AsyncIterator[Commits]:
+    """Commits to the database at `database_url`, which must reach PostgreSQL itself: LISTEN needs
+    a session of its own, which a pooler in transaction mode does not keep. The triggers stay in
+    that database: use it on a test's own database only."""
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
-        async with asyncio.timeout(within):
-            # The condition lives in another process (or behind HTTP): nothing to wait on but it.
-            while not await check():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+        await conn.execute(_NOTIFY_ON_WRITE)
+        commits = Commits()
+        await conn.add_listener(COMMIT_CHANNEL, commits._notified)
+        yield commits
+    finally:
+        await conn.close()
 
 
 @dataclass
@@ -358,17 +415,34 @@ class Receiver:
     answers: list[int] = field(default_factory=list)
     answer_headers: dict[str, str] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # hold every answer until it is set
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         self.got.append(Delivery(*await read_delivery(scope, receive)))
+        async with self._arrived:
+            self._arrived.notify_all()
         if self.gate is not None:
             await self.gate.wait()
         status = self.answers.pop(0) if self.answers else 200
         extra = [(k.encode(), v.encode()) for k, v in self.answer_headers.items()] if status != 200 else []
         await send({"type": "http.response.start", "status": status, "headers": extra})
         await send({"type": "http.response.body", "body": b"ok" * 1000})
+
+    async def wait_for(
+        self, check: Callable[[], bool], *, within: float = 30.0, what: str = "deliveries"
+    ) -> None:
+        """Until `check` holds, checked as each request arrives; fail after `within` seconds."""
+        try:
+            async with asyncio.timeout(within), self._arrived:
+                await self._arrived.wait_for(check)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+    async def arrived(self, count: int) -> None:
+        """Until `count` requests have arrived (answered or not)."""
+        await self.wait_for(lambda: len(self.got) >= count, what=f"{count} deliveries")
 
     def events(self) -> list[dict[str, Any]]:
         return [d.event for d in self.got]
