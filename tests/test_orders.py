@@ -125,7 +125,9 @@ async def test_a_slow_provider_that_recorded_the_order_is_not_refunded(
 ) -> None:
     """The provider carries the order out but answers after the timeout, every time: the order
     completes with the id the provider gave the first time, and was fulfilled once."""
-    provider.set(answer_late_seconds=1.0)
+    # Lookups answer 503 (proving nothing) until the money is seen held: else the resolver may
+    # find the order carried out and complete it before the check.
+    provider.set(answer_late_seconds=1.0, lookup_status=503)
     status_url = provider.url if status_lookup else None
     async with start_service(
         database_url,
