@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import httpx
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wallet.app import create_app
-from wallet.ledger import LedgerKey
+from wallet.database import plain_url
+from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
+from wallet.listen import read_delivery
 from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.simulator import Faults, Simulator
 
@@ -91,6 +95,26 @@ def ledger_key() -> LedgerKey:
     return LedgerKey("k1", LEDGER_KEY.encode())
 
 
+_CONTENT_FIELDS = tuple(inspect.signature(canonical_content).parameters)
+
+
+def chain_hashes(
+    entries: Iterable[Mapping[str, Any]],
+    *,
+    previous: bytes = GENESIS_HASH,
+    secret: bytes | None = LEDGER_KEY.encode(),
+) -> list[bytes]:
+    """Each ledger entry's hash, chained from `previous` by ledger.py's rules (`secret` None: a
+    legacy unkeyed chain): what verify recomputes, and what anyone rewriting or forging a history
+    in the database has to write."""
+    hashes = []
+    for entry in entries:
+        content = canonical_content(**{name: entry[name] for name in _CONTENT_FIELDS})
+        previous = chain_hash(previous, content, secret)
+        hashes.append(previous)
+    return hashes
+
+
 def settings_env(database_url: str, provider_url: str, **overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "app_env": "development",
@@ -144,13 +168,13 @@ class Api:
         status: str = response.json()["data"]["status"]
         return status
 
-    async def settled(self, client_id: str, *order_ids: str) -> None:
-        """Until none of these orders is PENDING any more."""
+    async def settled(self, commits: Commits, client_id: str, *order_ids: str) -> None:
+        """Until none of these orders is PENDING any more (checked as the service commits)."""
 
         async def none_pending() -> bool:
             return all([await self.order_status(client_id, o) != "PENDING" for o in order_ids])
 
-        await until(none_pending, what="orders settled")
+        await commits.until(none_pending, what="orders settled")
 
     async def wallet(self, client_id: str) -> dict[str, Any]:
         response = await self.http.get("/wallet/balance", headers={"client-id": client_id})
@@ -162,6 +186,38 @@ class Api:
         response = await self.http.get("/wallet/balance", headers={"client-id": client_id})
         assert response.status_code == 200, response.text
         return Decimal(str(response.json()["data"]["balance"]))
+
+
+@dataclass
+class RawAnswer:
+    """An HTTP answer as it came over the socket (header names lower-case)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_exchange(api: Api, *parts: bytes) -> RawAnswer:
+    """Write `parts` as they are, one by one on a fresh connection, each flushed before the next
+    (what HTTP clients refuse to send: a NUL in a header, a head in pieces), then read the answer
+    until the server closes."""
+    url = httpx.URL(str(api.http.base_url))
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return RawAnswer(int(lines[0].split()[1]), headers, body)
 
 
 def spell_amount(cents: int, zeros: int, exponent: int) -> str:
@@ -267,18 +323,73 @@ async def spawn_service(env: dict[str, str], *, unset: tuple[str, ...] = ()) -> 
         await pump
 
 
-async def until(
-    check: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str = "condition"
-) -> None:
-    """Wait for a condition the service reaches on its own (the resolver finishing an order):
-    check it every 20 ms, fail after `within` seconds."""
+COMMIT_CHANNEL = "wallet_test_commit"
+# Installed by `watch_commits` in the test's own database only: a statement trigger on every
+# table of the service that NOTIFYs when a statement wrote to it (even when it changed no row, so
+# a statement that lost a race is heard too). PostgreSQL delivers a NOTIFY when its transaction
+# commits, so whatever a notification announces is visible to every read that follows it.
+_NOTIFY_ON_WRITE = f"""
+CREATE OR REPLACE FUNCTION wallet_test_notify_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{COMMIT_CHANNEL}', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+DO $$
+DECLARE
+    name text;
+BEGIN
+    FOR name IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'
+    LOOP
+        EXECUTE format('CREATE OR REPLACE TRIGGER wallet_test_notify_commit'
+                       ' AFTER INSERT OR UPDATE OR DELETE ON %I'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION wallet_test_notify_commit()', name);
+    END LOOP;
+END
+$$;
+"""  # noqa: S608 (a constant channel name)
+
+
+class Commits:
+    """The commits of the service's writes to one database, heard through LISTEN: a condition the
+    service reaches on its own (the resolver settling an order, a delivery attempt logged) is
+    checked again each time something was committed, never on a timer."""
+
+    def __init__(self) -> None:
+        self._committed = asyncio.Event()
+
+    def _notified(self, *_: object) -> None:
+        self._committed.set()
+
+    async def until(
+        self, check: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str = "condition"
+    ) -> None:
+        """Until `check` holds: now, and again after each commit; fail after `within` seconds.
+        The event is cleared before each check, so a commit made during the check is not lost."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    self._committed.clear()
+                    if await check():
+                        return
+                    await self._committed.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def watch_commits(database_url: str) -> AsyncIterator[Commits]:
+    """Commits to the database at `database_url`, which must reach PostgreSQL itself: LISTEN needs
+    a session of its own, which a pooler in transaction mode does not keep. The triggers stay in
+    that database: use it on a test's own database only."""
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
-        async with asyncio.timeout(within):
-            # The condition lives in another process (or behind HTTP): nothing to wait on but it.
-            while not await check():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+        await conn.execute(_NOTIFY_ON_WRITE)
+        commits = Commits()
+        await conn.add_listener(COMMIT_CHANNEL, commits._notified)
+        yield commits
+    finally:
+        await conn.close()
 
 
 @dataclass
@@ -295,32 +406,43 @@ class Delivery:
 
 @dataclass
 class Receiver:
-    """A webhook receiver on loopback: records every request; answers the statuses queued in
-    `answers` first (with `headers`), then 200."""
+    """A webhook receiver on loopback: records every request, read as `wallet webhooks listen`
+    reads it, without judging it; answers the statuses queued in `answers` first (with
+    `headers`), then 200."""
 
     url: str = ""
     got: list[Delivery] = field(default_factory=list)
     answers: list[int] = field(default_factory=list)
     answer_headers: dict[str, str] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # hold every answer until it is set
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.got.append(Delivery(headers, body))
+        self.got.append(Delivery(*await read_delivery(scope, receive)))
+        async with self._arrived:
+            self._arrived.notify_all()
         if self.gate is not None:
             await self.gate.wait()
         status = self.answers.pop(0) if self.answers else 200
         extra = [(k.encode(), v.encode()) for k, v in self.answer_headers.items()] if status != 200 else []
         await send({"type": "http.response.start", "status": status, "headers": extra})
         await send({"type": "http.response.body", "body": b"ok" * 1000})
+
+    async def wait_for(
+        self, check: Callable[[], bool], *, within: float = 30.0, what: str = "deliveries"
+    ) -> None:
+        """Until `check` holds, checked as each request arrives; fail after `within` seconds."""
+        try:
+            async with asyncio.timeout(within), self._arrived:
+                await self._arrived.wait_for(check)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+    async def arrived(self, count: int) -> None:
+        """Until `count` requests have arrived (answered or not)."""
+        await self.wait_for(lambda: len(self.got) >= count, what=f"{count} deliveries")
 
     def events(self) -> list[dict[str, Any]]:
         return [d.event for d in self.got]

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.builders import Provider, start_provider
+from tests.builders import Commits, Provider, start_provider, watch_commits
 from tests.servers import pgbouncer, with_server
 from wallet.database import embedded_postgres, migrate_url, plain_url
 
@@ -91,6 +91,16 @@ async def database_url(
         assert parsed.port is not None
         yield with_server(postgres_url, parsed.host, parsed.port, name)
     await _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def commits(database_url: str, postgres_url: str) -> AsyncIterator[Commits]:
+    """The commits to this test's database, heard from PostgreSQL itself (with DB_POOLER set, the
+    service goes through PgBouncer, but LISTEN needs a session of its own)."""
+    name = make_url(database_url).database
+    assert name is not None
+    async with watch_commits(_with_database(postgres_url, name)) as watching:
+        yield watching
 
 
 @pytest.fixture

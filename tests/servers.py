@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +54,26 @@ def _owned_temp_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
     return tmp
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Until the process accepts connections (it forks nothing: a failed start exits at once)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode}: {log.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.02)  # a child process starting: nothing to wait on but its port
-    raise RuntimeError(f"not listening after 30 s: {log.read_text(errors='replace')}")
+def _wait_for_line(process: subprocess.Popen[str], marker: str, within: float = 30) -> None:
+    """Until the process writes a line containing `marker` (its readiness line); fails if it
+    exits first or stays silent for `within` seconds. A thread reads the output as it comes and
+    goes on draining it afterwards, so the process never blocks on a full pipe."""
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip())
+            if marker in line:
+                done.set()
+        done.set()  # the output ended: the process exited
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(within):
+        raise RuntimeError(f"no {marker!r} after {within} s: " + "\n".join(lines))
+    if not any(marker in line for line in lines):
+        raise RuntimeError(f"exited with {process.wait()}: " + "\n".join(lines))
 
 
 def with_server(url: str, host: str, port: int, database: str | None = None) -> str:
@@ -109,11 +119,13 @@ def pgbouncer(server_url: str, *, pool_size: int = 20) -> Iterator[str]:
                 shutil.chown(path, "postgres", "postgres")
         process = subprocess.Popen(
             [*_as_user(), binary, str(directory / "pgbouncer.ini")],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            text=True,
         )
         try:
-            _wait_for_port(port, process, log)
+            # Logged once its sockets listen: connections from here on wait in the backlog.
+            _wait_for_line(process, "process up:")
             yield with_server(server_url, "127.0.0.1", port)
         finally:
             process.terminate()
@@ -158,7 +170,12 @@ def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
             check=True,
             capture_output=True,
         )
-        options = f"-c listen_addresses=127.0.0.1 -k {directory} -c fsync=off -c max_wal_senders=4"
+        # Any standby is synchronous, but only a transaction that asks waits for it (every other
+        # commit is local): the tests wait for the replica to catch up by such a commit.
+        synchronous = "-c synchronous_standby_names='*' -c synchronous_commit=local"
+        options = (
+            f"-c listen_addresses=127.0.0.1 -k {directory} -c fsync=off -c max_wal_senders=4 {synchronous}"
+        )
         started: list[Path] = []
         try:
             _pg_ctl(

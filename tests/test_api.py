@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.builders import ADMIN_KEY, Api, Provider, start_service
+from tests.builders import ADMIN_KEY, Api, Provider, raw_exchange, start_service
 
 ORDER_ID = re.compile(r"^ORD-\d{13}-[0-9a-f]{8}$")
 
@@ -122,9 +122,9 @@ async def test_malformed_client_ids_are_400(database_url: str, provider: Provide
                 + b"\r\n\r\n"
                 + content
             )
-            status, content_type, body = await raw_exchange(api, request)
-            assert (status, content_type) == (400, "application/json"), body
-            error = json.loads(body)
+            answer = await raw_exchange(api, request)
+            assert (answer.status, answer.headers.get("content-type")) == (400, "application/json"), answer
+            error = answer.json()
             assert error["success"] is False
             # A NUL or a line break is refused by the HTTP parser itself, anything else by us.
             assert error["code"] == (
@@ -141,22 +141,6 @@ async def test_malformed_client_ids_are_400(database_url: str, provider: Provide
 
 def _json_str(value: str) -> bytes:
     return json.dumps(value).encode()
-
-
-async def raw_exchange(api: Api, request: bytes) -> tuple[int, str, bytes]:
-    """Send bytes as they are on a fresh connection; (status, content type, body) of the answer."""
-    url = httpx.URL(str(api.http.base_url))
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(request)
-        answer = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers.get("content-type", ""), body
 
 
 async def test_missing_client_id_is_400(database_url: str, provider: Provider) -> None:

@@ -8,7 +8,7 @@ from collections import Counter
 
 import httpx
 
-from tests.builders import ADMIN_KEY, Provider, Receiver, spawn_service, start_receiver, start_service, until
+from tests.builders import ADMIN_KEY, Provider, Receiver, spawn_service, start_receiver, start_service
 
 
 async def test_sigkill_mid_delivery_repeats_at_most_with_the_same_webhook_id(
@@ -36,10 +36,7 @@ async def test_sigkill_mid_delivery_repeats_at_most_with_the_same_webhook_id(
             for _ in range(5):
                 await http.post("/admin/wallet/debit", json={"client_id": "C1", "amount": 1}, headers=admin)
 
-            async def calling() -> bool:
-                return len(receiver.got) >= 1
-
-            await until(calling, what="a delivery in flight")
+            await receiver.wait_for(lambda: len(receiver.got) >= 1, what="a delivery in flight")
             server.process.kill()  # while the receiver holds the first delivery
             await server.process.wait()
         receiver.gate.set()  # type: ignore[union-attr]
@@ -56,10 +53,10 @@ async def test_sigkill_mid_delivery_repeats_at_most_with_the_same_webhook_id(
             expected = {e["id"] for e in debits.json()["data"]}
             assert len(expected) == 5
 
-            async def all_delivered() -> bool:
-                return expected <= {d.headers["webhook-id"] for d in receiver.got[1:]}
-
-            await until(all_delivered, what="every event delivered after the restart")
+            await receiver.wait_for(
+                lambda: expected <= {d.headers["webhook-id"] for d in receiver.got[1:]},
+                what="every event delivered after the restart",
+            )
             seen = Counter(d.headers["webhook-id"] for d in receiver.got)
             assert set(seen) == expected
             assert seen[receiver.got[0].headers["webhook-id"]] == 2  # the one in flight, once more

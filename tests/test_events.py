@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.builders import Api, Provider, start_service
+from tests.builders import Api, Commits, Provider, start_service
 from wallet.database import plain_url
 
 
@@ -155,11 +155,13 @@ async def test_events_are_immutable_but_old_ones_can_be_purged(
 
 
 @pytest.mark.parametrize("outcome", ["fulfilled", "failed"])
-async def test_review_and_resolution_are_events(database_url: str, provider: Provider, outcome: str) -> None:
+async def test_review_and_resolution_are_events(
+    database_url: str, commits: Commits, provider: Provider, outcome: str
+) -> None:
     from tests.test_resolver import flagged, resolve, stuck_orders
 
     async with stuck_orders(database_url, provider) as (api, [order_id]):
-        await flagged(api, order_id)
+        await flagged(commits, api, order_id)
         body = {"outcome": outcome, "note": "checked"} | (
             {"fulfillmentId": "ff-1"} if outcome == "fulfilled" else {}
         )

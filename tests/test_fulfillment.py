@@ -11,6 +11,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -70,17 +71,28 @@ async def raw_provider(*behaviours: str) -> AsyncIterator[tuple[str, RawProvider
         server.close()
 
 
-async def fulfill(url: str, attempts: int, status_url: str | None = None) -> Outcome:
-    settings = Settings(
+@contextlib.asynccontextmanager
+async def provider_client(url: str, **settings: Any) -> AsyncIterator[Provider]:
+    """The service's client of the provider at `url`, with `settings` (a raw provider answers at
+    once, so a short timeout)."""
+    config = Settings(
         database_url="postgresql://unused/x",
         fulfillment_api_url=url,
-        fulfillment_status_url=status_url,
         fulfillment_timeout_seconds=0.3,
+        **settings,
+    )
+    async with new_http_client(config) as http:
+        yield Provider(config, http)
+
+
+async def fulfill(url: str, attempts: int, status_url: str | None = None) -> Outcome:
+    async with provider_client(
+        url,
+        fulfillment_status_url=status_url,
         fulfillment_max_attempts=attempts,
         fulfillment_backoff_seconds=0.01,
-    )
-    async with new_http_client(settings) as http:
-        return await Provider(settings, http).fulfill(ORDER_ID, "C1", 1050)
+    ) as client:
+        return await client.fulfill(ORDER_ID, "C1", 1050)
 
 
 CASES = [
@@ -130,18 +142,13 @@ async def test_nothing_listening_on_every_attempt_is_refused_as_never_sent() -> 
 async def test_a_call_that_may_have_landed_is_never_undone_by_a_later_unreachable_one() -> None:
     """The first attempt was sent and went unanswered; the provider then vanishes. The first
     attempt may have been carried out, so the order is not refused."""
-    async with raw_provider("hang") as (url, provider):
-        settings = Settings(
-            database_url="postgresql://unused/x",
-            fulfillment_api_url=url,
-            fulfillment_timeout_seconds=0.3,
-            fulfillment_max_attempts=1,
-        )
-        async with new_http_client(settings) as http:
-            client = Provider(settings, http)
-            first = await client.fulfill(ORDER_ID, "C1", 1050)
-            client._url = dead_url()  # the provider is gone now
-            again = await client.ask_again(ORDER_ID, "C1", 1050)
+    async with (
+        raw_provider("hang") as (url, provider),
+        provider_client(url, fulfillment_max_attempts=1) as client,
+    ):
+        first = await client.fulfill(ORDER_ID, "C1", 1050)
+        client._url = dead_url()  # the provider is gone now
+        again = await client.ask_again(ORDER_ID, "C1", 1050)
     assert first.kind is Kind.UNKNOWN
     assert again.kind is Kind.UNKNOWN
     assert len(provider.requests) == 1
@@ -167,15 +174,9 @@ async def test_the_resolver_looks_the_order_up_first_when_it_can(lookup: str, ki
     async with (
         raw_provider('201 {"id": "ff-9"}') as (url, poster),
         raw_provider(lookup) as (status_url, looker),
+        provider_client(url, fulfillment_status_url=status_url) as client,
     ):
-        settings = Settings(
-            database_url="postgresql://unused/x",
-            fulfillment_api_url=url,
-            fulfillment_status_url=status_url,
-            fulfillment_timeout_seconds=0.3,
-        )
-        async with new_http_client(settings) as http:
-            outcome = await Provider(settings, http).ask_again(ORDER_ID, "C1", 1050)
+        outcome = await client.ask_again(ORDER_ID, "C1", 1050)
     assert outcome.kind is kind
     assert len(poster.requests) == posts
     assert looker.requests[0].startswith(f"GET /fulfillments/{ORDER_ID} ".encode())
@@ -190,19 +191,12 @@ async def test_nothing_found_while_an_earlier_call_may_still_arrive_proves_nothi
     async with (
         raw_provider('201 {"id": "ff-3"}') as (url, poster),
         raw_provider("404 {}") as (status_url, looker),
+        provider_client(url, fulfillment_status_url=status_url) as client,
     ):
-        settings = Settings(
-            database_url="postgresql://unused/x",
-            fulfillment_api_url=url,
-            fulfillment_status_url=status_url,
-            fulfillment_timeout_seconds=0.3,
-        )
-        async with new_http_client(settings) as http:
-            client = Provider(settings, http)
-            soon = datetime.now(UTC) + timedelta(seconds=60)
-            outcome = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=soon)
-            long_ago = datetime.now(UTC) - timedelta(seconds=60)
-            settled = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=long_ago)
+        soon = datetime.now(UTC) + timedelta(seconds=60)
+        outcome = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=soon)
+        long_ago = datetime.now(UTC) - timedelta(seconds=60)
+        settled = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=long_ago)
     assert outcome.kind is Kind.FULFILLED
     assert outcome.fulfillment_id == "ff-3"
     assert len(poster.requests) == 1

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.builders import Api, Provider, dead_url, start_service
+from tests.builders import Api, Commits, Provider, dead_url, start_service
 from wallet.database import plain_url
 
 
@@ -95,7 +95,7 @@ async def test_a_refusal_is_502_after_one_attempt_and_refunded(
 
 @pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 503, 504])
 async def test_an_unknown_answer_holds_the_money_until_the_provider_answers(
-    database_url: str, provider: Provider, status: int
+    database_url: str, commits: Commits, provider: Provider, status: int
 ) -> None:
     """Never refunded while it may have been carried out; completed once the provider is back."""
     gate = asyncio.Event()
@@ -112,7 +112,7 @@ async def test_an_unknown_answer_holds_the_money_until_the_provider_answers(
         await provider.simulator.wait_for_calls(len(provider.simulator.calls) + 1)
         await assert_held(api, "C1", 70, 30)
         gate.set()
-        await api.settled("C1", order_id)
+        await api.settled(commits, "C1", order_id)
         assert await api.order_status("C1", order_id) == "COMPLETED"
         await assert_held(api, "C1", 70, 0)
         assert [t for t, *_ in await ledger_types(database_url, "C1")] == ["CREDIT", "ORDER_DEDUCTION"]
@@ -121,11 +121,13 @@ async def test_an_unknown_answer_holds_the_money_until_the_provider_answers(
 
 @pytest.mark.parametrize("status_lookup", [False, True])
 async def test_a_slow_provider_that_recorded_the_order_is_not_refunded(
-    database_url: str, provider: Provider, status_lookup: bool
+    database_url: str, commits: Commits, provider: Provider, status_lookup: bool
 ) -> None:
     """The provider carries the order out but answers after the timeout, every time: the order
     completes with the id the provider gave the first time, and was fulfilled once."""
-    provider.set(answer_late_seconds=1.0)
+    # Lookups answer 503 (proving nothing) until the money is seen held: else the resolver may
+    # find the order carried out and complete it before the check.
+    provider.set(answer_late_seconds=1.0, lookup_status=503)
     status_url = provider.url if status_lookup else None
     async with start_service(
         database_url,
@@ -138,7 +140,7 @@ async def test_a_slow_provider_that_recorded_the_order_is_not_refunded(
         order_id = assert_accepted(await api.order("C1", 30), 30)
         await assert_held(api, "C1", 70, 30)
         provider.set()  # answering in time again
-        await api.settled("C1", order_id)
+        await api.settled(commits, "C1", order_id)
         order = (await api.get_order("C1", order_id)).json()["data"]
         assert order["status"] == "COMPLETED"
         assert order["fulfillmentId"] == provider.simulator.by_order[order_id]
@@ -150,7 +152,7 @@ async def test_a_slow_provider_that_recorded_the_order_is_not_refunded(
 
 
 async def test_a_provider_down_for_a_while_ends_every_order_completed_once(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     provider.set(error_status=503)
     async with start_service(database_url, provider.url, fulfillment_max_attempts=2) as api:
@@ -159,7 +161,7 @@ async def test_a_provider_down_for_a_while_ends_every_order_completed_once(
         order_ids = [assert_accepted(r, 10) for r in responses]
         await assert_held(api, "C1", 800, 200)
         provider.set()
-        await api.settled("C1", *order_ids)
+        await api.settled(commits, "C1", *order_ids)
         assert {await api.order_status("C1", o) for o in order_ids} == {"COMPLETED"}
         assert set(provider.simulator.fulfilled) == set(order_ids)  # each fulfilled, under its own key
         await assert_held(api, "C1", 800, 0)
@@ -232,7 +234,9 @@ async def test_refund_on_unknown_fails_and_refunds_a_timeout_with_503(
 # --- replays tell the current state --------------------------------------------------------
 
 
-async def test_replaying_a_202_tells_the_order_as_it_is_now(database_url: str, provider: Provider) -> None:
+async def test_replaying_a_202_tells_the_order_as_it_is_now(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
     provider.set(error_status=503)
     key = {"Idempotency-Key": "order-1"}
     async with start_service(
@@ -247,7 +251,7 @@ async def test_replaying_a_202_tells_the_order_as_it_is_now(database_url: str, p
         assert again.content == first.content
     provider.set()
     async with start_service(database_url, provider.url) as api:
-        await api.settled("C1", order_id)
+        await api.settled(commits, "C1", order_id)
         later = await api.order("C1", 30, headers=key)
         assert later.status_code == 201
         assert later.headers["Idempotent-Replayed"] == "true"

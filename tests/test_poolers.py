@@ -17,7 +17,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, spawn_service, until
+from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, spawn_service, watch_commits
 from tests.servers import pgbouncer, primary_and_replica
 from wallet.database import MIGRATION_LOCK, migrate_url, plain_url
 
@@ -147,6 +147,7 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
     env = pooled_env(pooled_url, provider)
     limits = httpx.Limits(max_connections=200)
     async with (
+        watch_commits(own_database) as commits,
         spawn_service(env) as server,
         spawn_service(env) as other,
         httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http,
@@ -177,7 +178,7 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
                 pending: int = await direct.fetchval("SELECT count(*) FROM orders WHERE status = 'PENDING'")
                 return pending == 0
 
-            await until(none_pending, what="the resolver to finish every order through PgBouncer")
+            await commits.until(none_pending, what="the resolver to finish every order through PgBouncer")
             # The money audit: what was credited, less what completed orders took, is in the wallets.
             credited_total = await direct.fetchval(
                 "SELECT sum(amount) FROM ledger_entries WHERE type = 'CREDIT'"

@@ -4,41 +4,13 @@ refusal of the HTTP layer is the JSON envelope, over a raw socket as a client wo
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.builders import Api, Provider, start_service
+from tests.builders import Api, Provider, RawAnswer, raw_exchange, start_service
 from wallet.protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: Any
-
-
-async def exchange(api: Api, *parts: bytes) -> Answer:
-    """Write `parts` one by one on a fresh connection (each flushed before the next), then read
-    the answer until the server closes."""
-    url = httpx.URL(str(api.http.base_url))
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        for part in parts:
-            writer.write(part)
-            await writer.drain()
-        answer = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    return Answer(int(lines[0].split()[1]), headers, json.loads(body) if body else None)
 
 
 def request(*headers: bytes, target: bytes = b"/health") -> bytes:
@@ -51,13 +23,14 @@ def header(name: str, line_length: int) -> bytes:
     return f"{name}: ".encode() + b"x" * (line_length - len(name) - 2)
 
 
-def assert_refused(answer: Answer, status: int, code: str) -> None:
+def assert_refused(answer: RawAnswer, status: int, code: str) -> None:
     assert answer.status == status, answer
     assert answer.headers["content-type"] == "application/json"
     assert answer.headers["connection"] == "close"
-    assert answer.body["success"] is False
-    assert answer.body["code"] == code
-    assert answer.body["error"]
+    error = answer.json()
+    assert error["success"] is False
+    assert error["code"] == code
+    assert error["error"]
 
 
 async def assert_still_serving(api: Api) -> None:
@@ -71,7 +44,7 @@ async def api(database_url: str, provider: Provider) -> Any:
 
 
 async def test_a_one_megabyte_header_is_431(api: Api) -> None:
-    answer = await exchange(api, request(header("X-Big", 1024 * 1024)))
+    answer = await raw_exchange(api, request(header("X-Big", 1024 * 1024)))
     assert_refused(answer, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
     await assert_still_serving(api)
 
@@ -93,30 +66,30 @@ async def test_an_oversized_head_is_refused_before_it_ends(api: Api) -> None:
 
 
 async def test_a_header_line_is_bounded(api: Api) -> None:
-    fits = await exchange(api, request(header("X-Line", MAX_LINE_BYTES)))
+    fits = await raw_exchange(api, request(header("X-Line", MAX_LINE_BYTES)))
     assert fits.status == 200, fits
-    over = await exchange(api, request(header("X-Line", MAX_LINE_BYTES + 1)))
+    over = await raw_exchange(api, request(header("X-Line", MAX_LINE_BYTES + 1)))
     assert_refused(over, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
     await assert_still_serving(api)
 
 
 async def test_the_number_of_headers_is_bounded(api: Api) -> None:
     # `request` writes Host and Connection itself.
-    fits = await exchange(api, request(*(f"X-N{n}: v".encode() for n in range(MAX_HEADERS - 2))))
+    fits = await raw_exchange(api, request(*(f"X-N{n}: v".encode() for n in range(MAX_HEADERS - 2))))
     assert fits.status == 200, fits
-    over = await exchange(api, request(*(f"X-N{n}: v".encode() for n in range(MAX_HEADERS - 1))))
+    over = await raw_exchange(api, request(*(f"X-N{n}: v".encode() for n in range(MAX_HEADERS - 1))))
     assert_refused(over, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
-    many = await exchange(api, request(*(f"X-N{n}: v".encode() for n in range(10_000))))
+    many = await raw_exchange(api, request(*(f"X-N{n}: v".encode() for n in range(10_000))))
     assert_refused(many, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
     await assert_still_serving(api)
 
 
 async def test_the_whole_head_is_bounded(api: Api) -> None:
     line = MAX_LINE_BYTES - 100
-    fits = await exchange(api, request(*(header(f"X-H{n}", line) for n in range(3))))
+    fits = await raw_exchange(api, request(*(header(f"X-H{n}", line) for n in range(3))))
     assert fits.status == 200, fits
     lines = MAX_HEAD_BYTES // line + 1  # each line fits, all of them do not
-    over = await exchange(api, request(*(header(f"X-H{n}", line) for n in range(lines))))
+    over = await raw_exchange(api, request(*(header(f"X-H{n}", line) for n in range(lines))))
     assert_refused(over, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
     await assert_still_serving(api)
 
@@ -126,22 +99,22 @@ async def test_a_head_trickled_in_many_writes_is_bounded_the_same(api: Api) -> N
         return [data[i : i + size] for i in range(0, len(data), size)]
 
     huge = request(header("X-Big", 1024 * 1024))
-    assert_refused(await exchange(api, *pieces(huge, 1024)), 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
+    assert_refused(await raw_exchange(api, *pieces(huge, 1024)), 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
     long_line = request(header("X-Line", MAX_LINE_BYTES + 1))
-    assert_refused(await exchange(api, *pieces(long_line, 7)), 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
-    normal = await exchange(api, *pieces(request(header("X-Line", 2000)), 1))
+    assert_refused(await raw_exchange(api, *pieces(long_line, 7)), 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
+    normal = await raw_exchange(api, *pieces(request(header("X-Line", 2000)), 1))
     assert normal.status == 200, normal
-    assert normal.body == {"success": True, "data": {"status": "ok"}}
+    assert normal.json() == {"success": True, "data": {"status": "ok"}}
     await assert_still_serving(api)
 
 
 async def test_a_long_request_target_is_414(api: Api) -> None:
     query = b"/health?q="
-    fits = await exchange(api, request(target=query + b"a" * (MAX_LINE_BYTES - len(query))))
+    fits = await raw_exchange(api, request(target=query + b"a" * (MAX_LINE_BYTES - len(query))))
     assert fits.status == 200, fits
-    over = await exchange(api, request(target=query + b"a" * (MAX_LINE_BYTES - len(query) + 1)))
+    over = await raw_exchange(api, request(target=query + b"a" * (MAX_LINE_BYTES - len(query) + 1)))
     assert_refused(over, 414, "URI_TOO_LONG")
-    huge = await exchange(api, request(target=b"/" + b"a" * (1024 * 1024)))
+    huge = await raw_exchange(api, request(target=b"/" + b"a" * (1024 * 1024)))
     assert_refused(huge, 414, "URI_TOO_LONG")
     await assert_still_serving(api)
 

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.builders import ADMIN_KEY, Api, Provider, settings_env, spawn_service, start_service, until
+from tests.builders import ADMIN_KEY, Api, Commits, Provider, settings_env, spawn_service, start_service
 from tests.test_orders import assert_accepted, assert_held, ledger_types
 from tests.test_workers import metric
 from wallet.database import create_engine, plain_url
@@ -65,18 +65,18 @@ async def stuck_orders(
         yield api, order_ids
 
 
-async def flagged(api: Api, *order_ids: str) -> None:
+async def flagged(commits: Commits, api: Api, *order_ids: str) -> None:
     async def all_flagged() -> bool:
         return set(order_ids) <= set(await review_queue(api))
 
-    await until(all_flagged, what="orders flagged for review")
+    await commits.until(all_flagged, what="orders flagged for review")
 
 
 async def test_an_order_unknown_too_long_is_flagged_and_resolved_as_fulfilled(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     async with stuck_orders(database_url, provider) as (api, [order_id]):
-        await flagged(api, order_id)
+        await flagged(commits, api, order_id)
         order = await admin_order(api, order_id)
         assert order["status"] == "PENDING"
         assert order["needsReview"] is True
@@ -105,10 +105,10 @@ async def test_an_order_unknown_too_long_is_flagged_and_resolved_as_fulfilled(
 
 
 async def test_resolving_as_failed_refunds_once_and_a_second_resolution_is_409(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     async with stuck_orders(database_url, provider) as (api, [order_id]):
-        await flagged(api, order_id)
+        await flagged(commits, api, order_id)
         key = {"Idempotency-Key": "resolve-1"}
         body = {"outcome": "failed", "note": "provider confirms it never shipped"}
         first = await resolve(api, order_id, body, **key)
@@ -155,7 +155,7 @@ async def test_resolve_requests_are_validated(database_url: str, provider: Provi
 
 
 async def test_an_operator_and_the_resolver_racing_for_one_order_exactly_one_wins(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     """The resolver is at the provider for the order when the operator resolves it: the
     operator wins, and the resolver's answer, arriving after, changes nothing."""
@@ -172,7 +172,7 @@ async def test_an_operator_and_the_resolver_racing_for_one_order_exactly_one_win
         async def resolver_heard_back() -> bool:
             return await resolver_fulfilled(api) > answered
 
-        await until(resolver_heard_back, what="the resolver to get the provider's answer")
+        await commits.until(resolver_heard_back, what="the resolver to get the provider's answer")
         assert (await admin_order(api, order_id))["status"] == "FAILED"
         await assert_held(api, "C1", 100, 0)
         types = [t for t, *_ in await ledger_types(database_url, "C1")]
@@ -226,7 +226,7 @@ async def test_admin_orders_are_paged_and_filtered(database_url: str, provider: 
 
 
 async def test_database_connections_cut_mid_burst_leave_no_anonymous_charge(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     """Every answer that follows a deduction names the order; an answer that names none moved no
     money; afterwards nothing is PENDING and the ledger verifies."""
@@ -267,7 +267,7 @@ async def test_database_connections_cut_mid_burst_leave_no_anonymous_charge(
         finally:
             await conn.close()
         assert placed <= named  # no order exists that its answer did not name
-        await api.settled("C1", *placed)
+        await api.settled(commits, "C1", *placed)
         wallet = await api.wallet("C1")
         assert wallet["held"] == 0
         statuses = [await api.order_status("C1", o) for o in placed]
@@ -281,7 +281,7 @@ async def test_database_connections_cut_mid_burst_leave_no_anonymous_charge(
 
 
 async def test_a_process_killed_during_the_resolvers_call_finishes_the_order_once_after_restart(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     env = {
         "DATABASE_URL": database_url,
@@ -306,13 +306,10 @@ async def test_a_process_killed_during_the_resolvers_call_finishes_the_order_onc
         await server.process.wait()
     gate.set()  # the provider carries it out, answering a process that is gone
 
-    async def carried_out() -> bool:
-        return order_id in provider.simulator.fulfilled
-
-    await until(carried_out, what="the provider to carry the order out")
+    await asyncio.wait_for(provider.simulator.wait_for_fulfilled(order_id), 30)
     async with spawn_service(env) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         api = Api(http)
-        await api.settled("C1", order_id)
+        await api.settled(commits, "C1", order_id)
         order = (await api.get_order("C1", order_id)).json()["data"]
         await assert_held(api, "C1", 70, 0)
     assert order["status"] == "COMPLETED"

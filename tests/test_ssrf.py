@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.builders import Provider, start_receiver, start_service, until
+from tests.builders import Commits, Provider, start_receiver, start_service
 from wallet import ssrf
 
 
@@ -84,7 +84,9 @@ async def test_registration_refuses_private_targets_unless_allowed(
         assert allowed.status_code == 201
 
 
-async def test_each_delivery_checks_the_target_again(database_url: str, provider: Provider) -> None:
+async def test_each_delivery_checks_the_target_again(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
     """An endpoint registered while allowed (or whose name now resolves elsewhere) is refused at
     delivery time, before any connection: the receiver never hears of it."""
     async with start_receiver() as receiver:
@@ -104,5 +106,5 @@ async def test_each_delivery_checks_the_target_again(database_url: str, provider
                 attempts = (await api.http.get(path, headers={"client-id": "C1"})).json()["data"]
                 return bool(attempts) and attempts[0]["error"].startswith("refused:")
 
-            await until(refused, what="a refused delivery attempt")
+            await commits.until(refused, what="a refused delivery attempt")
         assert receiver.got == []

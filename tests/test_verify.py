@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.builders import LEDGER_KEY, Api, Provider, start_service
+from tests.builders import LEDGER_KEY, Api, Provider, chain_hashes, start_service
 from wallet import ledger
 from wallet.database import migrate_url, plain_url
 
@@ -312,18 +312,18 @@ async def _append_forgery(database_url: str, *, key_id: str | None, secret: byte
         )
         entry_no, amount = head["entry_count"] + 1, 1_000_000
         created_at = head["updated_at"] + timedelta(seconds=1)
-        content = ledger.canonical_content(
-            client_id="A",
-            entry_no=entry_no,
-            type="CREDIT",
-            amount=amount,
-            balance_before=head["balance"],
-            balance_after=head["balance"] + amount,
-            reference_id=None,
-            description="forged",
-            created_at=created_at,
-        )
-        digest = ledger.chain_hash(bytes(head["head_hash"]), content, secret)
+        forged = {
+            "client_id": "A",
+            "entry_no": entry_no,
+            "type": "CREDIT",
+            "amount": amount,
+            "balance_before": head["balance"],
+            "balance_after": head["balance"] + amount,
+            "reference_id": None,
+            "description": "forged",
+            "created_at": created_at,
+        }
+        [digest] = chain_hashes([forged], previous=bytes(head["head_hash"]), secret=secret)
         async with conn.transaction():
             if key_id is None:  # the database refuses unkeyed entries since 0003: off with that
                 await conn.execute("ALTER TABLE ledger_entries DROP CONSTRAINT ledger_keyed_since_0003")
@@ -467,29 +467,19 @@ async def test_digest_catches_a_replaced_history(
     conn = await asyncpg.connect(plain_url(database_url))
     try:
         rows = await conn.fetch("SELECT * FROM ledger_entries WHERE client_id = 'B' ORDER BY entry_no")
-        previous, hashes = ledger.GENESIS_HASH, []
-        for row in rows:
-            description = "rewritten" if row["entry_no"] == 1 else row["description"]
-            content = ledger.canonical_content(
-                client_id="B",
-                entry_no=row["entry_no"],
-                type=row["type"],
-                amount=row["amount"],
-                balance_before=row["balance_before"],
-                balance_after=row["balance_after"],
-                reference_id=row["reference_id"],
-                description=description,
-                created_at=row["created_at"],
-            )
-            previous = ledger.chain_hash(previous, content, LEDGER_KEY.encode())
-            hashes.append((row["id"], previous))
     finally:
         await conn.close()
+    hashes = chain_hashes(
+        {**row, "description": "rewritten"} if row["entry_no"] == 1 else row for row in rows
+    )
     await tamper(
         database_url,
         "UPDATE ledger_entries SET description = 'rewritten' WHERE client_id = 'B' AND entry_no = 1",
-        *[f"UPDATE ledger_entries SET hash = '\\x{h.hex()}' WHERE id = {i}" for i, h in hashes],  # noqa: S608
-        f"UPDATE wallets SET head_hash = '\\x{previous.hex()}' WHERE client_id = 'B'",  # noqa: S608
+        *[
+            f"UPDATE ledger_entries SET hash = '\\x{h.hex()}' WHERE id = {row['id']}"  # noqa: S608
+            for row, h in zip(rows, hashes, strict=True)
+        ],
+        f"UPDATE wallets SET head_hash = '\\x{hashes[-1].hex()}' WHERE client_id = 'B'",  # noqa: S608
     )
     assert run_verify(database_url, tmp_path).returncode == 0  # consistent, and made with the key
     result = run_verify(database_url, tmp_path, "--digest", str(tmp_path / "digest.json"))
@@ -611,7 +601,9 @@ async def _write_legacy_ledger(
     url: str, *, conn: asyncpg.Connection | None = None, description: str = "opening", replace: bool = False
 ) -> None:
     """Client L with a credit of 10.00 and a debit of 3.00, hashed as before 0003:
-    sha256(previous hash || content), written by direct inserts as the old statements did."""
+    sha256(previous hash || content), written by direct inserts as the old statements did. The old
+    hash is spelled out here, not taken from `chain_hashes`: what verify accepts as legacy is
+    checked against the old rule itself."""
     own = conn is None
     db = conn if conn is not None else await asyncpg.connect(url)
     try:

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.builders import Api, Delivery, Provider, Receiver, free_port, start_receiver, start_service, until
+from tests.builders import (
+    Api,
+    Commits,
+    Delivery,
+    Provider,
+    Receiver,
+    free_port,
+    start_receiver,
+    start_service,
+)
 
 FAST = {
     "webhook_allow_private": True,
@@ -43,13 +52,6 @@ async def register(api: Api, url: str, client_id: str | None = "C1", **body: Any
     return data
 
 
-async def arrived(receiver: Receiver, count: int) -> None:
-    async def enough() -> bool:
-        return len(receiver.got) >= count
-
-    await until(enough, what=f"{count} deliveries")
-
-
 def verify(delivery: Delivery, secret: str) -> dict[str, Any]:
     event: dict[str, Any] = Webhook(secret).verify(delivery.body, delivery.headers)
     return event
@@ -62,7 +64,7 @@ async def test_deliveries_are_signed_per_standard_webhooks(database_url: str, pr
         assert endpoint["secret"].startswith("whsec_")
         assert endpoint["clientId"] == "C1"
         await api.debit("C1", 2.5)
-        await arrived(receiver, 1)
+        await receiver.arrived(1)
         delivery = receiver.got[0]
         event = verify(delivery, endpoint["secret"])
         assert delivery.headers["webhook-id"] == event["id"]
@@ -86,7 +88,9 @@ async def test_deliveries_are_signed_per_standard_webhooks(database_url: str, pr
             Webhook(endpoint["secret"]).verify(delivery.body, stale)
 
 
-async def test_a_receiver_down_then_up_gets_every_event(database_url: str, provider: Provider) -> None:
+async def test_a_receiver_down_then_up_gets_every_event(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
     port = free_port()
     async with service(database_url, provider) as api:
         await api.credit("C1", 100)
@@ -99,9 +103,9 @@ async def test_a_receiver_down_then_up_gets_every_event(database_url: str, provi
             attempts = (await api.http.get(log_path, headers={"client-id": "C1"})).json()["data"]
             return len(attempts) >= 5 and all(a["statusCode"] is None and a["error"] for a in attempts)
 
-        await until(refused_a_few, what="failed attempts while the receiver is down")
+        await commits.until(refused_a_few, what="failed attempts while the receiver is down")
         async with start_receiver(port=port) as receiver:
-            await arrived(receiver, 5)
+            await receiver.arrived(5)
             ids = {verify(d, endpoint["secret"])["id"] for d in receiver.got}
         events = (
             await api.http.get("/events", params={"type": "wallet.debited"}, headers={"client-id": "C1"})
@@ -110,7 +114,7 @@ async def test_a_receiver_down_then_up_gets_every_event(database_url: str, provi
 
 
 async def test_an_order_pending_then_completed_is_told_in_order_to_its_client_only(
-    database_url: str, provider: Provider
+    database_url: str, commits: Commits, provider: Provider
 ) -> None:
     provider.set(error_status=503)
     async with (
@@ -126,15 +130,17 @@ async def test_an_order_pending_then_completed_is_told_in_order_to_its_client_on
         response = await api.order("C1", 10)
         assert response.status_code == 202
         provider.set()
-        await api.settled("C1", response.json()["data"]["orderId"])
-        await arrived(mine, 2)
+        await api.settled(commits, "C1", response.json()["data"]["orderId"])
+        await mine.arrived(2)
         assert mine.types() == ["order.pending", "order.completed"]
         assert [e["data"]["status"] for e in mine.events()] == ["PENDING", "COMPLETED"]
-        await arrived(theirs, 1)
+        await theirs.arrived(1)
         assert {e["clientId"] for e in theirs.events()} == {"C2"}
 
 
-async def test_410_disables_the_endpoint_with_an_event(database_url: str, provider: Provider) -> None:
+async def test_410_disables_the_endpoint_with_an_event(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
     async with (
         start_receiver(Receiver(answers=[410])) as gone,
         start_receiver() as other,
@@ -149,16 +155,18 @@ async def test_410_disables_the_endpoint_with_an_event(database_url: str, provid
             got = await api.http.get(f"/webhook-endpoints/{endpoint['id']}", headers={"client-id": "C1"})
             return got.json()["data"]["enabled"] is False
 
-        await until(disabled, what="the endpoint disabled")
-        await arrived(other, 1)
+        await commits.until(disabled, what="the endpoint disabled")
+        await other.arrived(1)
         assert other.events()[0]["data"]["id"] == endpoint["id"]
         assert other.events()[0]["data"]["disabledReason"] == "answered 410 Gone"
         await api.debit("C1", 1)
-        await arrived(other, 1)
+        await other.arrived(1)
         assert len(gone.got) == 1
 
 
-async def test_an_endpoint_failing_every_retry_is_disabled(database_url: str, provider: Provider) -> None:
+async def test_an_endpoint_failing_every_retry_is_disabled(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
     async with (
         start_receiver(Receiver(answers=[500] * 100)) as failing,
         service(database_url, provider) as api,
@@ -171,7 +179,7 @@ async def test_an_endpoint_failing_every_retry_is_disabled(database_url: str, pr
             got = await api.http.get(f"/webhook-endpoints/{endpoint['id']}", headers={"client-id": "C1"})
             return got.json()["data"]["enabled"] is False
 
-        await until(disabled, what="the endpoint disabled")
+        await commits.until(disabled, what="the endpoint disabled")
         assert len(failing.got) == 1 + len(FAST["webhook_retry_schedule"])  # type: ignore[arg-type]
         log = await api.http.get(
             f"/webhook-endpoints/{endpoint['id']}/deliveries", headers={"client-id": "C1"}
@@ -186,7 +194,7 @@ async def test_retry_after_is_honoured(database_url: str, provider: Provider) ->
         await api.credit("C1", 10)
         await register(api, receiver.url)
         await api.debit("C1", 1)
-        await arrived(receiver, 2)
+        await receiver.arrived(2)
         assert receiver.got[1].at - receiver.got[0].at >= 1.0  # the schedule alone says 0.05 s
         assert receiver.got[0].headers["webhook-id"] == receiver.got[1].headers["webhook-id"]
 
@@ -201,7 +209,7 @@ async def test_a_rotated_secret_and_the_old_one_both_verify(database_url: str, p
         new_secret = rotated.json()["data"]["secret"]
         assert new_secret != endpoint["secret"]
         await api.debit("C1", 1)
-        await arrived(receiver, 1)
+        await receiver.arrived(1)
         assert len(receiver.got[0].headers["webhook-signature"].split(" ")) == 2
         assert verify(receiver.got[0], endpoint["secret"]) == verify(receiver.got[0], new_secret)
 
@@ -219,8 +227,8 @@ async def test_type_filters_global_endpoints_and_isolation(database_url: str, pr
         await api.debit("C1", 1)
         await api.credit("C1", 1)
         await api.debit("C2", 1)
-        await arrived(everyone, 3)
-        await arrived(credits_only, 1)
+        await everyone.arrived(3)
+        await credits_only.arrived(1)
         assert credits_only.types() == ["wallet.credited"]
         assert {(e["clientId"], e["type"]) for e in everyone.events()} == {
             ("C1", "wallet.debited"),
@@ -239,7 +247,9 @@ async def test_type_filters_global_endpoints_and_isolation(database_url: str, pr
         assert deleted.status_code == 404
 
 
-async def test_replay_one_event_or_every_failed_one(database_url: str, provider: Provider) -> None:
+async def test_replay_one_event_or_every_failed_one(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
     receiver = Receiver(answers=[500] * 1000)
     async with start_receiver(receiver), service(database_url, provider) as api:
         await api.credit("C1", 10)
@@ -247,7 +257,7 @@ async def test_replay_one_event_or_every_failed_one(database_url: str, provider:
         await api.debit("C1", 1)
         await api.debit("C1", 2)
         path = f"/webhook-endpoints/{endpoint['id']}"
-        await until(lambda: _enabled(api, path, False), what="disabled after failing")
+        await commits.until(lambda: _enabled(api, path, False), what="disabled after failing")
         receiver.answers.clear()
         before = len(receiver.got)
         enabled = await api.http.patch(path, json={"enabled": True}, headers={"client-id": "C1"})
@@ -258,15 +268,15 @@ async def test_replay_one_event_or_every_failed_one(database_url: str, provider:
         debits = await api.http.get("/events", params={"type": "wallet.debited"}, headers={"client-id": "C1"})
         wanted = {e["id"] for e in debits.json()["data"]}
 
-        async def both_again() -> bool:
-            return wanted <= {d.headers["webhook-id"] for d in receiver.got[before:]}
-
-        await until(both_again, what="both failed events delivered again")
+        await receiver.wait_for(
+            lambda: wanted <= {d.headers["webhook-id"] for d in receiver.got[before:]},
+            what="both failed events delivered again",
+        )
         again = receiver.got[-1].headers["webhook-id"]
         before = len(receiver.got)
         one = await api.http.post(f"{path}/replay", json={"eventId": again}, headers={"client-id": "C1"})
         assert one.json()["data"] == {"replayed": 1}
-        await arrived(receiver, before + 1)
+        await receiver.arrived(before + 1)
         assert receiver.got[-1].headers["webhook-id"] == again
         nothing = await api.http.post(f"{path}/replay", json={"since": since}, headers={"client-id": "C1"})
         assert nothing.json()["data"] == {"replayed": 0}

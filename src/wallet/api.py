@@ -56,7 +56,10 @@ async def services(request: Request) -> Services:
 Svc = Annotated[Services, Depends(services)]
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """What every JSON request body is: an unknown field is refused, and no value is coerced
+    (a string is not a number). Parsed by `json_body`."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
@@ -64,7 +67,7 @@ ClientIdField = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", example
 Text = Annotated[str, Field(max_length=500, pattern=r"^[^\x00]*$")]
 
 
-class CreditRequest(_Body):
+class CreditRequest(RequestBody):
     client_id: ClientIdField
     amount: Amount
     name: Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")] | None = None
@@ -72,13 +75,13 @@ class CreditRequest(_Body):
     description: Text | None = None
 
 
-class DebitRequest(_Body):
+class DebitRequest(RequestBody):
     client_id: ClientIdField
     amount: Amount
     description: Text | None = None
 
 
-class OrderRequest(_Body):
+class OrderRequest(RequestBody):
     amount: Amount
 
 
@@ -130,14 +133,6 @@ IdemHeader = Annotated[
         max_length=255,
     ),
 ]
-
-
-def _idem(caller: str, raw: str | None, route: str, request: BaseModel) -> idempotency.IdempotencyKey | None:
-    """The request's key, if it sent one, with the fingerprint of what the request means."""
-    key = idempotency.validate_key(raw)
-    if key is None:
-        return None
-    return idempotency.IdempotencyKey(caller, key, idempotency.fingerprint(route, request))
 
 
 def reply(result: Reply) -> Response:
@@ -203,7 +198,7 @@ async def credit_wallet(
     result = await svc.wallets.credit(
         req.client_id,
         req.amount,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "credit", req),
+        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, idempotency_key, "credit", req),
         description=req.description,
         name=req.name,
         email=req.email,
@@ -230,7 +225,7 @@ async def debit_wallet(
     result = await svc.wallets.debit(
         req.client_id,
         req.amount,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, "debit", req),
+        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, idempotency_key, "debit", req),
         description=req.description,
     )
     return reply(result)
@@ -265,7 +260,7 @@ async def create_order(
     result = await svc.orders.place(
         client_id,
         body.model.amount,
-        _idem(idempotency.client_scope(client_id), idempotency_key, "order", body.model),
+        idempotency.key_for(idempotency.client_scope(client_id), idempotency_key, "order", body.model),
         REQUEST_ID.get(),
     )
     return reply(result)

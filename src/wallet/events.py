@@ -80,6 +80,15 @@ def balance_low_sql(row: str) -> str:
     WHERE {row}.before >= c.low_balance_threshold AND {row}.after < c.low_balance_threshold"""
 
 
+def settled_order_events_sql(row: str, outcome: str) -> str:
+    """The events of an order settled in CTE `row`: its outcome (`order.completed`,
+    `order.failed`) and, when an operator settled it, `order.resolved` as well."""
+    return f"""SELECT client_id, '{outcome}', {order_data_sql(row)}, updated_at FROM {row}
+    UNION ALL
+    SELECT client_id, 'order.resolved', {order_data_sql(row)}, updated_at FROM {row}
+    WHERE {row}.resolved_by IS NOT NULL"""
+
+
 INSERT_EVENT = "INSERT INTO events (client_id, type, data, created_at)"
 
 _COLUMNS = "id, event_id, client_id, type, data, created_at"

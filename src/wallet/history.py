@@ -114,7 +114,7 @@ async def order_page(
     more = len(rows) > limit
     rows = rows[:limit]
     view = admin_order_json if admin else _client_order_json
-    return _page([view(OrderRow.of(r)) for r in rows], rows[-1].id if more else None)
+    return page_response([view(OrderRow.of(r)) for r in rows], rows[-1].id if more else None)
 
 
 def _client_order_json(order: OrderRow) -> dict[str, Any]:
@@ -130,7 +130,8 @@ WHERE c.client_id = :client_id
 """)
 
 
-def _page(items: list[dict[str, Any]], next_key: int | None) -> Response:
+def page_response(items: list[dict[str, Any]], next_key: int | None) -> Response:
+    """A page of a list, newest first: its items and the cursor of the next page (null on the last)."""
     body = {
         "success": True,
         "data": items,
@@ -148,7 +149,7 @@ async def ledger_page(engine: Connector, client_id: str, limit: int, cursor: str
             raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
     more = len(rows) > limit
     rows = rows[:limit]
-    return _page([entry_json(r) for r in rows], rows[-1].entry_no if more else None)
+    return page_response([entry_json(r) for r in rows], rows[-1].entry_no if more else None)
 
 
 router = APIRouter()

@@ -70,6 +70,15 @@ def fingerprint(route: str, request: BaseModel) -> bytes:
     return hashlib.sha256(route.encode() + b"\n" + canonical).digest()
 
 
+def key_for(scope: str, raw: str | None, route: str, request: BaseModel) -> IdempotencyKey | None:
+    """The request's key in `scope`, if it sent one (`raw`, checked here), with the fingerprint of
+    what the request means."""
+    key = validate_key(raw)
+    if key is None:
+        return None
+    return IdempotencyKey(scope, key, fingerprint(route, request))
+
+
 _CLAIM = text("""
 INSERT INTO idempotency_keys (caller, key, fingerprint, expires_at)
 VALUES (:caller, :key, :fingerprint, now() + make_interval(hours => :ttl_hours))

@@ -36,7 +36,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.errors import BalanceCapExceeded, InsufficientFunds, NotFound
-from wallet.events import INSERT_EVENT, balance_low_sql, movement_data_sql, order_data_sql
+from wallet.events import (
+    INSERT_EVENT,
+    balance_low_sql,
+    movement_data_sql,
+    order_data_sql,
+    settled_order_events_sql,
+)
 from wallet.money import MAX_CENTS, from_cents
 
 GENESIS_HASH = bytes(32)
@@ -281,10 +287,7 @@ WITH failed AS (
     FROM moved
 ), emitted AS (
     {INSERT_EVENT}
-    SELECT client_id, 'order.failed', {order_data_sql("failed")}, updated_at FROM failed
-    UNION ALL
-    SELECT client_id, 'order.resolved', {order_data_sql("failed")}, updated_at FROM failed
-    WHERE failed.resolved_by IS NOT NULL
+    {settled_order_events_sql("failed", "order.failed")}
 )
 SELECT {ORDER_COLUMNS} FROM failed
 """)

@@ -12,6 +12,18 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.types import Receive, Scope, Send
 
 
+async def read_delivery(scope: Scope, receive: Receive) -> tuple[dict[str, str], bytes]:
+    """A delivery as it arrived, before anything is judged: its headers (names lower-case, as ASGI
+    gives them) and its whole body, read to the end. Signatures are checked over exactly these."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}, body
+
+
 class Listener:
     def __init__(self, secret: str) -> None:
         self.webhook = Webhook(secret)
@@ -19,13 +31,7 @@ class Listener:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers, body = await read_delivery(scope, receive)
         try:
             event: Any = self.webhook.verify(body, headers)
             status = 204

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from wallet import idempotency, ledger, observability
 from wallet.database import is_unavailable, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable
-from wallet.events import INSERT_EVENT, order_data_sql
+from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
 from wallet.ledger import ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
@@ -129,10 +129,7 @@ WITH done AS (
       AND EXISTS (SELECT 1 FROM done)
 ), emitted AS (
     {INSERT_EVENT}
-    SELECT client_id, 'order.completed', {order_data_sql("done")}, updated_at FROM done
-    UNION ALL
-    SELECT client_id, 'order.resolved', {order_data_sql("done")}, updated_at FROM done
-    WHERE done.resolved_by IS NOT NULL
+    {settled_order_events_sql("done", "order.completed")}
 )
 SELECT {ORDER_COLUMNS} FROM done
 """)

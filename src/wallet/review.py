@@ -20,9 +20,8 @@ from wallet.api import (
     ClientIdField,
     IdemHeader,
     Parsed,
+    RequestBody,
     Svc,
-    _Body,
-    _idem,
     body_doc,
     json_body,
     reply,
@@ -42,7 +41,7 @@ PathOrderId = Annotated[str, Path(max_length=64, examples=["ORD-1703251234567-a1
 Note = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$", description="Why")]
 
 
-class ResolvedFulfilled(_Body):
+class ResolvedFulfilled(RequestBody):
     """The provider did carry the order out: it completes with the provider's id."""
 
     outcome: Literal["fulfilled"]
@@ -50,7 +49,7 @@ class ResolvedFulfilled(_Body):
     note: Note
 
 
-class ResolvedFailed(_Body):
+class ResolvedFailed(RequestBody):
     """The provider did not carry it out: it fails and its money goes back to the wallet."""
 
     outcome: Literal["failed"]
@@ -117,6 +116,6 @@ async def resolve_order(
         fulfillment_id=req.fulfillmentId if isinstance(req, ResolvedFulfilled) else None,
         note=req.note,
         by=OPERATOR,
-        idem=_idem(idempotency.ADMIN_SCOPE, idempotency_key, f"resolve {order_id}", body.model),
+        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, idempotency_key, f"resolve {order_id}", body.model),
     )
     return reply(result)

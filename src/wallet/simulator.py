@@ -49,7 +49,9 @@ class Simulator:
     by_order: dict[str, str] = field(default_factory=dict)
     lookups: list[str] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(101))
-    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _arrived: asyncio.Condition = field(
+        default_factory=asyncio.Condition
+    )  # a call arrived, or was carried out
 
     def attempts_for(self, order_id: str) -> int:
         return sum(1 for call in self.calls if call.order_id == order_id)
@@ -58,6 +60,11 @@ class Simulator:
         """Until `count` calls have arrived (answered or not)."""
         async with self._arrived:
             await self._arrived.wait_for(lambda: len(self.calls) >= count)
+
+    async def wait_for_fulfilled(self, order_id: str) -> None:
+        """Until the order has been carried out (its answer may not be sent yet, or ever)."""
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: order_id in self.by_order)
 
     async def _record(self, call: Call) -> None:
         self.calls.append(call)
@@ -91,6 +98,8 @@ class Simulator:
         if dedup not in self.fulfilled:
             self.fulfilled[dedup] = str(next(self._ids))
             self.by_order[order_id] = self.fulfilled[dedup]
+            async with self._arrived:
+                self._arrived.notify_all()
         if faults.answer_late_seconds:
             await asyncio.sleep(faults.answer_late_seconds)
         if faults.success_body is not None:

@@ -15,10 +15,10 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet import events
-from wallet.api import Admin, ClientId, ClientIdField, Parsed, Svc, Text, _Body, body_doc, json_body
+from wallet.api import Admin, ClientId, ClientIdField, Parsed, RequestBody, Svc, Text, body_doc, json_body
 from wallet.errors import BadRequest, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
-from wallet.history import Cursor, Limit, PathClientId, _page, decode_cursor
+from wallet.history import Cursor, Limit, PathClientId, decode_cursor, page_response
 from wallet.money import Amount, from_cents
 from wallet.schemas import (
     AttemptPage,
@@ -46,7 +46,7 @@ After = Annotated[
 TypeFilter = Annotated[EventType | None, Query(alias="type")]
 
 
-class EndpointRequest(_Body):
+class EndpointRequest(RequestBody):
     url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://[^\x00-\x20]+$")]
     eventTypes: Annotated[list[EventType], Field(min_length=1, max_length=20)] | None = None
     description: Text | None = None
@@ -56,17 +56,17 @@ class AdminEndpointRequest(EndpointRequest):
     clientId: ClientIdField | None = Field(None, description="Omit for a global endpoint (every client)")
 
 
-class EndpointPatch(_Body):
+class EndpointPatch(RequestBody):
     enabled: bool
 
 
-class ReplayEvent(_Body):
+class ReplayEvent(RequestBody):
     """Deliver this one event again."""
 
     eventId: Annotated[str, Field(pattern=EVENT_ID_PATTERN)]
 
 
-class ReplaySince(_Body):
+class ReplaySince(RequestBody):
     """Deliver again every event whose delivery failed since this time."""
 
     since: Annotated[
@@ -78,7 +78,7 @@ class ReplayRequest(RootModel[ReplayEvent | ReplaySince]):
     pass
 
 
-class ThresholdRequest(_Body):
+class ThresholdRequest(RequestBody):
     amount: Amount | None = Field(description="null removes the threshold")
 
 
@@ -110,10 +110,21 @@ _ENDPOINT_ERRORS = error_responses(400, 401, 403, 404, 429)
 _BODY_ERRORS = error_responses(400, 401, 403, 404, 413, 429)
 
 
-async def _events(svc: Svc, **filters: Any) -> Response:
+async def _events(
+    svc: Svc,
+    client_id: str | None,
+    type_: EventType | None,
+    after: str | None,
+    limit: int,
+    cursor: str | None,
+) -> Response:
+    """A page of events, newest first: the client's list and the admin's alike."""
+    before_key, since = decode_cursor(cursor), _time(after, "after")
     async with svc.wallets.single.connect() as conn:
-        items, next_key = await events.page(conn, **filters)
-    return _page(items, next_key)
+        items, next_key = await events.page(
+            conn, limit=limit, before_key=before_key, client_id=client_id, type_=type_, after=since
+        )
+    return page_response(items, next_key)
 
 
 @router.get("/events", tags=["client"], responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
@@ -126,10 +137,7 @@ async def own_events(
     cursor: Cursor = None,
 ) -> Response:
     """The caller's events, newest first."""
-    key = decode_cursor(cursor)
-    return await _events(
-        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_time(after, "after")
-    )
+    return await _events(svc, client_id, type, after, limit, cursor)
 
 
 @router.get(
@@ -146,10 +154,7 @@ async def all_events(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> Response:
-    key = decode_cursor(cursor)
-    return await _events(
-        svc, limit=limit, before_key=key, client_id=client_id, type_=type, after=_time(after, "after")
-    )
+    return await _events(svc, client_id, type, after, limit, cursor)
 
 
 def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
@@ -227,7 +232,7 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
         items, next_key = await svc.webhooks.attempts(
             _endpoint_id(endpoint_id), who, limit, decode_cursor(cursor)
         )
-        return _page(items, next_key)
+        return page_response(items, next_key)
 
     @sub.post(
         prefix + "/{endpoint_id}/replay",

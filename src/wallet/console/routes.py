@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from wallet import idempotency, statements
-from wallet.api import CreditRequest, DebitRequest, Services, _idem
+from wallet.api import CreditRequest, DebitRequest, Services
 from wallet.auth import valid_client_id
 from wallet.console import queries
 from wallet.console.sessions import COOKIE, Session, Sessions
@@ -164,7 +164,7 @@ async def actor(request: Request) -> tuple[Session, dict[str, str]]:
 def _nonce_key(form: dict[str, str], route: str, model: Any) -> idempotency.IdempotencyKey | None:
     """The form's nonce as the Idempotency-Key: submitting the same form twice acts once."""
     nonce = form.get("nonce", "")
-    return _idem(idempotency.ADMIN_SCOPE, f"console-{nonce}" if nonce else None, route, model)
+    return idempotency.key_for(idempotency.ADMIN_SCOPE, f"console-{nonce}" if nonce else None, route, model)
 
 
 def _validated(model: Any, values: dict[str, Any]) -> Any:

@@ -6,17 +6,23 @@ Revises: ${down_revision | comma,n}
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
 branch_labels = None
 depends_on = None
 
+UPGRADE = r"""
+"""
+
+DOWNGRADE = r"""
+"""
+
 
 def upgrade() -> None:
-    ${upgrades if upgrades else "pass"}
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    ${downgrades if downgrades else "pass"}
+    run(DOWNGRADE)

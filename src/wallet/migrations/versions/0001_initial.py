@@ -7,7 +7,7 @@ Revises:
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = "0001"
 down_revision = None
@@ -138,16 +138,9 @@ DROP TABLE clients;
 """
 
 
-def _statements(script: str) -> list[str]:
-    """One statement per execute: the asyncpg driver prepares each, and may not batch them."""
-    return [stmt.strip() for stmt in script.split(";\n\n") if stmt.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    run(DOWNGRADE)

@@ -13,7 +13,7 @@ Revises: 0001
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = "0002"
 down_revision = "0001"
@@ -92,15 +92,9 @@ ALTER TABLE orders RENAME COLUMN next_attempt_at TO lease_until
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [stmt.strip() for stmt in script.split(";\n\n") if stmt.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    run(DOWNGRADE)

@@ -15,7 +15,7 @@ Revises: 0002
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = "0003"
 down_revision = "0002"
@@ -52,15 +52,9 @@ ALTER TABLE ledger_entries DROP COLUMN key_id
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [stmt.strip() for stmt in script.split(";\n\n") if stmt.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    run(DOWNGRADE)

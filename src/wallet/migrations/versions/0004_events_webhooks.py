@@ -24,7 +24,7 @@ Revises: 0003
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = "0004"
 down_revision = "0003"
@@ -177,15 +177,9 @@ ALTER TABLE clients DROP COLUMN low_balance_threshold
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [stmt.strip() for stmt in script.split(";\n\n") if stmt.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    run(DOWNGRADE)

@@ -18,7 +18,7 @@ Revises: 0005
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = "0006"
 down_revision = "0005"
@@ -110,15 +110,9 @@ ALTER TABLE ledger_entries
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [stmt.strip() for stmt in script.split(";\n\n") if stmt.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    run(DOWNGRADE)
