@@ -55,7 +55,7 @@ async def pay(
     orders: Orders, client_id: str, cents: int, idem: idempotency.IdempotencyKey | None = None
 ) -> Any:
     try:
-        return await orders._pay(client_id, cents, new_order_id(), idem, None)
+        return await orders._pay(ledger.OrderPayment(client_id, new_order_id(), cents, None, idem))
     except (InsufficientFunds, NotFound, Conflict) as exc:
         return exc
 

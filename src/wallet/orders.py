@@ -234,7 +234,7 @@ class Orders:
     ) -> Reply:
         order_id = new_order_id()
         try:
-            placed = await self._pay(client_id, amount, order_id, idem, request_id)
+            placed = await self._pay(ledger.OrderPayment(client_id, order_id, amount, request_id, idem))
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -249,22 +249,15 @@ class Orders:
             outcome = Outcome(Kind.UNKNOWN, 0, f"calling the provider failed: {type(exc).__name__}")
         return await self._settle(placed, outcome, path="request")
 
-    async def _pay(
-        self,
-        client_id: str,
-        amount: int,
-        order_id: str,
-        idem: idempotency.IdempotencyKey | None,
-        request_id: str | None,
-    ) -> OrderRow | Reply:
+    async def _pay(self, payment: ledger.OrderPayment) -> OrderRow | Reply:
         """Step 1, in this pass's batch. A payment the batch did not try (its key was taken, or
         the batch failed and rolled back) takes the single path, which claims or replays."""
-        paid = await self._payments.submit(ledger.OrderPayment(client_id, order_id, amount, request_id, idem))
+        paid = await self._payments.submit(payment)
         if isinstance(paid, OrderRow):
             return paid
         if isinstance(paid, WalletError):
             raise paid
-        return await self._pay_alone(client_id, amount, order_id, idem, request_id)
+        return await self._pay_alone(payment)
 
     async def _pay_batch(
         self, payments: Sequence[ledger.OrderPayment]
@@ -282,30 +275,18 @@ class Orders:
                     key=self.key,
                 )
         except Exception as exc:
-            if is_unavailable(exc):
-                raise
-            log.warning(
-                "order batch failed; placing its orders one by one",
-                size=len(payments),
-                error=str(getattr(exc, "orig", exc)),
-            )
-            observability.BATCH_FALLBACKS.labels("placement").inc()
+            _batch_failed("placement", len(payments), exc)
             return [None] * len(payments)
 
-    async def _pay_alone(
-        self,
-        client_id: str,
-        amount: int,
-        order_id: str,
-        idem: idempotency.IdempotencyKey | None,
-        request_id: str | None,
-    ) -> OrderRow | Reply:
+    async def _pay_alone(self, payment: ledger.OrderPayment) -> OrderRow | Reply:
+        """Step 1 on its own: one statement, or with an Idempotency-Key one transaction."""
+        idem = payment.idem
         params: dict[str, Any] = {
-            "client_id": client_id,
-            "order_id": order_id,
-            "amount": amount,
+            "client_id": payment.client_id,
+            "order_id": payment.order_id,
+            "amount": payment.amount,
             "lease_seconds": self.settings.order_lease_seconds,
-            "request_id": request_id,
+            "request_id": payment.request_id,
             "key": self.key,
         }
         if idem is None:
@@ -316,7 +297,7 @@ class Orders:
             if stored is not None:
                 return await self._replay(conn, stored)
             order = await ledger.place_order(conn, **params)
-            await idempotency.attach_order(conn, idem, order_id)
+            await idempotency.attach_order(conn, idem, payment.order_id)
             return order
 
     async def _placed_despite(self, exc: Exception, order_id: str) -> OrderRow:
@@ -406,14 +387,7 @@ class Orders:
             async with self.single.connect() as conn:
                 rows = (await conn.execute(_COMPLETE_MANY, params)).all()
         except Exception as exc:
-            if is_unavailable(exc):
-                raise
-            log.warning(
-                "completion batch failed; completing one by one",
-                size=len(batch),
-                error=str(getattr(exc, "orig", exc)),
-            )
-            observability.BATCH_FALLBACKS.labels("completion").inc()
+            _batch_failed("completion", len(batch), exc)
             batched, rows = False, []
         finished = {row.order_id: OrderRow.of(row) for row in rows}
         answers: list[OrderRow | None] = []
@@ -614,6 +588,18 @@ class _Completion:
     fulfillment_id: str
     attempts: int
     body: bytes
+
+
+def _batch_failed(kind: str, size: int, exc: Exception) -> None:
+    """A batch's statement failed. If the database became unavailable the batch may have
+    committed, so its callers must look before answering: raise. Otherwise it rolled back whole:
+    the caller retries its items one by one."""
+    if is_unavailable(exc):
+        raise exc
+    log.warning(
+        "batch failed; retrying one by one", kind=kind, size=size, error=str(getattr(exc, "orig", exc))
+    )
+    observability.BATCH_FALLBACKS.labels(kind).inc()
 
 
 def _fields(order: OrderRow) -> dict[str, Any]:
