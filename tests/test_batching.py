@@ -98,6 +98,12 @@ async def assert_verifies(orders: Orders) -> None:
     assert verdict.faults == []
 
 
+def batch_sizes(kind: str) -> tuple[float, float]:
+    """How many batches of this kind ran, and how many calls they served."""
+    count = REGISTRY.get_sample_value("wallet_batch_size_count", {"kind": kind}) or 0.0
+    return count, REGISTRY.get_sample_value("wallet_batch_size_sum", {"kind": kind}) or 0.0
+
+
 def fallbacks() -> float:
     return REGISTRY.get_sample_value("wallet_batch_fallbacks_total", {"kind": "placement"}) or 0.0
 
@@ -108,7 +114,7 @@ async def test_one_batch_on_one_wallet_takes_what_there_is_and_refuses_the_rest(
     async with service(database_url, provider) as (orders, _):
         await credit(orders, "hot", 1000)
         await fetch(database_url, "UPDATE clients SET low_balance_threshold = 500 WHERE client_id = 'hot'")
-        before = fallbacks()
+        before, sizes = fallbacks(), batch_sizes("placement")
         results = await asyncio.gather(*(pay(orders, "hot", 30) for _ in range(64)))
         placed = [r for r in results if isinstance(r, OrderRow)]
         refused = [r for r in results if isinstance(r, InsufficientFunds)]
@@ -118,6 +124,7 @@ async def test_one_batch_on_one_wallet_takes_what_there_is_and_refuses_the_rest(
             ("Insufficient wallet balance", 0.1, 0.3)
         }
         assert fallbacks() == before
+        assert batch_sizes("placement") == (sizes[0] + 1, sizes[1] + 64)  # one batch of all 64
         rows = await entries(database_url, "hot")
         assert_serial(rows)
         assert len(rows) == 34
@@ -281,7 +288,9 @@ async def test_balance_reads_of_one_pass_share_one_query(database_url: str, prov
         await credit(orders, "b", 700)
         assert isinstance(await pay(orders, "a", 120), OrderRow)
         asked = ["a", "b", "nobody", "a"]
+        sizes = batch_sizes("balance")
         read = await asyncio.gather(*(wallets.balance(c) for c in asked), return_exceptions=True)
+        assert batch_sizes("balance") == (sizes[0] + 1, sizes[1] + 4)
         assert [(r.client_id, r.balance, r.held) for r in read if isinstance(r, ledger.Balance)] == [
             ("a", 380, 120),
             ("b", 700, 0),

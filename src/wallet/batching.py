@@ -13,9 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-import structlog
-
-log = structlog.get_logger(__name__)
+from wallet import observability
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,8 +26,9 @@ class Batcher(Generic[T, R]):
     batch, in order; if it raises, every caller of that batch gets the exception."""
 
     def __init__(
-        self, run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, limit: int = BATCH_LIMIT
+        self, kind: str, run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, limit: int = BATCH_LIMIT
     ) -> None:
+        self._size = observability.BATCH_SIZE.labels(kind)
         self._run = run
         self._limit = limit
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
@@ -49,6 +48,7 @@ class Batcher(Generic[T, R]):
             del self._waiting[: self._limit]
             if not batch:
                 continue
+            self._size.observe(len(batch))
             try:
                 answers = await self._run([item for item, _ in batch])
             except Exception as exc:

@@ -220,8 +220,8 @@ class Orders:
         self.provider = provider
         self.settings = settings
         # Group commit (batching.py): the placements and completions of one event-loop pass.
-        self._payments = Batcher(self._pay_batch)
-        self._completions = Batcher(self._complete_batch)
+        self._payments = Batcher("placement", self._pay_batch)
+        self._completions = Batcher("completion", self._complete_batch)
 
     # --- placing -------------------------------------------------------------------------
 

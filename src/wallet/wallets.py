@@ -37,7 +37,7 @@ class Wallets:
         self.single = single(engine)
         self.idempotency_ttl_hours = idempotency_ttl_hours
         # Group commit (batching.py): the balance reads of one event-loop pass share one query.
-        self._reads = Batcher(self._read_balances)
+        self._reads = Batcher("balance", self._read_balances)
 
     async def _once(
         self,
