@@ -79,15 +79,9 @@ def key_for(scope: str, raw: str | None, route: str, request: BaseModel) -> Idem
     return IdempotencyKey(scope, key, fingerprint(route, request))
 
 
-_CLAIM = text("""
-INSERT INTO idempotency_keys (caller, key, fingerprint, expires_at)
-VALUES (:caller, :key, :fingerprint, now() + make_interval(hours => :ttl_hours))
-ON CONFLICT (caller, key) DO UPDATE
-    SET fingerprint = EXCLUDED.fingerprint, order_id = NULL, response_status = NULL,
-        response_body = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
-    WHERE idempotency_keys.expires_at < now()
-RETURNING caller
-""")
+# Claim the key, or take over a record past its expiry: `idempotency_claim` (migration 0007),
+# which the order batch (`ledger.place_orders`) claims with too. True when claimed.
+_CLAIM = text("SELECT idempotency_claim(:caller, :key, :fingerprint, :ttl_hours)")
 _EXISTING = text("""
 SELECT fingerprint, response_status, response_body, order_id FROM idempotency_keys
 WHERE caller = :caller AND key = :key
@@ -113,7 +107,7 @@ async def claim(conn: AsyncConnection, idem: IdempotencyKey, ttl_hours: float) -
         "fingerprint": idem.fingerprint,
         "ttl_hours": ttl_hours,
     }
-    if (await conn.execute(_CLAIM, params)).first() is not None:
+    if await conn.scalar(_CLAIM, params):
         return None
     row = (await conn.execute(_EXISTING, {"caller": idem.caller, "key": idem.key})).one()
     if row.fingerprint != idem.fingerprint:

@@ -45,6 +45,15 @@ RESOLVER_ATTEMPTS = Counter(
 ORDERS_FLAGGED = Counter(
     "wallet_orders_flagged_total", "Orders flagged for review (outcome unknown too long)"
 )
+BATCH_SIZE = Histogram(
+    "wallet_batch_size",
+    "Calls served by one group-commit statement (batching.py)",
+    ["kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+BATCH_FALLBACKS = Counter(
+    "wallet_batch_fallbacks_total", "Order batches that failed and were retried one by one", ["kind"]
+)
 ORDERS_RESOLVED = Counter("wallet_orders_resolved_total", "Orders an operator resolved", ["outcome"])
 OLDEST_PENDING_SECONDS = Gauge(
     "wallet_orders_pending_oldest_age_seconds",

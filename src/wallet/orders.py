@@ -22,6 +22,8 @@ import asyncio
 import random
 import secrets
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
@@ -30,8 +32,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
+from wallet.batching import Batcher
 from wallet.database import is_unavailable, single
-from wallet.errors import Conflict, NotFound, ServiceUnavailable
+from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
 from wallet.ledger import ORDER_COLUMNS, OrderRow
@@ -112,27 +115,50 @@ def order_reply(order: OrderRow) -> Reply:
     return Reply(503 if unreachable else 502, dumps(body))
 
 
-# Completion, and the request's answer stored under its Idempotency-Key, in one statement.
-_COMPLETE = text(f"""
-WITH done AS (
+def _complete_sql(args: str) -> str:
+    """Completion, and the request's answer stored under its Idempotency-Key, in one statement,
+    for the orders (order_id, fulfillment_id, attempts, body, resolved_by, note) of `args`."""
+    returning = ", ".join("orders." + c.strip() for c in ORDER_COLUMNS.split(","))
+    return f"""
+WITH args AS ({args}), done AS (
     UPDATE orders
-    SET status = 'COMPLETED', fulfillment_id = :fulfillment_id, next_attempt_at = NULL,
-        needs_review = false, attempts = attempts + :attempts, last_error = NULL,
-        resolved_by = CAST(:resolved_by AS text),
-        resolved_at = CASE WHEN CAST(:resolved_by AS text) IS NULL THEN NULL ELSE clock_timestamp() END,
-        resolution_note = CAST(:note AS text), updated_at = clock_timestamp()
-    WHERE order_id = :order_id AND status = 'PENDING'
-    RETURNING {ORDER_COLUMNS}
+    SET status = 'COMPLETED', fulfillment_id = args.fulfillment_id, next_attempt_at = NULL,
+        needs_review = false, attempts = orders.attempts + args.attempts, last_error = NULL,
+        resolved_by = args.resolved_by,
+        resolved_at = CASE WHEN args.resolved_by IS NULL THEN NULL ELSE clock_timestamp() END,
+        resolution_note = args.note, updated_at = clock_timestamp()
+    FROM args
+    WHERE orders.order_id = args.order_id AND orders.status = 'PENDING'
+    RETURNING {returning}, args.body
 ), stored AS (
-    UPDATE idempotency_keys SET response_status = 201, response_body = :body
-    WHERE order_id = :order_id AND response_status IS NULL AND CAST(:body AS bytea) IS NOT NULL
-      AND EXISTS (SELECT 1 FROM done)
+    UPDATE idempotency_keys SET response_status = 201, response_body = done.body
+    FROM done
+    WHERE idempotency_keys.client_id = done.client_id AND idempotency_keys.order_id = done.order_id
+      AND idempotency_keys.response_status IS NULL AND done.body IS NOT NULL
 ), emitted AS (
     {INSERT_EVENT}
     {settled_order_events_sql("done", "order.completed")}
 )
 SELECT {ORDER_COLUMNS} FROM done
-""")
+"""
+
+
+_COMPLETE = text(
+    _complete_sql(
+        "SELECT CAST(:order_id AS text) AS order_id, CAST(:fulfillment_id AS text) AS fulfillment_id,"
+        " CAST(:attempts AS integer) AS attempts, CAST(:body AS bytea) AS body,"
+        " CAST(:resolved_by AS text) AS resolved_by, CAST(:note AS text) AS note"
+    )
+)
+# The completions of one event-loop pass (`Orders._complete_batch`): one UPDATE for all.
+_COMPLETE_MANY = text(
+    _complete_sql(
+        "SELECT a.*, NULL::text AS resolved_by, NULL::text AS note"
+        " FROM unnest(CAST(:order_ids AS text[]), CAST(:fulfillment_ids AS text[]),"
+        " CAST(:attempts AS integer[]), CAST(:bodies AS bytea[]))"
+        " AS a(order_id, fulfillment_id, attempts, body)"
+    )
+)
 # Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
 # Events: order.pending when the request answers 202 (`announce`), order.needs_review once.
 _RESCHEDULE = text(f"""
@@ -193,6 +219,9 @@ class Orders:
         self.single = single(engine)
         self.provider = provider
         self.settings = settings
+        # Group commit (batching.py): the placements and completions of one event-loop pass.
+        self._payments = Batcher("placement", self._pay_batch)
+        self._completions = Batcher("completion", self._complete_batch)
 
     # --- placing -------------------------------------------------------------------------
 
@@ -205,7 +234,7 @@ class Orders:
     ) -> Reply:
         order_id = new_order_id()
         try:
-            placed = await self._pay(client_id, amount, order_id, idem, request_id)
+            placed = await self._pay(ledger.OrderPayment(client_id, order_id, amount, request_id, idem))
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -220,20 +249,44 @@ class Orders:
             outcome = Outcome(Kind.UNKNOWN, 0, f"calling the provider failed: {type(exc).__name__}")
         return await self._settle(placed, outcome, path="request")
 
-    async def _pay(
-        self,
-        client_id: str,
-        amount: int,
-        order_id: str,
-        idem: idempotency.IdempotencyKey | None,
-        request_id: str | None,
-    ) -> OrderRow | Reply:
+    async def _pay(self, payment: ledger.OrderPayment) -> OrderRow | Reply:
+        """Step 1, in this pass's batch. A payment the batch did not try (its key was taken, or
+        the batch failed and rolled back) takes the single path, which claims or replays."""
+        paid = await self._payments.submit(payment)
+        if isinstance(paid, OrderRow):
+            return paid
+        if isinstance(paid, WalletError):
+            raise paid
+        return await self._pay_alone(payment)
+
+    async def _pay_batch(
+        self, payments: Sequence[ledger.OrderPayment]
+    ) -> list[OrderRow | WalletError | None]:
+        """One statement for the batch. If it fails for any reason but the database's
+        unavailability, nothing committed: every payment is tried again alone. If the database
+        became unavailable the batch may have committed: each caller looks for its order."""
+        try:
+            async with self.single.connect() as conn:
+                return await ledger.place_orders(
+                    conn,
+                    payments,
+                    lease_seconds=self.settings.order_lease_seconds,
+                    idempotency_ttl_hours=self.settings.idempotency_ttl_hours,
+                    key=self.key,
+                )
+        except Exception as exc:
+            _batch_failed("placement", len(payments), exc)
+            return [None] * len(payments)
+
+    async def _pay_alone(self, payment: ledger.OrderPayment) -> OrderRow | Reply:
+        """Step 1 on its own: one statement, or with an Idempotency-Key one transaction."""
+        idem = payment.idem
         params: dict[str, Any] = {
-            "client_id": client_id,
-            "order_id": order_id,
-            "amount": amount,
+            "client_id": payment.client_id,
+            "order_id": payment.order_id,
+            "amount": payment.amount,
             "lease_seconds": self.settings.order_lease_seconds,
-            "request_id": request_id,
+            "request_id": payment.request_id,
             "key": self.key,
         }
         if idem is None:
@@ -244,7 +297,7 @@ class Orders:
             if stored is not None:
                 return await self._replay(conn, stored)
             order = await ledger.place_order(conn, **params)
-            await idempotency.attach_order(conn, idem, order_id)
+            await idempotency.attach_order(conn, idem, payment.order_id)
             return order
 
     async def _placed_despite(self, exc: Exception, order_id: str) -> OrderRow:
@@ -309,22 +362,51 @@ class Orders:
 
     async def _complete(self, order: OrderRow, fulfillment_id: str, attempts: int) -> Reply:
         done = OrderRow(**{**_fields(order), "status": COMPLETED, "fulfillment_id": fulfillment_id})
-        reply = order_reply(done)
-        params = {
-            "order_id": order.order_id,
-            "fulfillment_id": fulfillment_id,
-            "attempts": attempts,
-            "body": reply.body,
-            "resolved_by": None,
-            "note": None,
-        }
-        async with self.single.connect() as conn:
-            row = (await conn.execute(_COMPLETE, params)).first()
-            if row is None:
+        completion = _Completion(order.order_id, fulfillment_id, attempts, order_reply(done).body)
+        finished = await self._completions.submit(completion)
+        if finished is None:
+            async with self.single.connect() as conn:
                 return await self._settled_elsewhere(conn, order.order_id)
-        finished = OrderRow.of(row)
         _log_finished(finished, f"provider gave fulfillment id {fulfillment_id}")
         return order_reply(finished)
+
+    async def _complete_batch(self, batch: Sequence[_Completion]) -> list[OrderRow | None]:
+        """One UPDATE for the batch; None for an order no longer PENDING (settled elsewhere).
+        An order twice in one batch (the request and a resolver), or a batch that failed,
+        completes one statement at a time, so there is still exactly one winner."""
+        first = {c.order_id: i for i, c in reversed(list(enumerate(batch)))}
+        together = [c for i, c in enumerate(batch) if first[c.order_id] == i]
+        params = {
+            "order_ids": [c.order_id for c in together],
+            "fulfillment_ids": [c.fulfillment_id for c in together],
+            "attempts": [c.attempts for c in together],
+            "bodies": [c.body for c in together],
+        }
+        batched = True
+        try:
+            async with self.single.connect() as conn:
+                rows = (await conn.execute(_COMPLETE_MANY, params)).all()
+        except Exception as exc:
+            _batch_failed("completion", len(batch), exc)
+            batched, rows = False, []
+        finished = {row.order_id: OrderRow.of(row) for row in rows}
+        answers: list[OrderRow | None] = []
+        for i, c in enumerate(batch):
+            if batched and first[c.order_id] == i:
+                answers.append(finished.get(c.order_id))
+                continue
+            one = {
+                "order_id": c.order_id,
+                "fulfillment_id": c.fulfillment_id,
+                "attempts": c.attempts,
+                "body": c.body,
+                "resolved_by": None,
+                "note": None,
+            }
+            async with self.single.connect() as conn:
+                row = (await conn.execute(_COMPLETE, one)).first()
+            answers.append(None if row is None else OrderRow.of(row))
+        return answers
 
     async def _refund(self, order: OrderRow, outcome: Outcome) -> Reply:
         failure = outcome.failure or Failure.PROVIDER_ERROR
@@ -496,6 +578,28 @@ class Orders:
         observability.ORDERS_RESOLVED.labels("fulfilled" if fulfillment_id else "failed").inc()
         _log_finished(finished, f"resolved by {by}: {note}")
         return reply
+
+
+@dataclass(frozen=True, slots=True)
+class _Completion:
+    """A fulfilled order to complete, and the answer to store under its Idempotency-Key."""
+
+    order_id: str
+    fulfillment_id: str
+    attempts: int
+    body: bytes
+
+
+def _batch_failed(kind: str, size: int, exc: Exception) -> None:
+    """A batch's statement failed. If the database became unavailable the batch may have
+    committed, so its callers must look before answering: raise. Otherwise it rolled back whole:
+    the caller retries its items one by one."""
+    if is_unavailable(exc):
+        raise exc
+    log.warning(
+        "batch failed; retrying one by one", kind=kind, size=size, error=str(getattr(exc, "orig", exc))
+    )
+    observability.BATCH_FALLBACKS.labels(kind).inc()
 
 
 def _fields(order: OrderRow) -> dict[str, Any]:

@@ -1,17 +1,20 @@
-"""Admin credits and debits, and balance reads: each one transaction, owned here.
+"""Admin credits and debits, and balance reads: each one transaction, owned here (the reads
+of one event-loop pass share one query, `batching`).
 
 The Idempotency-Key is claimed and its response stored inside the same transaction as the
 movement, so a replay can never move money twice and a refused request leaves no record."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger
+from wallet.batching import Batcher
 from wallet.database import single
+from wallet.errors import NotFound
 from wallet.ledger import Balance, LedgerKey, Movement
 from wallet.money import from_cents
 from wallet.wire import Reply, dumps, ok
@@ -33,6 +36,8 @@ class Wallets:
         # Single statements are atomic on their own: no BEGIN/COMMIT round trips for them.
         self.single = single(engine)
         self.idempotency_ttl_hours = idempotency_ttl_hours
+        # Group commit (batching.py): the balance reads of one event-loop pass share one query.
+        self._reads = Batcher("balance", self._read_balances)
 
     async def _once(
         self,
@@ -91,5 +96,11 @@ class Wallets:
         )
 
     async def balance(self, client_id: str) -> Balance:
+        found = await self._reads.submit(client_id)
+        if isinstance(found, NotFound):
+            raise found
+        return found
+
+    async def _read_balances(self, client_ids: Sequence[str]) -> list[Balance | NotFound]:
         async with self.single.connect() as conn:
-            return await ledger.balance(conn, client_id)
+            return await ledger.balances(conn, client_ids)
