@@ -4,6 +4,7 @@ small client that speaks the API the way a user would."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -335,3 +336,45 @@ async def start_receiver(receiver: Receiver | None = None, port: int = 0) -> Asy
     async with serve(receiver, port) as base:
         receiver.url = f"{base}/hook"
         yield receiver
+
+
+def _forged_cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+# Paging input every keyset-paged list must refuse with a 400.
+BAD_PAGING: list[dict[str, str]] = [
+    {"limit": "0"},
+    {"limit": "101"},
+    {"limit": "x"},
+    {"limit": "-1"},
+    {"limit": "1e999"},
+    {"limit": "1e2"},
+    {"limit": "1.5"},
+    {"limit": "9" * 5000},
+    {"limit": "\x00"},
+    {"cursor": "not-a-cursor"},
+    {"cursor": _forged_cursor("c1:-5")},
+    {"cursor": _forged_cursor("c1:99999999999999999999")},
+    {"cursor": _forged_cursor("drop table")},
+    {"cursor": "%00"},
+    {"cursor": "x" * 65},
+]
+
+
+async def all_pages(api: Api, path: str, headers: dict[str, str], limit: int, **params: str) -> list[Any]:
+    """Every item of a keyset-paged list, following nextCursor; every page but the last is full."""
+    items: list[Any] = []
+    cursor: str | None = None
+    while True:
+        query = {"limit": str(limit), **params, **({"cursor": cursor} if cursor else {})}
+        response = await api.http.get(path, params=query, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["success"] is True
+        assert len(body["data"]) <= limit
+        items += body["data"]
+        cursor = body["nextCursor"]
+        if cursor is None:
+            return items
+        assert len(body["data"]) == limit

@@ -176,10 +176,16 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
 
     @sub.get(prefix, responses={200: {"model": WebhookEndpointList}, **_ENDPOINT_ERRORS})
     async def list_endpoints(
-        svc: Svc, who: Owner, client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None
+        svc: Svc,
+        who: Owner,
+        client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None,
+        limit: Limit = 20,
+        cursor: Cursor = None,
     ) -> Response:
-        """Clients see their own; the admin every one, or one client's with `clientId`."""
-        return json_response(200, ok(await svc.webhooks.list_all(who if who is not None else client_id)))
+        """Newest first. Clients see their own; the admin every one, or one client's with `clientId`."""
+        key = decode_cursor(cursor)
+        items, next_key = await svc.webhooks.page(who if who is not None else client_id, limit, key)
+        return _page(items, next_key)
 
     @sub.get(
         prefix + "/{endpoint_id}", responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS}
