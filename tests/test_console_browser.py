@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.builders import ADMIN_KEY, Api, Provider, start_service
+from tests.builders import ADMIN_KEY, Api, Provider, Receiver, start_receiver, start_service, until
 from wallet.database import plain_url
 
 CHROMIUM = "/usr/bin/chromium"
@@ -95,7 +95,8 @@ class Console:
 async def console(
     request: pytest.FixtureRequest, browser: Browser, database_url: str, provider: Provider
 ) -> AsyncIterator[tuple[Console, Api]]:
-    async with start_service(database_url, provider.url) as api:
+    overrides: dict[str, Any] = getattr(request, "param", {})  # settings, by indirect parametrize
+    async with start_service(database_url, provider.url, **overrides) as api:
         # bypass_csp: the console's CSP (rightly) refuses the axe-core script the tests inject.
         context = await browser.new_context(
             viewport={"width": 1280, "height": 900}, accept_downloads=True, bypass_csp=True
@@ -306,3 +307,61 @@ async def test_every_page_passes_axe_and_works_from_the_keyboard(
     await view.goto("/console")
     overflow = await view.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
+
+
+WEBHOOKS = {
+    "webhook_allow_private": True,
+    "webhook_interval_seconds": 0.1,
+    "webhook_retry_schedule": (0.1,),
+    "webhook_timeout_seconds": 2.0,
+}
+
+
+@pytest.mark.parametrize("console", [WEBHOOKS], indirect=True)
+async def test_replay_a_failed_delivery_to_a_real_receiver(console: tuple[Console, Api]) -> None:
+    view, api = console
+    receiver = Receiver(answers=[500, 500])  # down for the first delivery's whole schedule
+    async with start_receiver(receiver):
+        await api.credit("ACME", 10)
+        created = await api.http.post(
+            "/webhook-endpoints", json={"url": receiver.url}, headers={"client-id": "ACME"}
+        )
+        endpoint = created.json()["data"]["id"]
+        await api.debit("ACME", 1)
+        path = f"/webhook-endpoints/{endpoint}"
+
+        async def disabled() -> bool:
+            got = await api.http.get(path, headers={"client-id": "ACME"})
+            return got.json()["data"]["enabled"] is False
+
+        await until(disabled, what="the endpoint disabled after failing")
+        event_id = receiver.got[0].headers["webhook-id"]
+        await view.login()
+        await view.page.get_by_role("link", name="Webhooks").click()
+        await view.page.wait_for_url(view.base + "/console/webhooks")
+        await view.shot()
+        row = view.page.locator(f"tr[id='{endpoint}']")
+        assert (await row.locator(".state").inner_text()).startswith("disabled")
+        assert await view.axe() == []
+        await view.page.get_by_role("button", name=f"Enable {endpoint}").click()
+        await view.page.wait_for_url(re.compile(r".*/console/webhooks\?done=.*"))
+        await view.shot()
+        assert await row.locator(".state").inner_text() == "enabled"
+        await view.page.get_by_role("button", name=f"Replay {event_id} to {endpoint}").click()
+        await view.shot()
+        assert event_id in await view.text("#replay-what")
+        assert await view.axe() == []
+        assert len(receiver.got) == 2  # nothing is sent before the confirmation
+        await view.page.get_by_role("button", name="Yes, replay").click()
+        await view.page.wait_for_url(re.compile(r".*/console/webhooks\?endpoint=.*&done=.*"))
+        await view.shot()
+
+        async def delivered() -> bool:
+            return len(receiver.got) == 3
+
+        await until(delivered, what="the replayed event at the receiver")
+        assert receiver.got[2].headers["webhook-id"] == event_id
+        await view.page.reload()
+        await view.shot()
+        states = await view.page.locator("td.delivery").all_inner_texts()
+        assert states[0] == "DELIVERED"
