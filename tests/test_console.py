@@ -412,8 +412,10 @@ async def test_webhooks_page_enables_and_replays_through_the_apis_operations(
         none_left = await browser.post(f"/console/webhooks/{endpoint}/replay", data=since)
         assert "Replay%20scheduled%3A%200%20deliveries" in none_left.headers["location"]
         for bad_form in ({"since": "yesterday"}, {"event_id": "evt_nope"}, {}):
-            bad = await browser.post(f"/console/webhooks/{endpoint}/replay", data={**bad_form, "csrf": token})
-            assert bad.status_code == 400, bad_form
+            refused = await browser.post(
+                f"/console/webhooks/{endpoint}/replay", data={**bad_form, "csrf": token}
+            )
+            assert refused.status_code == 400, bad_form
         unknown = await browser.post(
             "/console/webhooks/we_ffffffffffffffffffffffff/replay", data={**replay, "csrf": token}
         )

@@ -183,9 +183,8 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
         cursor: Cursor = None,
     ) -> Response:
         """Newest first. Clients see their own; the admin every one, or one client's with `clientId`."""
-        key = decode_cursor(cursor)
-        items, next_key = await svc.webhooks.page(who if who is not None else client_id, limit, key)
-        return _page(items, next_key)
+        owner = who if who is not None else client_id
+        return _page(*await svc.webhooks.page(owner, limit, decode_cursor(cursor)))
 
     @sub.get(
         prefix + "/{endpoint_id}", responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS}
@@ -230,10 +229,9 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
         svc: Svc, who: Owner, endpoint_id: PathEndpointId, limit: Limit = 20, cursor: Cursor = None
     ) -> Response:
         """Every delivery attempt, newest first."""
-        items, next_key = await svc.webhooks.attempts(
-            _endpoint_id(endpoint_id), who, limit, decode_cursor(cursor)
+        return _page(
+            *await svc.webhooks.attempts(_endpoint_id(endpoint_id), who, limit, decode_cursor(cursor))
         )
-        return _page(items, next_key)
 
     @sub.post(
         prefix + "/{endpoint_id}/replay",
