@@ -4,8 +4,8 @@ Operator events: the disabling of a global endpoint (one with no client) is an e
 other, but it belongs to no client. It is stored under the client id `*`, which no client can
 have (client ids are `[A-Za-z0-9_.:-]`), so no client's feed or endpoint can ever see it; the
 admin's feed and the global endpoints (which receive every event) do. The events' client id
-check widens to allow exactly that one value. The new check is added NOT VALID and validated
-apart, so the table is scanned without blocking writes.
+check widens to allow exactly that one value (re-checking every event: one scan of the table,
+under the migration's lock).
 
 webhook_endpoints.id: a bigint identity, so endpoint lists are keyset-paged newest first like
 every other list (the cursor is an integer key); existing endpoints are numbered in table order.
@@ -27,9 +27,7 @@ UPGRADE = r"""
 ALTER TABLE events DROP CONSTRAINT events_client_id_check;
 
 ALTER TABLE events ADD CONSTRAINT events_client_id_check
-    CHECK (client_id ~ '^[A-Za-z0-9_.:-]{1,64}$' OR client_id = '*') NOT VALID;
-
-ALTER TABLE events VALIDATE CONSTRAINT events_client_id_check;
+    CHECK (client_id ~ '^[A-Za-z0-9_.:-]{1,64}$' OR client_id = '*');
 
 ALTER TABLE webhook_endpoints ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY;
 
