@@ -378,3 +378,31 @@ async def all_pages(api: Api, path: str, headers: dict[str, str], limit: int, **
         if cursor is None:
             return items
         assert len(body["data"]) == limit
+
+
+# Webhook settings for console tests: one retry, so a receiver down for two attempts fails a
+# delivery for good and has its endpoint disabled.
+WEBHOOKS_ONE_RETRY: dict[str, Any] = {
+    "webhook_allow_private": True,
+    "webhook_interval_seconds": 0.1,
+    "webhook_retry_schedule": (0.1,),
+    "webhook_timeout_seconds": 2.0,
+}
+
+
+async def failed_endpoint(api: Api, receiver: Receiver, client_id: str) -> tuple[str, str]:
+    """An endpoint of `client_id` at `receiver`, made to answer 500 to the first delivery's every
+    attempt (under WEBHOOKS_ONE_RETRY), and a debit, so that the service disables the endpoint:
+    (endpoint id, the failed event's id)."""
+    receiver.answers[:0] = [500, 500]
+    headers = {"client-id": client_id}
+    created = await api.http.post("/webhook-endpoints", json={"url": receiver.url}, headers=headers)
+    endpoint: str = created.json()["data"]["id"]
+    await api.debit(client_id, 1)
+
+    async def disabled() -> bool:
+        got = await api.http.get(f"/webhook-endpoints/{endpoint}", headers=headers)
+        return got.json()["data"]["enabled"] is False
+
+    await until(disabled, what="the endpoint disabled after failing")
+    return endpoint, receiver.got[0].headers["webhook-id"]

@@ -11,7 +11,16 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.builders import ADMIN_KEY, Api, Provider, Receiver, start_receiver, start_service, until
+from tests.builders import (
+    ADMIN_KEY,
+    WEBHOOKS_ONE_RETRY,
+    Api,
+    Provider,
+    failed_endpoint,
+    start_receiver,
+    start_service,
+    until,
+)
 from wallet.console.routes import money
 from wallet.console.sessions import COOKIE
 from wallet.database import plain_url
@@ -329,38 +338,21 @@ async def test_production_session_cookies_are_secure(database_url: str, provider
         assert "secure" in [part.strip() for part in response.headers["set-cookie"].lower().split(";")]
 
 
-WEBHOOKS = {
-    "webhook_allow_private": True,
-    "webhook_interval_seconds": 0.05,
-    "webhook_retry_schedule": (0.05,),
-    "webhook_timeout_seconds": 2.0,
-}
-
-
 async def test_webhooks_page_enables_and_replays_through_the_apis_operations(
     database_url: str, provider: Provider
 ) -> None:
-    receiver = Receiver(answers=[500, 500])  # the first delivery fails its whole (short) schedule
-    async with start_receiver(receiver), start_service(database_url, provider.url, **WEBHOOKS) as api:
+    async with (
+        start_receiver() as receiver,
+        start_service(database_url, provider.url, **WEBHOOKS_ONE_RETRY) as api,
+    ):
         await api.credit("C1", 10)
-        created = await api.http.post(
-            "/webhook-endpoints", json={"url": receiver.url}, headers={"client-id": "C1"}
-        )
-        endpoint = created.json()["data"]["id"]
         await api.http.post(
             "/admin/webhook-endpoints",
             json={"url": receiver.url, "eventTypes": ["api_key.created"]},
             headers=api.admin_headers,
         )
-        await api.debit("C1", 1)
+        endpoint, event_id = await failed_endpoint(api, receiver, "C1")
         path = f"/webhook-endpoints/{endpoint}"
-
-        async def disabled() -> bool:
-            got = await api.http.get(path, headers={"client-id": "C1"})
-            return got.json()["data"]["enabled"] is False
-
-        await until(disabled, what="the endpoint disabled after failing")
-        event_id = receiver.got[0].headers["webhook-id"]
         browser = await login(api)
         shown = await browser.get("/console/webhooks")
         assert shown.status_code == 200

@@ -23,7 +23,16 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.builders import ADMIN_KEY, Api, Provider, Receiver, start_receiver, start_service, until
+from tests.builders import (
+    ADMIN_KEY,
+    WEBHOOKS_ONE_RETRY,
+    Api,
+    Provider,
+    failed_endpoint,
+    start_receiver,
+    start_service,
+    until,
+)
 from wallet.database import plain_url
 
 CHROMIUM = "/usr/bin/chromium"
@@ -309,33 +318,12 @@ async def test_every_page_passes_axe_and_works_from_the_keyboard(
     assert overflow <= 0
 
 
-WEBHOOKS = {
-    "webhook_allow_private": True,
-    "webhook_interval_seconds": 0.1,
-    "webhook_retry_schedule": (0.1,),
-    "webhook_timeout_seconds": 2.0,
-}
-
-
-@pytest.mark.parametrize("console", [WEBHOOKS], indirect=True)
+@pytest.mark.parametrize("console", [WEBHOOKS_ONE_RETRY], indirect=True)
 async def test_replay_a_failed_delivery_to_a_real_receiver(console: tuple[Console, Api]) -> None:
     view, api = console
-    receiver = Receiver(answers=[500, 500])  # down for the first delivery's whole schedule
-    async with start_receiver(receiver):
+    async with start_receiver() as receiver:
         await api.credit("ACME", 10)
-        created = await api.http.post(
-            "/webhook-endpoints", json={"url": receiver.url}, headers={"client-id": "ACME"}
-        )
-        endpoint = created.json()["data"]["id"]
-        await api.debit("ACME", 1)
-        path = f"/webhook-endpoints/{endpoint}"
-
-        async def disabled() -> bool:
-            got = await api.http.get(path, headers={"client-id": "ACME"})
-            return got.json()["data"]["enabled"] is False
-
-        await until(disabled, what="the endpoint disabled after failing")
-        event_id = receiver.got[0].headers["webhook-id"]
+        endpoint, event_id = await failed_endpoint(api, receiver, "ACME")
         await view.login()
         await view.page.get_by_role("link", name="Webhooks").click()
         await view.page.wait_for_url(view.base + "/console/webhooks")
