@@ -353,3 +353,9 @@ async def test_replay_a_failed_delivery_to_a_real_receiver(console: tuple[Consol
         await view.shot()
         states = await view.page.locator("td.delivery").all_inner_texts()
         assert states[0] == "DELIVERED"
+        # On a phone the wide tables scroll in their boxes; the page itself does not.
+        await view.page.set_viewport_size({"width": 390, "height": 844})
+        await view.page.reload()
+        await view.shot()
+        overflow = await view.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0
