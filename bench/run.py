@@ -29,7 +29,7 @@ from types import FrameType
 
 import asyncpg
 
-from bench import ceiling, growth, load, report, seed, stack
+from bench import ceiling, growth, load, outbox, report, seed, stack
 from bench.load import Request
 from bench.report import Row, Target
 from wallet.database import migrate_url, plain_url
@@ -141,6 +141,7 @@ class ServiceRun:
     rows: list[Row]
     peak_rss: int
     processes: int
+    outbox: outbox.OutboxCost
 
 
 def measure_service(args: argparse.Namespace, kind: str, url: str, workdir: Path) -> ServiceRun:
@@ -205,7 +206,12 @@ def _measure(
                 )
                 rows.append(row)
             rss.sample()
-            return ServiceRun(rows, rss.peak, rss.processes)
+            spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
+            cost = outbox.measure(
+                url, spread, workdir, clients=args.connections, seconds=args.duration, settle=settle
+            )
+            print(f"bench: outbox cost {cost.cost:.1%}", file=sys.stderr)
+            return ServiceRun(rows, rss.peak, rss.processes, cost)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         processes=run.processes,
         growth=grown,
         growth_size=args.large_ledger,
+        outbox=run.outbox,
     )
     print(markdown)
     print(f"bench: written to {report.save(markdown)}", file=sys.stderr)

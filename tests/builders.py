@@ -4,6 +4,7 @@ small client that speaks the API the way a user would."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import json
@@ -457,3 +458,88 @@ async def start_receiver(receiver: Receiver | None = None, port: int = 0) -> Asy
     async with serve(receiver, port) as base:
         receiver.url = f"{base}/hook"
         yield receiver
+
+
+def _forged_cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+# Paging input every keyset-paged list must refuse with a 400.
+BAD_PAGING: list[dict[str, str]] = [
+    {"limit": "0"},
+    {"limit": "101"},
+    {"limit": "x"},
+    {"limit": "-1"},
+    {"limit": "1e999"},
+    {"limit": "1e2"},
+    {"limit": "1.5"},
+    {"limit": "9" * 5000},
+    {"limit": "\x00"},
+    {"cursor": "not-a-cursor"},
+    {"cursor": _forged_cursor("c1:-5")},
+    {"cursor": _forged_cursor("c1:99999999999999999999")},
+    {"cursor": _forged_cursor("drop table")},
+    {"cursor": "%00"},
+    {"cursor": "x" * 65},
+]
+
+
+async def all_pages(api: Api, path: str, headers: dict[str, str], limit: int, **params: str) -> list[Any]:
+    """Every item of a keyset-paged list, following nextCursor; every page but the last is full."""
+    items: list[Any] = []
+    cursor: str | None = None
+    while True:
+        query = {"limit": str(limit), **params, **({"cursor": cursor} if cursor else {})}
+        response = await api.http.get(path, params=query, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["success"] is True
+        assert len(body["data"]) <= limit
+        items += body["data"]
+        cursor = body["nextCursor"]
+        if cursor is None:
+            return items
+        assert len(body["data"]) == limit
+
+
+# Webhook settings for console tests: one retry, so a receiver down for two attempts fails a
+# delivery for good and has its endpoint disabled.
+WEBHOOKS_ONE_RETRY: dict[str, Any] = {
+    "webhook_allow_private": True,
+    "webhook_interval_seconds": 0.1,
+    "webhook_retry_schedule": (0.1,),
+    "webhook_timeout_seconds": 2.0,
+}
+
+
+async def delivered_again(database_url: str, event_id: str) -> bool:
+    """Whether a delivery of the event `event_id` is recorded DELIVERED (after a replay)."""
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        delivered = await conn.fetchval(
+            "SELECT count(*) FROM webhook_deliveries d JOIN events e"
+            " ON e.client_id = d.client_id AND e.id = d.event_no"
+            " WHERE e.event_id = $1 AND d.status = 'DELIVERED'",
+            event_id,
+        )
+    finally:
+        await conn.close()
+    return bool(delivered)
+
+
+async def failed_endpoint(api: Api, commits: Commits, receiver: Receiver, client_id: str) -> tuple[str, str]:
+    """An endpoint of `client_id` at `receiver`, made to answer 500 to the first delivery's every
+    attempt (under WEBHOOKS_ONE_RETRY), and a debit, so that the service disables the endpoint:
+    (endpoint id, the failed event's id)."""
+    receiver.answers[:0] = [500, 500]
+    headers = {"client-id": client_id}
+    created = await api.http.post("/webhook-endpoints", json={"url": receiver.url}, headers=headers)
+    endpoint: str = created.json()["data"]["id"]
+    await api.debit(client_id, 1)
+
+    async def disabled() -> bool:
+        got = await api.http.get(f"/webhook-endpoints/{endpoint}", headers=headers)
+        return got.json()["data"]["enabled"] is False
+
+    await commits.until(disabled, what="the endpoint disabled after failing")
+    return endpoint, receiver.got[0].headers["webhook-id"]

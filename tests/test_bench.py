@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from bench import ceiling, growth, report
-from wallet import ledger
+from bench import ceiling, growth, outbox, report
+from wallet import ledger, orders
 from wallet.database import create_engine
+from wallet.events import INSERT_EVENT
 from wallet.verify import verify_ledger
 
 ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
@@ -120,3 +121,55 @@ def test_growth_counts_print_without_decimals() -> None:
     rows = [report.GrowthRow(growth.VERIFY_ENTRIES, 10_541.0, 1_010_541.0)]
     markdown = report.render([], about={}, peak_rss=0, processes=1, growth=rows, growth_size=1_000_000)
     assert f"| {growth.VERIFY_ENTRIES} | 10,541 | 1,010,541 | 95.87 |" in markdown
+
+
+def test_without_outbox_takes_out_the_events_ctes_and_nothing_else() -> None:
+    for statement in (ledger._PLACE_ORDER, ledger._DEBIT, orders._COMPLETE, orders._RESCHEDULE):
+        bare = outbox.without_outbox(statement.text)
+        assert INSERT_EVENT not in bare
+        assert "emitted" not in bare
+        assert bare.count("(") == bare.count(")")
+        kept = [
+            name
+            for name in ("moved", "entry", "placed", "done", "stored", "kept")
+            if f"{name} AS (" in statement.text
+        ]
+        assert kept
+        assert all(f"{name} AS (" in bare for name in kept)
+    assert outbox.without_outbox("SELECT 1") == "SELECT 1"
+
+
+async def test_the_order_path_without_outbox_is_the_same_work_but_the_events(database_url: str) -> None:
+    await _wallets(database_url, "100001", "100002")
+    script = ceiling.order((100001, 100002))
+    bare = ceiling.Script("bare", outbox.without_outbox(script.text), script.defines)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = {"clients": 2, "threads": 1, "seconds": 1}
+        without = await asyncio.to_thread(ceiling.run_pgbench, database_url, bare, Path(tmp), **run)
+        assert without.error is None
+        assert without.transactions > 0
+        assert await _rows(database_url, "SELECT count(*) FROM events WHERE type LIKE 'order.%'") == [(0,)]
+        with_events = await asyncio.to_thread(ceiling.run_pgbench, database_url, script, Path(tmp), **run)
+    assert with_events.error is None
+    placed = await _rows(database_url, "SELECT status, count(*) FROM orders GROUP BY status")
+    assert placed == [("COMPLETED", without.transactions + with_events.transactions)]
+    emitted = await _rows(
+        database_url, "SELECT type, count(*) FROM events WHERE type LIKE 'order.%' GROUP BY type"
+    )
+    assert sorted(emitted) == [
+        ("order.completed", with_events.transactions),
+        ("order.created", with_events.transactions),
+    ]
+
+
+def test_the_report_prints_the_outbox_cost() -> None:
+    def tps(value: float) -> ceiling.Ceiling:
+        return ceiling.Ceiling(value, int(value), 1.0, 0, None)
+
+    cost = outbox.OutboxCost([tps(950), tps(970)], [tps(1000), tps(1000)])
+    markdown = report.render([], about={}, peak_rss=0, processes=1, outbox=cost)
+    assert (
+        "| order path (pgbench: place + complete) | 960 | 1,000 | 4.0% | < 10%, 0 errors: met |" in markdown
+    )
+    slow = outbox.OutboxCost([tps(800)], [tps(1000)])
+    assert slow.verdict().endswith("MISSED")

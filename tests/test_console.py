@@ -11,7 +11,17 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.builders import ADMIN_KEY, Api, Provider, start_service
+from tests.builders import (
+    ADMIN_KEY,
+    WEBHOOKS_ONE_RETRY,
+    Api,
+    Commits,
+    Provider,
+    delivered_again,
+    failed_endpoint,
+    start_receiver,
+    start_service,
+)
 from wallet.console.routes import money
 from wallet.console.sessions import COOKIE
 from wallet.database import plain_url
@@ -104,6 +114,8 @@ async def test_pages_redirect_and_actions_refuse_without_a_session(
             "/console/clients/C1/keys/new",
             "/console/ledger/verify",
             "/console/orders/ORD-1703251234567-a1b2c3d4/resolve",
+            "/console/webhooks/we_0123456789abcdef01234567/enabled",
+            "/console/webhooks/we_0123456789abcdef01234567/replay",
             "/console/logout",
         ):
             response = await api.http.post(path, data={"amount": "5", "confirm": "yes", "csrf": "0" * 64})
@@ -325,3 +337,80 @@ async def test_production_session_cookies_are_secure(database_url: str, provider
         response = await api.http.post("/console/login", data={"key": ADMIN_KEY})
         assert response.status_code == 303
         assert "secure" in [part.strip() for part in response.headers["set-cookie"].lower().split(";")]
+
+
+async def test_webhooks_page_enables_and_replays_through_the_apis_operations(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
+    async with (
+        start_receiver() as receiver,
+        start_service(database_url, provider.url, **WEBHOOKS_ONE_RETRY) as api,
+    ):
+        await api.credit("C1", 10)
+        await api.http.post(
+            "/admin/webhook-endpoints",
+            json={"url": receiver.url, "eventTypes": ["api_key.created"]},
+            headers=api.admin_headers,
+        )
+        endpoint, event_id = await failed_endpoint(api, commits, receiver, "C1")
+        path = f"/webhook-endpoints/{endpoint}"
+        browser = await login(api)
+        shown = await browser.get("/console/webhooks")
+        assert shown.status_code == 200
+        assert "global (every client)" in shown.text
+        assert re.search(rf'id="{endpoint}">.*?disabled</strong>: failed every delivery', shown.text, re.S)
+        assert f'value="{event_id}"' in shown.text  # its failed delivery offers a replay
+        token = csrf_of(shown.text)
+        replay = {"event_id": event_id, "confirm": "yes"}
+
+        async def deliveries() -> int:
+            rows = await sql(database_url, "SELECT count(*) AS n FROM webhook_deliveries")
+            return int(rows[0]["n"])
+
+        for bad in ({}, {"csrf": "0" * 64}):
+            refused = await browser.post(f"/console/webhooks/{endpoint}/replay", data={**replay, **bad})
+            assert refused.status_code == 403
+            refused = await browser.post(
+                f"/console/webhooks/{endpoint}/enabled", data={"enabled": "yes", **bad}
+            )
+            assert refused.status_code == 403
+        assert await deliveries() == 1
+        still_off = await browser.post(f"/console/webhooks/{endpoint}/replay", data={**replay, "csrf": token})
+        assert still_off.status_code == 409
+        assert "enable it first" in still_off.text
+        enabled = await browser.post(
+            f"/console/webhooks/{endpoint}/enabled", data={"enabled": "yes", "csrf": token}
+        )
+        assert enabled.status_code == 303
+        assert (await api.http.get(path, headers={"client-id": "C1"})).json()["data"]["enabled"] is True
+        confirm = await browser.post(
+            f"/console/webhooks/{endpoint}/replay", data={"event_id": event_id, "csrf": token}
+        )
+        assert confirm.status_code == 200
+        assert event_id in confirm.text
+        assert await deliveries() == 1  # nothing is sent before the confirmation
+        done = await browser.post(f"/console/webhooks/{endpoint}/replay", data={**replay, "csrf": token})
+        assert done.status_code == 303
+        assert "Replay%20scheduled%3A%201%20delivery" in done.headers["location"]
+
+        await commits.until(
+            lambda: delivered_again(database_url, event_id), what="the replayed event delivered"
+        )
+        assert len(receiver.got) == 3
+        assert receiver.got[2].headers["webhook-id"] == event_id
+        log = await browser.get("/console/webhooks", params={"endpoint": endpoint})
+        assert log.text.count("DELIVERED") == 1
+        # Every failed delivery since a time: the one above was delivered again, so none is left.
+        since = {"since": "2000-01-01T00:00:00Z", "confirm": "yes", "csrf": token}
+        none_left = await browser.post(f"/console/webhooks/{endpoint}/replay", data=since)
+        assert "Replay%20scheduled%3A%200%20deliveries" in none_left.headers["location"]
+        for bad_form in ({"since": "yesterday"}, {"event_id": "evt_nope"}, {}):
+            refused = await browser.post(
+                f"/console/webhooks/{endpoint}/replay", data={**bad_form, "csrf": token}
+            )
+            assert refused.status_code == 400, bad_form
+        unknown = await browser.post(
+            "/console/webhooks/we_ffffffffffffffffffffffff/replay", data={**replay, "csrf": token}
+        )
+        assert unknown.status_code == 404
+        assert (await browser.get("/console/webhooks", params={"before": "0"})).status_code == 400

@@ -23,7 +23,17 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.builders import ADMIN_KEY, Api, Provider, start_service
+from tests.builders import (
+    ADMIN_KEY,
+    WEBHOOKS_ONE_RETRY,
+    Api,
+    Commits,
+    Provider,
+    delivered_again,
+    failed_endpoint,
+    start_receiver,
+    start_service,
+)
 from wallet.database import plain_url
 
 CHROMIUM = "/usr/bin/chromium"
@@ -95,7 +105,8 @@ class Console:
 async def console(
     request: pytest.FixtureRequest, browser: Browser, database_url: str, provider: Provider
 ) -> AsyncIterator[tuple[Console, Api]]:
-    async with start_service(database_url, provider.url) as api:
+    overrides: dict[str, Any] = getattr(request, "param", {})  # settings, by indirect parametrize
+    async with start_service(database_url, provider.url, **overrides) as api:
         # bypass_csp: the console's CSP (rightly) refuses the axe-core script the tests inject.
         context = await browser.new_context(
             viewport={"width": 1280, "height": 900}, accept_downloads=True, bypass_csp=True
@@ -306,3 +317,48 @@ async def test_every_page_passes_axe_and_works_from_the_keyboard(
     await view.goto("/console")
     overflow = await view.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
+
+
+@pytest.mark.parametrize("console", [WEBHOOKS_ONE_RETRY], indirect=True)
+async def test_replay_a_failed_delivery_to_a_real_receiver(
+    console: tuple[Console, Api], database_url: str, commits: Commits
+) -> None:
+    view, api = console
+    async with start_receiver() as receiver:
+        await api.credit("ACME", 10)
+        endpoint, event_id = await failed_endpoint(api, commits, receiver, "ACME")
+        await view.login()
+        await view.page.get_by_role("link", name="Webhooks").click()
+        await view.page.wait_for_url(view.base + "/console/webhooks")
+        await view.shot()
+        row = view.page.locator(f"tr[id='{endpoint}']")
+        assert (await row.locator(".state").inner_text()).startswith("disabled")
+        assert await view.axe() == []
+        await view.page.get_by_role("button", name=f"Enable {endpoint}").click()
+        await view.page.wait_for_url(re.compile(r".*/console/webhooks\?done=.*"))
+        await view.shot()
+        assert await row.locator(".state").inner_text() == "enabled"
+        await view.page.get_by_role("button", name=f"Replay {event_id} to {endpoint}").click()
+        await view.shot()
+        assert event_id in await view.text("#replay-what")
+        assert await view.axe() == []
+        assert len(receiver.got) == 2  # nothing is sent before the confirmation
+        await view.page.get_by_role("button", name="Yes, replay").click()
+        await view.page.wait_for_url(re.compile(r".*/console/webhooks\?endpoint=.*&done=.*"))
+        await view.shot()
+
+        await commits.until(
+            lambda: delivered_again(database_url, event_id), what="the replayed event delivered"
+        )
+        assert len(receiver.got) == 3
+        assert receiver.got[2].headers["webhook-id"] == event_id
+        await view.page.reload()
+        await view.shot()
+        states = await view.page.locator("td.delivery").all_inner_texts()
+        assert states[0] == "DELIVERED"
+        # On a phone the wide tables scroll in their boxes; the page itself does not.
+        await view.page.set_viewport_size({"width": 390, "height": 844})
+        await view.page.reload()
+        await view.shot()
+        overflow = await view.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0

@@ -13,11 +13,13 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.builders import (
+    BAD_PAGING,
     Api,
     Commits,
     Delivery,
     Provider,
     Receiver,
+    all_pages,
     free_port,
     start_receiver,
     start_service,
@@ -289,3 +291,95 @@ async def test_replay_one_event_or_every_failed_one(
 async def _enabled(api: Api, path: str, expected: bool) -> bool:
     got = await api.http.get(path, headers={"client-id": "C1"})
     return bool(got.json()["data"]["enabled"] is expected)
+
+
+async def test_a_global_endpoint_disabled_is_an_operator_event_no_client_sees(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
+    async with (
+        start_receiver(Receiver(answers=[500] * 100)) as failing,
+        start_receiver() as operators,
+        start_receiver() as client_side,
+        service(database_url, provider) as api,
+    ):
+        await api.credit("C1", 10)
+        endpoint = await register(api, failing.url, client_id=None, eventTypes=["wallet.debited"])
+        await register(api, operators.url, client_id=None, eventTypes=["webhook_endpoint.disabled"])
+        await register(api, client_side.url, eventTypes=["webhook_endpoint.disabled", "wallet.debited"])
+        await api.debit("C1", 1)
+        path = f"/admin/webhook-endpoints/{endpoint['id']}"
+
+        async def disabled() -> bool:
+            got = await api.http.get(path, headers=api.admin_headers)
+            return got.json()["data"]["enabled"] is False
+
+        await commits.until(disabled, what="the global endpoint disabled after failing its whole schedule")
+        await operators.arrived(1)
+        told = operators.events()[0]
+        assert told["type"] == "webhook_endpoint.disabled"
+        assert told["clientId"] is None
+        assert told["data"]["id"] == endpoint["id"]
+        assert told["data"]["clientId"] is None
+        assert told["data"]["disabledReason"] == "failed every delivery for the whole retry schedule"
+        admin_feed = await api.http.get(
+            "/admin/events", params={"type": "webhook_endpoint.disabled"}, headers=api.admin_headers
+        )
+        assert [e["id"] for e in admin_feed.json()["data"]] == [told["id"]]
+        own = await api.http.get(
+            "/events", params={"type": "webhook_endpoint.disabled"}, headers={"client-id": "C1"}
+        )
+        assert own.json()["data"] == []
+        # The client's endpoint got its debit but never the operators' event. A later event
+        # proves the fan-out of the disable event is behind us.
+        await api.debit("C1", 1)
+        await client_side.arrived(2)
+        assert client_side.types() == ["wallet.debited", "wallet.debited"]
+
+
+async def test_endpoint_lists_and_the_delivery_log_are_keyset_paged(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
+    async with start_receiver() as receiver, service(database_url, provider) as api:
+        await api.credit("C1", 10)
+        await api.credit("C2", 10)
+        mine = [(await register(api, f"{receiver.url}/{n}"))["id"] for n in range(5)]
+        theirs = (await register(api, receiver.url, client_id="C2"))["id"]
+        global_ = (await register(api, receiver.url, client_id=None))["id"]
+        client = {"client-id": "C1"}
+        listed = await all_pages(api, "/webhook-endpoints", client, 2)
+        assert [e["id"] for e in listed] == mine[::-1]  # newest first
+        everyone = await all_pages(api, "/admin/webhook-endpoints", api.admin_headers, 3)
+        assert [e["id"] for e in everyone] == [global_, theirs, *mine[::-1]]
+        one_client = await all_pages(api, "/admin/webhook-endpoints", api.admin_headers, 1, clientId="C2")
+        assert [e["id"] for e in one_client] == [theirs]
+        for _ in range(3):
+            await api.debit("C1", 1)
+        log_path = f"/webhook-endpoints/{mine[0]}/deliveries"
+
+        async def logged() -> bool:
+            return len((await api.http.get(log_path, headers=client)).json()["data"]) == 3
+
+        await commits.until(logged, what="three attempts in the delivery log")
+        attempts = await all_pages(api, log_path, client, 2)
+        assert len({a["id"] for a in attempts}) == 3
+        assert [a["id"] for a in attempts] == sorted((a["id"] for a in attempts), reverse=True)
+        admin_log = f"/admin/webhook-endpoints/{mine[0]}/deliveries"
+        assert await all_pages(api, admin_log, api.admin_headers, 1) == attempts
+
+
+@pytest.mark.parametrize("params", BAD_PAGING)
+async def test_bad_paging_of_endpoints_and_the_delivery_log_is_400(
+    database_url: str, provider: Provider, params: dict[str, str]
+) -> None:
+    async with service(database_url, provider) as api:
+        await api.credit("C1", 1)
+        endpoint = await register(api, "http://127.0.0.1:9/hook")
+        for path, headers in (
+            ("/webhook-endpoints", {"client-id": "C1"}),
+            ("/admin/webhook-endpoints", api.admin_headers),
+            (f"/webhook-endpoints/{endpoint['id']}/deliveries", {"client-id": "C1"}),
+            (f"/admin/webhook-endpoints/{endpoint['id']}/deliveries", api.admin_headers),
+        ):
+            response = await api.http.get(path, params=params, headers=headers)
+            assert response.status_code == 400, (path, params, response.text)
+            assert response.json()["success"] is False

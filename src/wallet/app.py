@@ -21,7 +21,18 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wallet import api, apikeys, delivery, events, history, idempotency, openapi, review, webhook_api
+from wallet import (
+    api,
+    apikeys,
+    delivery,
+    events,
+    history,
+    idempotency,
+    openapi,
+    review,
+    webhook_api,
+    webhook_send,
+)
 from wallet.auth import ClientAuthenticator
 from wallet.console import routes as console
 from wallet.console.sessions import Sessions
@@ -136,7 +147,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     http = new_http_client(settings)
     orders = Orders(engine, Provider(settings, http), settings)
     box = SecretBox(settings.chain_key)
-    webhook_http = delivery.new_http_client(settings)
+    webhook_http = webhook_send.new_http_client(settings)
     deliverer = delivery.Deliverer(engine, settings, box, webhook_http)
     app.state.engine = engine
     admin_key_digest = hashlib.sha256(settings.admin_key.encode()).digest()

@@ -7,12 +7,14 @@ Each pass (`Deliverer.run`, a background job like the order resolver):
    statement (older events reach a new endpoint only by replay);
 2. claim: due deliveries are taken with FOR UPDATE SKIP LOCKED and their due time moved past a
    lease (`Settings.webhook_lease_seconds`), committed at once: no lock is held during a call;
-3. call: POST the event (no redirects, WEBHOOK_TIMEOUT_SECONDS, the target checked against SSRF
-   again), `webhook-id` = the event id so receivers de-duplicate;
+3. call: POST the event (`webhook_send.send`: no redirects, WEBHOOK_TIMEOUT_SECONDS, the target
+   checked against SSRF again), `webhook-id` = the event id so receivers de-duplicate;
 4. record, in one transaction: the attempt in the log, then delivered (2xx), a retry after the
    next delay of WEBHOOK_RETRY_SCHEDULE (at least the `Retry-After` of a 429/503), or failed once
    the schedule is exhausted. 410 Gone disables the endpoint; so does a delivery that exhausted
    its schedule while the endpoint failed everything since its first attempt (days of failure).
+   Either writes `webhook_endpoint.disabled`: to the endpoint's client, or for a global endpoint
+   to the operators' stream (`events.OPERATOR_STREAM`: the admin's feed and global endpoints).
 
 A process killed mid-call leaves its claim to expire: another pass delivers again with the same
 webhook-id, so a receiver sees at most a duplicate.
@@ -21,9 +23,7 @@ webhook-id, so a receiver sees at most a duplicate.
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -31,16 +31,15 @@ import orjson
 import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from standardwebhooks.webhooks import Webhook
 
-from wallet import observability, ssrf
-from wallet.events import event_json
+from wallet import observability
+from wallet.events import INSERT_EVENT, OPERATOR_STREAM, event_json
 from wallet.settings import Settings
+from wallet.webhook_send import Attempt, refused, send
 from wallet.webhooks import SecretBox, endpoint_json
 
 log = structlog.get_logger(__name__)
 
-BODY_LOG_BYTES = 1024
 _BATCH = 50
 _MAX_RETRY_AFTER = 86400.0  # a receiver asking for longer gets its next attempt after a day
 
@@ -121,9 +120,9 @@ SET status = 'FAILED', next_attempt_at = NULL, last_error = 'endpoint disabled',
     updated_at = statement_timestamp()
 WHERE endpoint_id = :endpoint_id AND status = 'PENDING'
 """)
-_DISABLED_EVENT = text("""
-INSERT INTO events (client_id, type, data)
-VALUES (:client_id, 'webhook_endpoint.disabled', CAST(:data AS jsonb))
+_DISABLED_EVENT = text(f"""
+{INSERT_EVENT}
+VALUES (:client_id, 'webhook_endpoint.disabled', CAST(:data AS jsonb), statement_timestamp())
 """)
 _STATS = text("""
 SELECT (SELECT count(*) FROM event_queue) + (SELECT count(*) FROM webhook_deliveries
@@ -132,35 +131,6 @@ SELECT (SELECT count(*) FROM event_queue) + (SELECT count(*) FROM webhook_delive
               JOIN events e ON e.client_id = q.client_id AND e.id = q.event_no),
              (SELECT min(created_at) FROM webhook_deliveries WHERE status = 'PENDING')) AS oldest
 """)
-
-
-def new_http_client(settings: Settings) -> aiohttp.ClientSession:
-    """Delivery calls connect only through `ssrf.PublicResolver` in production."""
-    resolver = None if settings.webhooks_private_ok else ssrf.PublicResolver()
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=100, resolver=resolver, use_dns_cache=False),
-        timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_seconds),
-        raise_for_status=False,
-        auto_decompress=False,
-        trust_env=False,
-    )
-
-
-def retry_after(value: str | None) -> float | None:
-    """A `Retry-After` header in seconds (delta-seconds or an HTTP date), None if unusable."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        return max((parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds(), 0.0)
-    except (TypeError, ValueError):
-        return None
-
-
-def signature(event_id: str, at: datetime, body: str, secrets: list[str]) -> str:
-    """Standard Webhooks `webhook-signature`: one `v1,<base64>` per valid secret."""
-    return " ".join(Webhook(s).sign(event_id, at, body) for s in secrets)
 
 
 class Deliverer:
@@ -198,72 +168,37 @@ class Deliverer:
         client's events in the order they happened (retries aside; `createdAt` orders them)."""
         for row in rows:
             try:
-                if not await self._record(row, *await self._call(row)):
+                if not await self._record(row, await self._call(row)):
                     return  # the endpoint was just disabled: the rest were failed with it
             except Exception:
                 log.exception("webhook delivery failed; it will be claimed again", delivery_id=row.id)
 
-    async def _call(self, row: Any) -> tuple[datetime, int | None, int, str | None, str | None, float | None]:
-        """(time, status, latency ms, error, response body, Retry-After); never raises for the
-        receiver's sake."""
-        attempted_at = datetime.now(UTC)
+    async def _call(self, row: Any) -> Attempt:
         if not row.enabled:
-            return attempted_at, None, 0, "endpoint disabled", None, None
-        body = orjson.dumps(event_json(row)).decode()
+            return refused("endpoint disabled")
         secrets = [self.box.open(row.endpoint_id, row.secret)]
         if row.previous_secret is not None:
             secrets.append(self.box.open(row.endpoint_id, row.previous_secret))
-        headers = {
-            "content-type": "application/json",
-            "user-agent": "wallet-webhooks/1",
-            "webhook-id": row.event_id,
-            "webhook-timestamp": str(int(attempted_at.timestamp())),
-            "webhook-signature": signature(row.event_id, attempted_at, body, secrets),
-        }
-        started = time.monotonic()
-        status, error, text_, wait = None, None, None, None
-        try:
-            await ssrf.check_url(row.url, allow_private=self.settings.webhooks_private_ok)
-            async with self.http.post(row.url, data=body, headers=headers, allow_redirects=False) as resp:
-                status = resp.status
-                text_ = (await resp.content.read(BODY_LOG_BYTES)).decode(errors="replace")
-                if status in (429, 503):
-                    wait = retry_after(resp.headers.get("Retry-After"))
-        except ssrf.UnsafeTarget as exc:
-            error = f"refused: {exc}"
-        except TimeoutError:
-            error = f"timed out after {self.settings.webhook_timeout_seconds:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
-        latency = int((time.monotonic() - started) * 1000)
-        return attempted_at, status, latency, error, text_, wait
+        body = orjson.dumps(event_json(row)).decode()
+        return await send(
+            self.http, self.settings, url=row.url, event_id=row.event_id, body=body, secrets=secrets
+        )
 
-    async def _record(
-        self,
-        row: Any,
-        attempted_at: datetime,
-        status: int | None,
-        latency: int,
-        error: str | None,
-        body: str | None,
-        wait: float | None,
-    ) -> bool:
+    async def _record(self, row: Any, attempt: Attempt) -> bool:
         """Log the attempt and settle the delivery; False if the endpoint is now disabled."""
-        ok = status is not None and 200 <= status < 300
+        ok, status, error = attempt.ok, attempt.status, attempt.error
         gone = status == 410
         schedule = self.settings.webhook_retry_schedule
         exhausted = row.attempts > len(schedule) or not row.enabled
         outcome = "delivered" if ok else "gone" if gone else "failed" if exhausted else "retry"
         delay = 0.0
         if outcome == "retry":
-            delay = max(schedule[row.attempts - 1], min(wait or 0.0, _MAX_RETRY_AFTER))
-        if error is None and not ok:
-            error = f"HTTP {status}"
+            delay = max(schedule[row.attempts - 1], min(attempt.retry_after or 0.0, _MAX_RETRY_AFTER))
         keys = {"client_id": row.client_id, "delivery_id": row.id, "endpoint_id": row.endpoint_id}
         async with self.engine.begin() as conn:
-            attempt = {**keys, "event_id": row.event_id, "attempted_at": attempted_at}
-            attempt |= {"status_code": status, "latency_ms": latency, "error": error, "response_body": body}
-            await conn.execute(_LOG_ATTEMPT, attempt)
+            logged = {**keys, "event_id": row.event_id, "attempted_at": attempt.attempted_at}
+            logged |= {"status_code": status, "latency_ms": attempt.latency_ms, "error": error}
+            await conn.execute(_LOG_ATTEMPT, {**logged, "response_body": attempt.body})
             settled = {"PENDING": "retry", "DELIVERED": "delivered"}
             new_status = next((s for s, o in settled.items() if o == outcome), "FAILED")
             await conn.execute(
@@ -274,7 +209,7 @@ class Deliverer:
             if not row.enabled:  # disabled since the fan-out: nothing was sent
                 return False
             await conn.execute(
-                _HEALTH, {"endpoint_id": row.endpoint_id, "ok": ok, "attempted_at": attempted_at}
+                _HEALTH, {"endpoint_id": row.endpoint_id, "ok": ok, "attempted_at": attempt.attempted_at}
             )
             still_enabled = True
             if gone or exhausted:
@@ -297,9 +232,10 @@ class Deliverer:
             return False
         await conn.execute(_FAIL_PENDING, {"endpoint_id": row.endpoint_id})
         log.error("webhook endpoint disabled", endpoint_id=row.endpoint_id, reason=reason)
-        if row.client_id is not None:  # a global endpoint belongs to no client's event stream
-            data = orjson.dumps(endpoint_json(row)).decode()
-            await conn.execute(_DISABLED_EVENT, {"client_id": row.client_id, "data": data})
+        # A global endpoint belongs to no client: its event goes to the operators' stream.
+        stream = OPERATOR_STREAM if row.client_id is None else row.client_id
+        data = orjson.dumps(endpoint_json(row)).decode()
+        await conn.execute(_DISABLED_EVENT, {"client_id": stream, "data": data})
         return True
 
     async def _measure(self) -> None:

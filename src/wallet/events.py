@@ -35,6 +35,10 @@ EventType = Literal[
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 EVENT_ID_PATTERN = r"^evt_[0-9a-f]{32}$"
+# The client id of events about the platform itself (a global endpoint disabled): outside the
+# client id alphabet (migration 0008), so no client's feed or endpoint ever matches it; the
+# admin's feed and the global endpoints see it, with `clientId` null.
+OPERATOR_STREAM = "*"
 
 
 def money_sql(cents: str) -> str:
@@ -100,7 +104,7 @@ def event_json(row: Any) -> dict[str, Any]:
         "id": row.event_id,
         "type": row.type,
         "createdAt": iso(row.created_at),
-        "clientId": row.client_id,
+        "clientId": None if row.client_id == OPERATOR_STREAM else row.client_id,
         # Without a column type SQLAlchemy hands jsonb over as its text.
         "data": orjson.loads(row.data) if isinstance(row.data, str | bytes) else row.data,
     }

@@ -287,7 +287,10 @@ class EventData(BaseModel):
     id: str = Field(pattern=EVENT_ID_PATTERN, description="Also the `webhook-id` of its deliveries")
     type: EventType
     createdAt: str
-    clientId: str
+    clientId: str | None = Field(
+        description="null: an event about the platform itself (a global endpoint disabled), "
+        "seen only by the admin and global endpoints"
+    )
     data: dict[str, Any] = Field(description="The object the event is about, as the API shows it")
 
 
@@ -320,6 +323,7 @@ class WebhookEndpointEnvelope(BaseModel):
 class WebhookEndpointList(BaseModel):
     success: Literal[True]
     data: list[WebhookEndpointData]
+    nextCursor: str | None
 
 
 class DeletedData(BaseModel):

@@ -181,10 +181,15 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
 
     @sub.get(prefix, responses={200: {"model": WebhookEndpointList}, **_ENDPOINT_ERRORS})
     async def list_endpoints(
-        svc: Svc, who: Owner, client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None
+        svc: Svc,
+        who: Owner,
+        client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None,
+        limit: Limit = 20,
+        cursor: Cursor = None,
     ) -> Response:
-        """Clients see their own; the admin every one, or one client's with `clientId`."""
-        return json_response(200, ok(await svc.webhooks.list_all(who if who is not None else client_id)))
+        """Newest first. Clients see their own; the admin every one, or one client's with `clientId`."""
+        owner = who if who is not None else client_id
+        return page_response(*await svc.webhooks.page(owner, limit, decode_cursor(cursor)))
 
     @sub.get(
         prefix + "/{endpoint_id}", responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS}
@@ -229,10 +234,9 @@ def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
         svc: Svc, who: Owner, endpoint_id: PathEndpointId, limit: Limit = 20, cursor: Cursor = None
     ) -> Response:
         """Every delivery attempt, newest first."""
-        items, next_key = await svc.webhooks.attempts(
-            _endpoint_id(endpoint_id), who, limit, decode_cursor(cursor)
+        return page_response(
+            *await svc.webhooks.attempts(_endpoint_id(endpoint_id), who, limit, decode_cursor(cursor))
         )
-        return page_response(items, next_key)
 
     @sub.post(
         prefix + "/{endpoint_id}/replay",

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -69,7 +70,7 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-_COLUMNS = """endpoint_id, client_id, url, event_types, description, enabled, disabled_reason,
+_COLUMNS = """id, endpoint_id, client_id, url, event_types, description, enabled, disabled_reason,
     created_at, updated_at"""
 
 
@@ -103,11 +104,15 @@ SELECT :endpoint_id, CAST(:client_id AS text), :url, CAST(:event_types AS text[]
 WHERE CAST(:client_id AS text) IS NULL OR EXISTS (SELECT 1 FROM clients WHERE client_id = :client_id)
 RETURNING {_COLUMNS}
 """)
-_LIST = text(f"""
+# Newest first, keyset-paged by id: webhook_endpoints_client_page or webhook_endpoints_page.
+_LIST = {
+    client: text(f"""
 SELECT {_COLUMNS} FROM webhook_endpoints
-WHERE CAST(:client_id AS text) IS NULL OR client_id = :client_id
-ORDER BY created_at, endpoint_id
+WHERE {"client_id = :client_id AND " if client else ""}(CAST(:key AS bigint) IS NULL OR id < :key)
+ORDER BY id DESC LIMIT :limit
 """)
+    for client in (False, True)
+}
 _GET = text(f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE {_OWNED}")
 _DELETE = text(f"DELETE FROM webhook_endpoints WHERE {_OWNED} RETURNING endpoint_id")
 _ENABLE = text(f"""
@@ -164,6 +169,14 @@ def _attempt_json(row: Any) -> dict[str, Any]:
     }
 
 
+Page = tuple[list[dict[str, Any]], int | None]
+
+
+def _paged(items: list[dict[str, Any]], rows: Sequence[Any], limit: int) -> Page:
+    """A page of `limit` from `limit + 1` rows fetched, and the key after it (None: the last)."""
+    return items[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+
 def _not_found() -> NotFound:
     return NotFound("Webhook endpoint not found", code="WEBHOOK_ENDPOINT_NOT_FOUND")
 
@@ -195,10 +208,12 @@ class Webhooks:
             raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
         return endpoint_json(row, secret)
 
-    async def list_all(self, client_id: str | None) -> list[dict[str, Any]]:
+    async def page(self, client_id: str | None, limit: int, key: int | None) -> Page:
+        """One client's endpoints, or (None) every endpoint, global ones included."""
+        params = {"client_id": client_id, "key": key, "limit": limit + 1}
         async with self.single.connect() as conn:
-            rows = (await conn.execute(_LIST, {"client_id": client_id})).all()
-        return [endpoint_json(r) for r in rows]
+            rows = (await conn.execute(_LIST[client_id is not None], params)).all()
+        return _paged([endpoint_json(r) for r in rows], rows, limit)
 
     async def get(self, endpoint_id: str, owner: str | None) -> dict[str, Any]:
         async with self.single.connect() as conn:
@@ -252,14 +267,10 @@ class Webhooks:
                 rows = (await conn.execute(_REPLAY_FAILED, {**params, "since": since})).all()
         return len(rows)
 
-    async def attempts(
-        self, endpoint_id: str, owner: str | None, limit: int, key: int | None
-    ) -> tuple[list[dict[str, Any]], int | None]:
+    async def attempts(self, endpoint_id: str, owner: str | None, limit: int, key: int | None) -> Page:
         """The delivery log, newest first, keyset paged by attempt id."""
         await self.get(endpoint_id, owner)
         params = {"endpoint_id": endpoint_id, "key": key, "limit": limit + 1}
         async with self.single.connect() as conn:
             rows = (await conn.execute(_ATTEMPTS, params)).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [_attempt_json(r) for r in rows], (rows[-1].id if more else None)
+        return _paged([_attempt_json(r) for r in rows], rows, limit)

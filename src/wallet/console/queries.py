@@ -171,8 +171,8 @@ async def ledger(conn: AsyncConnection, client_id: str, before: int, limit: int)
 
 
 def _order_page(rows: list[Any], limit: int) -> tuple[list[OrderRow], int | None]:
-    """The page and the key of the next one (None on the last)."""
-    return [OrderRow.of(r) for r in rows[:limit]], rows[limit - 1].id if len(rows) > limit else None
+    page, next_key = _keyed(rows, limit)
+    return [OrderRow.of(r) for r in page], next_key
 
 
 async def client_orders(
@@ -201,3 +201,46 @@ async def orders(
         f"SELECT id, {ORDER_COLUMNS} FROM orders WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
     )
     return _order_page(list(await conn.execute(text(query), params)), limit)
+
+
+_WEBHOOK_ENDPOINTS = text("""
+SELECT id, endpoint_id, client_id, url, event_types, description, enabled, disabled_reason,
+       failing_since, created_at
+FROM webhook_endpoints WHERE id < :before ORDER BY id DESC LIMIT :limit
+""")
+# The newest attempts of each endpoint (one descent of webhook_attempts_endpoint_page each:
+# endpoints are few), merged; with the delivery's state now, the event's type, and whether this
+# is the newest attempt of its delivery shown (where a replay is offered).
+_WEBHOOK_ATTEMPTS = text("""
+SELECT a.id, a.endpoint_id, w.client_id AS endpoint_client, a.event_id, e.type AS event_type,
+       a.attempted_at, a.status_code, a.latency_ms, a.error, d.status AS delivery_status,
+       a.id = max(a.id) OVER (PARTITION BY a.client_id, a.delivery_id) AS last_shown
+FROM webhook_endpoints w
+CROSS JOIN LATERAL (
+    SELECT * FROM webhook_attempts x
+    WHERE x.endpoint_id = w.endpoint_id AND x.id < :before ORDER BY x.id DESC LIMIT :limit
+) a
+JOIN webhook_deliveries d ON d.client_id = a.client_id AND d.id = a.delivery_id
+JOIN events e ON e.client_id = d.client_id AND e.id = d.event_no
+WHERE CAST(:endpoint_id AS text) IS NULL OR w.endpoint_id = :endpoint_id
+ORDER BY a.id DESC LIMIT :limit
+""")
+
+
+def _keyed(rows: list[Any], limit: int) -> tuple[list[Any], int | None]:
+    """The page and the key of the next one (None on the last)."""
+    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+
+
+async def webhook_endpoints(conn: AsyncConnection, before: int, limit: int) -> tuple[list[Any], int | None]:
+    """Every endpoint, global ones included, newest first."""
+    rows = (await conn.execute(_WEBHOOK_ENDPOINTS, {"before": before, "limit": limit + 1})).all()
+    return _keyed(list(rows), limit)
+
+
+async def webhook_attempts(
+    conn: AsyncConnection, endpoint_id: str | None, before: int, limit: int
+) -> tuple[list[Any], int | None]:
+    """Delivery attempts, newest first: every endpoint's, or one's."""
+    params = {"endpoint_id": endpoint_id, "before": before, "limit": limit + 1}
+    return _keyed(list((await conn.execute(_WEBHOOK_ATTEMPTS, params)).all()), limit)

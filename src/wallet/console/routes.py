@@ -468,14 +468,10 @@ async def digest(request: Request) -> Response:
     )
 
 
-@router.get("/webhooks")
-async def webhooks(request: Request) -> Response:
-    """Placeholder: webhooks (issue 12) are being built separately and will plug in here."""
-    await viewer(request)
-    return page(request, "webhooks.html")
-
-
 def install(app: FastAPI) -> None:
     """The pages, and their static files. Sessions are built in the app's lifespan."""
+    from wallet.console import webhooks  # its routes build on this module's
+
     app.include_router(router)
+    app.include_router(webhooks.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
