@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -22,17 +23,18 @@ def replicated() -> Iterator[Replicated]:
         yield servers
 
 
-async def caught_up(replicated: Replicated) -> None:
-    """Until the replica has replayed everything the primary has written so far."""
+async def caught_up(replicated: Replicated, position: str = "pg_last_wal_replay_lsn()") -> None:
+    """Until the replica has replayed (or only received, with `pg_last_wal_receive_lsn()`)
+    everything the primary has written so far."""
     primary = await asyncpg.connect(plain_url(replicated.primary_url))
     replica = await asyncpg.connect(plain_url(replicated.replica_url))
     try:
         written = await primary.fetchval("SELECT pg_current_wal_lsn()")
 
-        async def replayed() -> bool:
-            return bool(await replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", written))
+        async def reached() -> bool:
+            return bool(await replica.fetchval(f"SELECT {position} >= $1::pg_lsn", written))
 
-        await until(replayed, what="the replica to replay the primary's writes")
+        await until(reached, what=f"the replica's {position} to reach the primary's writes")
     finally:
         await primary.close()
         await replica.close()
@@ -87,6 +89,64 @@ async def test_history_from_the_replica_own_writes_from_the_primary(
         assert ready.json()["data"]["replica"]["status"] == "ok"
 
 
+async def statement(api: Api, path: str, headers: dict[str, str]) -> tuple[list[str], float]:
+    """The types of a statement's entries and its closing balance."""
+    response = await api.http.get(path, headers=headers)
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    return [e["type"] for e in data["entries"]], data["closingBalance"]
+
+
+async def balance_at(api: Api, client_id: str, moment: datetime) -> float:
+    response = await api.http.get(
+        "/wallet/balance", params={"at": moment.isoformat()}, headers={"client-id": client_id}
+    )
+    assert response.status_code == 200, response.text
+    return float(response.json()["data"]["balance"])
+
+
+async def test_statements_and_past_balances_from_the_replica_now_from_the_primary(
+    replicated: Replicated, provider: Provider
+) -> None:
+    async with start_service(
+        replicated.primary_url, provider.url, database_read_url=replicated.replica_url
+    ) as api:
+        assert (await api.credit("STMT", 100)).status_code == 200
+        await caught_up(replicated)
+        own = ("/wallet/statement", {"client-id": "STMT"})
+        admin = ("/admin/clients/STMT/statement", api.admin_headers)
+        assert await statement(api, *own) == (["CREDIT"], 100)
+
+        await replay(replicated, paused=True)
+        try:
+            placed = await api.order("STMT", 30)
+            assert placed.status_code == 201, placed.text
+            after_the_order = datetime.now(UTC)
+            # Statements and a past moment's balance come from the replica, which has not
+            # replayed the order: the primary would answer 70.
+            assert await statement(api, *own) == (["CREDIT"], 100)
+            assert await statement(api, *admin) == (["CREDIT"], 100)
+            assert await balance_at(api, "STMT", after_the_order) == 100
+            # The balance now (no `at`, or an `at` not yet past) must show the order: the primary.
+            assert await api.balance("STMT") == 70
+            assert await balance_at(api, "STMT", datetime.now(UTC) + timedelta(days=1)) == 70
+            # /ready reports both: the primary answers, the replica answers and lags (it has
+            # received the order's WAL and not replayed it).
+            await caught_up(replicated, "pg_last_wal_receive_lsn()")
+            ready = await api.http.get("/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["data"]["primary"] == "ok"
+            assert ready.json()["data"]["replica"]["status"] == "ok"
+            assert ready.json()["data"]["replica"]["lagSeconds"] > 0
+        finally:
+            await replay(replicated, paused=False)
+        await caught_up(replicated)
+        assert await statement(api, *own) == (["CREDIT", "ORDER_DEDUCTION"], 70)
+        assert await balance_at(api, "STMT", after_the_order) == 70
+        ready = await api.http.get("/ready")
+        assert ready.json()["data"]["replica"] == {"status": "ok", "lagSeconds": 0}
+
+
 async def test_a_dead_replica_reads_fall_back_to_the_primary(provider: Provider) -> None:
     with primary_and_replica() as servers:
         await migrate_url(servers.primary_url)
@@ -106,6 +166,12 @@ async def test_a_dead_replica_reads_fall_back_to_the_primary(provider: Provider)
                 return response.status_code == 200 and len(response.json()["data"]) == 2
 
             await until(from_primary, what="history read from the primary")
+
+            async def statement_from_primary() -> bool:
+                response = await api.http.get("/wallet/statement", headers={"client-id": "GONE"})
+                return response.status_code == 200 and response.json()["data"]["closingBalance"] == 15
+
+            await until(statement_from_primary, what="a statement read from the primary")
             ready = await api.http.get("/ready")
             assert ready.status_code == 200, ready.text
             assert ready.json()["data"]["replica"]["status"] == "unreachable"
