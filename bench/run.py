@@ -195,7 +195,7 @@ def measure_service(
     label: str = "",
 ) -> ServiceRun:
     """The service over `db.url`, reading from `read_url` when given; with `only_reads` just the
-    scenarios a replica would serve. `label` goes after each scenario's name."""
+    scenarios a replica would serve, whose names `label` ends."""
     python = sys.executable
     provider_port, port = stack.free_port(), stack.free_port()
     admin_key = secrets.token_urlsafe(32)
@@ -221,7 +221,7 @@ def measure_service(
 class Picked:
     read_url: str  # where pgbench runs the ceiling of the scenarios a replica serves
     only_reads: bool
-    label: str
+    label: str  # after the name of each scenario a replica would serve
 
 
 def _measure(
@@ -270,7 +270,12 @@ def _measure(
                     threads=2,
                     seconds=args.duration,
                 )
-                row = Row(scenario.name + picked.label, served, raw, scenario.target)
+                row = Row(
+                    scenario.name + (picked.label if scenario.replica_read else ""),
+                    served,
+                    raw,
+                    scenario.target,
+                )
                 print(
                     f"bench: {row.scenario}: {served.rps:,.0f} req/s (p99 {served.p99_ms:.1f} ms, "
                     f"{served.errors} errors), pgbench {raw.tps:,.0f} tps, {row.ratio:.2f}x",
