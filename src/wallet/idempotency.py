@@ -100,9 +100,11 @@ WHERE tenant = :tenant AND caller = :caller AND key = :key
 _ATTACH_ORDER = text("""
 UPDATE idempotency_keys SET order_id = :order_id WHERE tenant = :tenant AND caller = :caller AND key = :key
 """)
+# By key, not by ctid: once the table is distributed the batch is picked across shards, and a
+# ctid names a row only within one shard (docs/scaling.md).
 _PURGE = text("""
-DELETE FROM idempotency_keys WHERE ctid IN (
-    SELECT ctid FROM idempotency_keys
+DELETE FROM idempotency_keys WHERE (tenant, caller, key) IN (
+    SELECT tenant, caller, key FROM idempotency_keys
     WHERE expires_at < now() AND response_status IS NOT NULL
     LIMIT :batch)
 """)
