@@ -80,7 +80,9 @@ def render(
     processes: int,
     growth: Sequence[GrowthRow] = (),
     growth_size: int = 0,
+    sections: Sequence[str] = (),
 ) -> str:
+    """`sections`: lines of further sections, appended as they are (bench/replica.py's)."""
     lines = ["# Wallet service benchmark", ""]
     lines += [f"- {name}: {value}" for name, value in about.items()]
     lines += [f"- service peak memory: {peak_rss / 2**20:.0f} MiB RSS summed over {processes} processes", ""]
@@ -121,6 +123,7 @@ def render(
             " wrote, in one snapshot) once the growth wallet has 10 entries and once it has"
             f" {growth_size:,}; clean both times, or the bench stops.",
         ]
+    lines += sections
     return "\n".join(lines) + "\n"
 
 

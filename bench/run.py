@@ -30,7 +30,7 @@ from types import FrameType
 
 import asyncpg
 
-from bench import ceiling, growth, load, report, seed, stack
+from bench import ceiling, growth, load, replica, report, seed, stack
 from bench.load import Request
 from bench.report import Row, Target
 from wallet.database import migrate_url, plain_url
@@ -184,58 +184,71 @@ def database(args: argparse.Namespace, workdir: Path) -> Iterator[Database]:
         )
 
 
-def measure_service(
-    args: argparse.Namespace,
-    kind: str,
-    db: Database,
-    workdir: Path,
-    *,
-    read_url: str | None,
-    only_reads: bool = False,
-    label: str = "",
-) -> ServiceRun:
-    """The service over `db.url`, reading from `read_url` when given; with `only_reads` just the
-    scenarios a replica would serve, whose names `label` ends."""
+def measure_service(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> ServiceRun:
+    """The service over `db.url`, reading from `db.read_url` (`--replica`) when there is one."""
     python = sys.executable
     provider_port, port = stack.free_port(), stack.free_port()
     admin_key = secrets.token_urlsafe(32)
     env = service_env(db.url, provider_port, port, admin_key, args.client_auth)
     simulator = [python, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
     with contextlib.ExitStack() as pooled:
-        if read_url is not None:
-            env["DATABASE_READ_URL"] = read_url
+        if db.read_url is not None:
+            env["DATABASE_READ_URL"] = db.read_url
         if args.pooler == "transaction":
             # The service (not pgbench: the ceiling stays raw SQL on the server) through PgBouncer.
             from tests.servers import pgbouncer
 
             env["DATABASE_URL"] = pooled.enter_context(pgbouncer(db.url, pool_size=args.pooler_pool_size))
-            if read_url is not None:
-                bouncer = pgbouncer(read_url, pool_size=args.pooler_pool_size)
+            if db.read_url is not None:
+                bouncer = pgbouncer(db.read_url, pool_size=args.pooler_pool_size)
                 env["DATABASE_READ_URL"] = pooled.enter_context(bouncer)
             env["DB_POOLER"] = "transaction"
-        picked = Picked(read_url or db.url, only_reads, label)
-        return _measure(args, kind, db.url, workdir, env, simulator, provider_port, port, admin_key, picked)
+        return _measure(args, kind, db, workdir, env, simulator, provider_port, port, admin_key)
 
 
-@dataclass(frozen=True)
-class Picked:
-    read_url: str  # where pgbench runs the ceiling of the scenarios a replica serves
-    only_reads: bool
-    label: str  # after the name of each scenario a replica would serve
+def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> list[replica.Paired]:
+    """`--replica`, after the main run: the reads a replica serves through a service with and one
+    without DATABASE_READ_URL, in alternating rounds (bench/replica.py). Direct connections."""
+    assert db.read_url is not None
+    read_url = db.read_url
+    provider_port = stack.free_port()
+    admin_key = secrets.token_urlsafe(32)
+    client_ids = [
+        *(str(c) for c in range(FIRST_WALLET, FIRST_WALLET + WALLETS)),
+        str(HOT_WALLET),
+        str(DEBIT_WALLET),
+    ]
+    keys = asyncio.run(seed.api_keys(db.url, client_ids)) if args.client_auth == "api_key" else {}
+    reads = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.replica_read]
+
+    def env_for(port: int, with_replica: bool) -> dict[str, str]:
+        env = service_env(db.url, provider_port, port, admin_key, args.client_auth)
+        if with_replica:
+            env["DATABASE_READ_URL"] = read_url
+        return env
+
+    simulator = [sys.executable, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
+    env = service_env(db.url, provider_port, 0, admin_key, args.client_auth)
+    with stack.process("provider-compare", simulator, env=env, workdir=workdir) as provider:
+        stack.wait_port(provider_port, provider)
+        return replica.compare(
+            reads, env_for, workdir, kind=kind, seconds=args.duration, connections=args.connections
+        )
 
 
 def _measure(
     args: argparse.Namespace,
     kind: str,
-    url: str,
+    db: Database,
     workdir: Path,
     env: dict[str, str],
     simulator: list[str],
     provider_port: int,
     port: int,
     admin_key: str,
-    picked: Picked,
 ) -> ServiceRun:
+    url = db.url
+    label = " (replica)" if db.read_url else ""
     python = sys.executable
     with stack.process("provider", simulator, env=env, workdir=workdir) as provider:
         stack.wait_port(provider_port, provider)
@@ -251,8 +264,6 @@ def _measure(
             keys = asyncio.run(seed.api_keys(url, client_ids)) if args.client_auth == "api_key" else {}
             rows = []
             for scenario in scenarios(keys, admin_key):
-                if picked.only_reads and not scenario.replica_read:
-                    continue
                 requests = load.write_requests(
                     scenario.requests, f"127.0.0.1:{port}", workdir / "requests.bin"
                 )
@@ -263,7 +274,7 @@ def _measure(
                 served = load.run(kind, port, requests, **measure)
                 settle(url)
                 raw = ceiling.run_pgbench(
-                    picked.read_url if scenario.replica_read else url,
+                    (db.read_url or url) if scenario.replica_read else url,
                     scenario.script,
                     workdir,
                     clients=args.connections,
@@ -271,7 +282,7 @@ def _measure(
                     seconds=args.duration,
                 )
                 row = Row(
-                    scenario.name + (picked.label if scenario.replica_read else ""),
+                    scenario.name + (label if scenario.replica_read else ""),
                     served,
                     raw,
                     scenario.target,
@@ -310,8 +321,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--replica",
         action="store_true",
-        help="start a primary and a streaming replica; serve with DATABASE_READ_URL, then the history "
-        "and statement reads again without it, to compare",
+        help="start a primary and a streaming replica and serve with DATABASE_READ_URL; then compare "
+        "the history and statement reads with and without it in alternating rounds",
     )
     parser.add_argument(
         "--large-ledger", type=int, default=0, metavar="N", help="also compare 10 vs N ledger entries"
@@ -348,14 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         with _logs_kept_on_failure(workdir), database(args, workdir) as db:
             version = asyncio.run(_migrate(db.url))
-            label = " (replica)" if db.read_url else ""
-            run = measure_service(args, kind, db, workdir, read_url=db.read_url, label=label)
-            if db.read_url:
-                # The same reads from the same primary, no replica: what the replica path costs.
-                direct = measure_service(
-                    args, kind, db, workdir, read_url=None, only_reads=True, label=" (primary)"
-                )
-                run = ServiceRun(run.rows + direct.rows, max(run.peak_rss, direct.peak_rss), run.processes)
+            run = measure_service(args, kind, db, workdir)
+            paired = compare_reads(args, kind, db, workdir) if db.read_url else []
             grown = []
             if args.large_ledger:
                 grown = growth.measure(
@@ -385,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         processes=run.processes,
         growth=grown,
         growth_size=args.large_ledger,
+        sections=replica.render(paired, args.duration),
     )
     print(markdown)
     print(f"bench: written to {report.save(markdown)}", file=sys.stderr)
