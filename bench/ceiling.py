@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import TextClause
 
-from wallet import ledger, orders, statements
+from wallet import history, ledger, orders, statements
 from wallet.ledger import OrderRow
 
 _BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -142,6 +142,32 @@ def debit(client_id: int) -> Script:
         f"{to_pgbench(ledger._DEBIT, binds)};\n"
     )
     return Script("debit", text, {"type": ledger.EntryType.DEBIT.value})
+
+
+def history_page(client_ids: tuple[int, int]) -> Script:
+    """`GET /wallet/transactions`: the newest page of 20 entries, one autocommitted statement."""
+    page = to_pgbench(history._LEDGER_FIRST, {"client_id": ":cid", "limit": "21"})
+    return Script("history page", f"{_pick(client_ids)}{page};\n")
+
+
+def whole_statement(client_ids: tuple[int, int]) -> Script:
+    """`GET /wallet/statement` without a period: the service's snapshot transaction (the wallet
+    check, the entries, the opening and closing balances)."""
+    binds = {
+        "client_id": ":cid",
+        "start": "timestamptz '0001-01-01 00:00:00+00'",
+        "end": "now()",
+        "limit": str(statements.STATEMENT_MAX_ENTRIES + 1),
+    }
+    reads = [
+        to_pgbench(statements._NOW, binds),
+        to_pgbench(statements.ENTRIES_SQL, binds),
+        to_pgbench(statements.BALANCE_BEFORE_SQL, {**binds, "at": binds["start"]}),
+        to_pgbench(statements.BALANCE_BEFORE_SQL, {**binds, "at": binds["end"]}),
+    ]
+    body = "".join(f"{read};\n" for read in reads)
+    text = f"{_pick(client_ids)}BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;\n{body}COMMIT;\n"
+    return Script("whole statement", text)
 
 
 def ledger_page(client_id: int, deepest: int) -> Script:

@@ -82,7 +82,9 @@ def render(
     growth: Sequence[GrowthRow] = (),
     growth_size: int = 0,
     outbox: OutboxCost | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
+    """`sections`: lines of further sections, appended as they are (bench/replica.py's)."""
     lines = ["# Wallet service benchmark", ""]
     lines += [f"- {name}: {value}" for name, value in about.items()]
     lines += [f"- service peak memory: {peak_rss / 2**20:.0f} MiB RSS summed over {processes} processes", ""]
@@ -144,6 +146,7 @@ def render(
             " wrote, in one snapshot) once the growth wallet has 10 entries and once it has"
             f" {growth_size:,}; clean both times, or the bench stops.",
         ]
+    lines += sections
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
     make bench                                        # 10 s per measurement, 32 connections
     make bench BENCH_ARGS="--duration 30"
     make bench BENCH_ARGS="--large-ledger 10000000"   # adds cost growth (minutes, GBs of disk)
+    make bench BENCH_ARGS="--replica"                 # reads from a streaming replica, and without
 
 Starts PostgreSQL (a fresh database on DATABASE_URL's server, else an embedded one), the
 fulfillment simulator and `wallet serve` in production mode on loopback; credits the wallets;
@@ -29,7 +30,7 @@ from types import FrameType
 
 import asyncpg
 
-from bench import ceiling, growth, load, outbox, report, seed, stack
+from bench import ceiling, growth, load, outbox, replica, report, seed, stack
 from bench.load import Request
 from bench.report import Row, Target
 from wallet.database import migrate_url, plain_url
@@ -45,6 +46,7 @@ class Scenario:
     requests: list[Request]  # one is picked at random per request
     script: ceiling.Script  # the same work as raw SQL
     target: Target
+    replica_read: bool = False  # served by DATABASE_READ_URL when set (README: which reads go where)
 
 
 def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
@@ -83,6 +85,20 @@ def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
             [Request("POST", "/admin/wallet/debit", admin, debit)],
             ceiling.debit(DEBIT_WALLET),
             Target(),
+        ),
+        Scenario(
+            f"history pages, {WALLETS:,} wallets",
+            [Request("GET", "/wallet/transactions", client(c)) for c in spread],
+            ceiling.history_page(ids),
+            Target(),
+            replica_read=True,
+        ),
+        Scenario(
+            f"statements, {WALLETS:,} wallets",
+            [Request("GET", "/wallet/statement", client(c)) for c in spread],
+            ceiling.whole_statement(ids),
+            Target(),
+            replica_read=True,
         ),
     ]
 
@@ -144,26 +160,87 @@ class ServiceRun:
     outbox: outbox.OutboxCost
 
 
-def measure_service(args: argparse.Namespace, kind: str, url: str, workdir: Path) -> ServiceRun:
+@dataclass(frozen=True)
+class Database:
+    url: str  # the primary
+    read_url: str | None  # the replica (`--replica`), the service's DATABASE_READ_URL
+    where: str
+
+
+@contextlib.contextmanager
+def database(args: argparse.Namespace, workdir: Path) -> Iterator[Database]:
+    """`stack.postgres`, or with `--replica` a primary and a streaming replica of our own,
+    started from the machine's PostgreSQL binaries as the replica tests start them."""
+    if not args.replica:
+        with stack.postgres(workdir) as (url, where):
+            yield Database(url, None, where)
+        return
+    from tests.servers import primary_and_replica
+
+    with primary_and_replica() as servers:
+        yield Database(
+            servers.primary_url,
+            servers.replica_url,
+            "a primary and a streaming replica of the bench's own (initdb, fsync=off), one machine",
+        )
+
+
+def measure_service(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> ServiceRun:
+    """The service over `db.url`, reading from `db.read_url` (`--replica`) when there is one."""
     python = sys.executable
     provider_port, port = stack.free_port(), stack.free_port()
     admin_key = secrets.token_urlsafe(32)
-    env = service_env(url, provider_port, port, admin_key, args.client_auth)
+    env = service_env(db.url, provider_port, port, admin_key, args.client_auth)
     simulator = [python, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
     with contextlib.ExitStack() as pooled:
+        if db.read_url is not None:
+            env["DATABASE_READ_URL"] = db.read_url
         if args.pooler == "transaction":
             # The service (not pgbench: the ceiling stays raw SQL on the server) through PgBouncer.
             from tests.servers import pgbouncer
 
-            env["DATABASE_URL"] = pooled.enter_context(pgbouncer(url, pool_size=args.pooler_pool_size))
+            env["DATABASE_URL"] = pooled.enter_context(pgbouncer(db.url, pool_size=args.pooler_pool_size))
+            if db.read_url is not None:
+                bouncer = pgbouncer(db.read_url, pool_size=args.pooler_pool_size)
+                env["DATABASE_READ_URL"] = pooled.enter_context(bouncer)
             env["DB_POOLER"] = "transaction"
-        return _measure(args, kind, url, workdir, env, simulator, provider_port, port, admin_key)
+        return _measure(args, kind, db, workdir, env, simulator, provider_port, port, admin_key)
+
+
+def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> list[replica.Paired]:
+    """`--replica`, after the main run: the reads a replica serves through a service with and one
+    without DATABASE_READ_URL, in alternating rounds (bench/replica.py). Direct connections."""
+    assert db.read_url is not None
+    read_url = db.read_url
+    provider_port = stack.free_port()
+    admin_key = secrets.token_urlsafe(32)
+    client_ids = [
+        *(str(c) for c in range(FIRST_WALLET, FIRST_WALLET + WALLETS)),
+        str(HOT_WALLET),
+        str(DEBIT_WALLET),
+    ]
+    keys = asyncio.run(seed.api_keys(db.url, client_ids)) if args.client_auth == "api_key" else {}
+    reads = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.replica_read]
+
+    def env_for(port: int, with_replica: bool) -> dict[str, str]:
+        env = service_env(db.url, provider_port, port, admin_key, args.client_auth)
+        if with_replica:
+            env["DATABASE_READ_URL"] = read_url
+        return env
+
+    simulator = [sys.executable, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
+    env = service_env(db.url, provider_port, 0, admin_key, args.client_auth)
+    with stack.process("provider-compare", simulator, env=env, workdir=workdir) as provider:
+        stack.wait_port(provider_port, provider)
+        return replica.compare(
+            reads, env_for, workdir, kind=kind, seconds=args.duration, connections=args.connections
+        )
 
 
 def _measure(
     args: argparse.Namespace,
     kind: str,
-    url: str,
+    db: Database,
     workdir: Path,
     env: dict[str, str],
     simulator: list[str],
@@ -171,6 +248,8 @@ def _measure(
     port: int,
     admin_key: str,
 ) -> ServiceRun:
+    url = db.url
+    label = " (replica)" if db.read_url else ""
     python = sys.executable
     with stack.process("provider", simulator, env=env, workdir=workdir) as provider:
         stack.wait_port(provider_port, provider)
@@ -196,9 +275,19 @@ def _measure(
                 served = load.run(kind, port, requests, **measure)
                 settle(url)
                 raw = ceiling.run_pgbench(
-                    url, scenario.script, workdir, clients=args.connections, threads=2, seconds=args.duration
+                    (db.read_url or url) if scenario.replica_read else url,
+                    scenario.script,
+                    workdir,
+                    clients=args.connections,
+                    threads=2,
+                    seconds=args.duration,
                 )
-                row = Row(scenario.name, served, raw, scenario.target)
+                row = Row(
+                    scenario.name + (label if scenario.replica_read else ""),
+                    served,
+                    raw,
+                    scenario.target,
+                )
                 print(
                     f"bench: {row.scenario}: {served.rps:,.0f} req/s (p99 {served.p99_ms:.1f} ms, "
                     f"{served.errors} errors), pgbench {raw.tps:,.0f} tps, {row.ratio:.2f}x",
@@ -236,6 +325,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pooler-pool-size", type=int, default=20, help="PgBouncer's server connections (default_pool_size)"
     )
     parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="start a primary and a streaming replica and serve with DATABASE_READ_URL; then compare "
+        "the history and statement reads with and without it in alternating rounds",
+    )
+    parser.add_argument(
         "--large-ledger", type=int, default=0, metavar="N", help="also compare 10 vs N ledger entries"
     )
     return parser.parse_args(argv)
@@ -268,19 +363,20 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="wallet-bench-") as tmp:
         workdir = Path(tmp)
-        with _logs_kept_on_failure(workdir), stack.postgres(workdir) as (url, where):
-            version = asyncio.run(_migrate(url))
-            run = measure_service(args, kind, url, workdir)
+        with _logs_kept_on_failure(workdir), database(args, workdir) as db:
+            version = asyncio.run(_migrate(db.url))
+            run = measure_service(args, kind, db, workdir)
+            paired = compare_reads(args, kind, db, workdir) if db.read_url else []
             grown = []
             if args.large_ledger:
                 grown = growth.measure(
-                    url, args.large_ledger, workdir, clients=args.connections, seconds=args.duration
+                    db.url, args.large_ledger, workdir, clients=args.connections, seconds=args.duration
                 )
     about = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": report.machine(),
         "command": "make bench" + (f' BENCH_ARGS="{" ".join(sys.argv[1:])}"' if sys.argv[1:] else ""),
-        "PostgreSQL": f"{version}, {where}",
+        "PostgreSQL": f"{version}, {db.where}",
         "service": f"wallet serve, APP_ENV=production, {os.cpu_count()} workers (default), "
         f"CLIENT_AUTH={args.client_auth}, RATE_LIMIT=off"
         + (
@@ -288,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
             " DB_POOLER=transaction"
             if args.pooler == "transaction"
             else ", direct to PostgreSQL"
-        ),
+        )
+        + (", DATABASE_READ_URL=the replica" if args.replica else ""),
         "load": f"{kind}, {args.connections} keep-alive connections, {args.duration} s per measurement; "
         f"pgbench -M prepared -c {args.connections} -j 2",
     }
@@ -300,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         growth=grown,
         growth_size=args.large_ledger,
         outbox=run.outbox,
+        sections=replica.render(paired, args.duration),
     )
     print(markdown)
     print(f"bench: written to {report.save(markdown)}", file=sys.stderr)

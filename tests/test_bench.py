@@ -98,6 +98,18 @@ async def test_ceiling_orders_and_debits_are_the_service_s_transactions(database
     assert balances["300001"] == 1_000_000 - debits.transactions * ceiling.DEBIT_CENTS
 
 
+async def test_ceiling_reads_run_the_service_s_history_and_statement_queries(database_url: str) -> None:
+    await _wallets(database_url, "100001", "100002")
+    with tempfile.TemporaryDirectory() as tmp:
+        for script in (ceiling.history_page((100001, 100002)), ceiling.whole_statement((100001, 100002))):
+            ran = await asyncio.to_thread(
+                ceiling.run_pgbench, database_url, script, Path(tmp), clients=2, threads=1, seconds=1
+            )
+            assert ran.error is None, (script.name, ran.error)
+            assert ran.transactions > 0
+    assert "REPEATABLE READ READ ONLY" in ceiling.whole_statement((100001, 100002)).text
+
+
 async def test_the_growth_ledger_is_a_chain_verify_finds_clean(database_url: str) -> None:
     """A fault here means every cost-growth figure would be measured on a ledger the service
     could never have written."""

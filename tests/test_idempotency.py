@@ -70,6 +70,19 @@ async def test_same_key_with_another_body_is_422_and_moves_nothing(
         assert await api.balance("C1") == Decimal(100)
 
 
+async def test_the_admin_s_key_is_one_scope_across_clients(database_url: str, provider: Provider) -> None:
+    """Admin records are placed by their key, not by the client they credit: reusing a key for
+    another client is the same key with another body."""
+    async with start_service(database_url, provider.url) as api:
+        assert (await credit_with_key(api, "C1", 100, "k")).status_code == 200
+        other = await credit_with_key(api, "C2", 100, "k")
+        assert other.status_code == 422
+        assert other.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
+        again = await credit_with_key(api, "C1", 100, "k")
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert await api.balance("C1") == Decimal(100)
+
+
 async def test_keys_are_scoped_per_caller(database_url: str, provider: Provider) -> None:
     async with start_service(database_url, provider.url) as api:
         await api.credit("A", 100)
@@ -90,7 +103,8 @@ async def test_no_client_id_can_share_keys_with_the_admin_or_another_client(
 ) -> None:
     """Client ids that spell the admin's scope, or another client's scope, still get scopes of
     their own: nobody can replay or block anybody else's request."""
-    lookalikes = ["admin", "client:admin", "client", "client:", "client:client:admin"]
+    # "admin:shared" also shares its records' tenant with the admin's key "shared" (0007).
+    lookalikes = ["admin", "client:admin", "client", "client:", "client:client:admin", "admin:shared"]
     async with start_service(database_url, provider.url) as api:
         for n, client in enumerate(lookalikes):
             assert (await credit_with_key(api, client, 100, f"setup-{n}")).status_code == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -23,15 +24,17 @@ def replicated() -> Iterator[Replicated]:
         yield servers
 
 
-async def caught_up(replicated: Replicated) -> None:
-    """Until the replica has replayed everything the primary has written so far: a transaction on
-    the primary whose commit waits for the standby to apply it (synchronous_commit remote_apply;
-    the primary names any standby synchronous, every other commit stays local). The standby
-    replays in order, so once it applied this commit it applied every earlier one."""
+async def caught_up(replicated: Replicated, *, applied: bool = True) -> None:
+    """Until the replica has replayed (or, with `applied=False`, only received) everything the
+    primary has written so far: a transaction on the primary whose commit waits for the standby
+    (synchronous_commit remote_apply, or `on`: flushed there, which the replica reports as
+    received). The primary names any standby synchronous; every other commit stays local. The
+    standby takes WAL in order, so once it has this commit it has every earlier one."""
     primary = await asyncpg.connect(plain_url(replicated.primary_url))
     try:
         async with asyncio.timeout(30), primary.transaction():
-            await primary.execute("SET LOCAL synchronous_commit = remote_apply")
+            wait_for = "remote_apply" if applied else "on"
+            await primary.execute(f"SET LOCAL synchronous_commit = {wait_for}")
             # A write of no table, so that the commit waits (a transaction that wrote no WAL does not).
             await primary.execute("SELECT pg_logical_emit_message(true, 'wallet-tests', 'caught up?')")
     finally:
@@ -87,6 +90,64 @@ async def test_history_from_the_replica_own_writes_from_the_primary(
         assert ready.json()["data"]["replica"]["status"] == "ok"
 
 
+async def statement(api: Api, path: str, headers: dict[str, str]) -> tuple[list[str], float]:
+    """The types of a statement's entries and its closing balance."""
+    response = await api.http.get(path, headers=headers)
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    return [e["type"] for e in data["entries"]], data["closingBalance"]
+
+
+async def balance_at(api: Api, client_id: str, moment: datetime) -> float:
+    response = await api.http.get(
+        "/wallet/balance", params={"at": moment.isoformat()}, headers={"client-id": client_id}
+    )
+    assert response.status_code == 200, response.text
+    return float(response.json()["data"]["balance"])
+
+
+async def test_statements_and_past_balances_from_the_replica_now_from_the_primary(
+    replicated: Replicated, provider: Provider
+) -> None:
+    async with start_service(
+        replicated.primary_url, provider.url, database_read_url=replicated.replica_url
+    ) as api:
+        assert (await api.credit("STMT", 100)).status_code == 200
+        await caught_up(replicated)
+        own = ("/wallet/statement", {"client-id": "STMT"})
+        admin = ("/admin/clients/STMT/statement", api.admin_headers)
+        assert await statement(api, *own) == (["CREDIT"], 100)
+
+        await replay(replicated, paused=True)
+        try:
+            placed = await api.order("STMT", 30)
+            assert placed.status_code == 201, placed.text
+            after_the_order = datetime.now(UTC)
+            # Statements and a past moment's balance come from the replica, which has not
+            # replayed the order: the primary would answer 70.
+            assert await statement(api, *own) == (["CREDIT"], 100)
+            assert await statement(api, *admin) == (["CREDIT"], 100)
+            assert await balance_at(api, "STMT", after_the_order) == 100
+            # The balance now (no `at`, or an `at` not yet past) must show the order: the primary.
+            assert await api.balance("STMT") == 70
+            assert await balance_at(api, "STMT", datetime.now(UTC) + timedelta(days=1)) == 70
+            # /ready reports both: the primary answers, the replica answers and lags (it has
+            # received the order's WAL and not replayed it).
+            await caught_up(replicated, applied=False)
+            ready = await api.http.get("/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["data"]["primary"] == "ok"
+            assert ready.json()["data"]["replica"]["status"] == "ok"
+            assert ready.json()["data"]["replica"]["lagSeconds"] > 0
+        finally:
+            await replay(replicated, paused=False)
+        await caught_up(replicated)
+        assert await statement(api, *own) == (["CREDIT", "ORDER_DEDUCTION"], 70)
+        assert await balance_at(api, "STMT", after_the_order) == 70
+        ready = await api.http.get("/ready")
+        assert ready.json()["data"]["replica"] == {"status": "ok", "lagSeconds": 0}
+
+
 async def test_a_dead_replica_reads_fall_back_to_the_primary(provider: Provider) -> None:
     with primary_and_replica() as servers:
         await migrate_url(servers.primary_url)
@@ -107,6 +168,12 @@ async def test_a_dead_replica_reads_fall_back_to_the_primary(provider: Provider)
                     break
             assert history_read.status_code == 200, history_read.text
             assert len(history_read.json()["data"]) == 2
+            for _ in range(Settings.model_fields["db_pool_size"].default + 1):
+                statement = await api.http.get("/wallet/statement", headers={"client-id": "GONE"})
+                if statement.status_code != 503:
+                    break
+            assert statement.status_code == 200, statement.text
+            assert statement.json()["data"]["closingBalance"] == 15
             ready = await api.http.get("/ready")
             assert ready.status_code == 200, ready.text
             assert ready.json()["data"]["replica"]["status"] == "unreachable"

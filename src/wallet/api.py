@@ -43,8 +43,11 @@ class Services:
     orders: Orders
     clients: ClientAuthenticator
     webhooks: Webhooks
-    # Reads that may lag the writes (history pages, admin reads): the replica when there is one.
+    # Reads that may lag the writes (history pages, statements, admin reads): the replica when
+    # there is one (README: which reads go where). `reads` for single statements, `snapshots` for
+    # reads that must agree with each other (a statement).
     reads: Connector
+    snapshots: Connector
 
 
 async def services(request: Request) -> Services:
@@ -307,7 +310,7 @@ async def get_balance(
 ) -> Response:
     moment = statements.parse_time(at, "at")
     if moment is not None:
-        cents = await statements.balance_at(svc.wallets.single, client_id, moment)
+        cents = await statements.balance_at(svc.reads, svc.wallets.single, client_id, moment)
         data_at = {"clientId": client_id, "balance": from_cents(cents), "at": iso(moment)}
         return json_response(200, ok(data_at))
     balance = await svc.wallets.balance(client_id)

@@ -36,7 +36,7 @@ from wallet import (
 from wallet.auth import ClientAuthenticator
 from wallet.console import routes as console
 from wallet.console.sessions import Sessions
-from wallet.database import Connector, ReadRouter, create_engine, is_unavailable, single
+from wallet.database import Connector, ReadRouter, create_engine, is_unavailable, single, snapshot
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
@@ -135,6 +135,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     track_pool(engine, settings.db_pool_size)
     replica = None
     reads: Connector = single(engine)
+    snapshots: Connector = snapshot(engine)
     if settings.database_read_url:
         # A replica that cannot be reached fails fast (2 s to connect), then reads use the primary.
         replica = create_engine(
@@ -143,7 +144,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             pooler=settings.db_pooler,
             connect_args={"timeout": 2},
         )
-        reads = ReadRouter(replica, engine)
+        reads = ReadRouter(single(replica), reads)
+        snapshots = ReadRouter(snapshot(replica), snapshots)
     http = new_http_client(settings)
     orders = Orders(engine, Provider(settings, http), settings)
     box = SecretBox(settings.chain_key)
@@ -167,6 +169,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clients=ClientAuthenticator(engine, settings.client_auth_mode),
         webhooks=Webhooks(engine, box, allow_private=settings.webhooks_private_ok),
         reads=reads,
+        snapshots=snapshots,
     )
     retention = settings.event_retention_days
     jobs = [

@@ -123,6 +123,13 @@ def single(engine: AsyncEngine) -> Connector:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
+def snapshot(engine: AsyncEngine) -> Connector:
+    """Where reads that must agree with each other run (a statement's balances, totals and
+    entries): one REPEATABLE READ, READ ONLY transaction, which a hot standby serves too."""
+    options = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+    return _Transactional(engine.execution_options(**options))
+
+
 class _Transactional:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -132,25 +139,25 @@ class _Transactional:
 
 
 class ReadRouter:
-    """Reads that may lag the primary (history pages, admin lists) go to the replica; when the
-    replica cannot be reached they go to the primary instead, so a dead replica costs the primary
-    load, never an outage. A replica that answers but lags is used as it is (see README)."""
+    """Reads that may lag the primary (history pages, statements, admin reads) go to the replica;
+    when the replica cannot be reached they go to the primary instead, so a dead replica costs the
+    primary load, never an outage. A replica that answers but lags is used as it is (see README).
+    `replica` and `primary` are the same kind of connector on each server (`single`, `snapshot`)."""
 
-    def __init__(self, replica: AsyncEngine, primary: AsyncEngine) -> None:
+    def __init__(self, replica: Connector, primary: Connector) -> None:
         self.replica = replica
-        self.replica_single = single(replica)
-        self.primary_single = single(primary)
+        self.primary = primary
 
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
         async with contextlib.AsyncExitStack() as stack:
             try:
-                conn = await stack.enter_async_context(self.replica_single.connect())
+                conn = await stack.enter_async_context(self.replica.connect())
             except Exception as exc:
                 if not is_unavailable(exc):
                     raise
                 log.warning("read replica unreachable; reading from the primary", error=str(exc))
-                conn = await stack.enter_async_context(self.primary_single.connect())
+                conn = await stack.enter_async_context(self.primary.connect())
             yield conn
 
     def connect(self) -> AbstractAsyncContextManager[AsyncConnection]:

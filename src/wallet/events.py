@@ -36,7 +36,7 @@ EventType = Literal[
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 EVENT_ID_PATTERN = r"^evt_[0-9a-f]{32}$"
 # The client id of events about the platform itself (a global endpoint disabled): outside the
-# client id alphabet (migration 0008), so no client's feed or endpoint ever matches it; the
+# client id alphabet (migration 0009), so no client's feed or endpoint ever matches it; the
 # admin's feed and the global endpoints see it, with `clientId` null.
 OPERATOR_STREAM = "*"
 

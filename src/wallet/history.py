@@ -270,7 +270,7 @@ async def _statement(
     request: Request, svc: Svc, client_id: str, start: str | None, end: str | None, fmt: str | None
 ) -> Response:
     begin, until = statements.parse_time(start, "from"), statements.parse_time(end, "to")
-    st = await statements.statement(svc.wallets.engine, client_id, begin, until)
+    st = await statements.statement(svc.snapshots, client_id, begin, until)
     return statements.statement_response(st, statements.wants_csv(request, fmt))
 
 

@@ -27,12 +27,13 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 ADMIN_SCOPE = "admin"
+_CLIENT_PREFIX = "client:"
 
 
 def client_scope(client_id: str) -> str:
     """A client's scope. The prefix keeps every client apart from the admin and from each other,
     whatever its id is (the database checks the shape too)."""
-    return f"client:{client_id}"
+    return f"{_CLIENT_PREFIX}{client_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,15 @@ class IdempotencyKey:
     caller: str  # ADMIN_SCOPE or client_scope(client_id)
     key: str
     fingerprint: bytes
+
+    @property
+    def tenant(self) -> str:
+        """Where the record lives once tables are distributed by client (docs/scaling.md): with
+        the client's wallet for a client's record; for the admin's, `admin:<key>`, so that its
+        scope stays (admin, key) across clients. The database checks the same rule (0007)."""
+        if self.caller.startswith(_CLIENT_PREFIX):
+            return self.caller.removeprefix(_CLIENT_PREFIX)
+        return f"{self.caller}:{self.key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,21 +89,25 @@ def key_for(scope: str, raw: str | None, route: str, request: BaseModel) -> Idem
     return IdempotencyKey(scope, key, fingerprint(route, request))
 
 
-# Claim the key, or take over a record past its expiry: `idempotency_claim` (migration 0007),
+# Claim the key, or take over a record past its expiry: `idempotency_claim` (migration 0008),
 # which the order batch (`ledger.place_orders`) claims with too. True when claimed.
-_CLAIM = text("SELECT idempotency_claim(:caller, :key, :fingerprint, :ttl_hours)")
+_CLAIM = text("SELECT idempotency_claim(:tenant, :caller, :key, :fingerprint, :ttl_hours)")
 _EXISTING = text("""
 SELECT fingerprint, response_status, response_body, order_id FROM idempotency_keys
-WHERE caller = :caller AND key = :key
+WHERE tenant = :tenant AND caller = :caller AND key = :key
 """)
 _COMPLETE = text("""
 UPDATE idempotency_keys SET response_status = :status, response_body = :body
-WHERE caller = :caller AND key = :key
+WHERE tenant = :tenant AND caller = :caller AND key = :key
 """)
-_ATTACH_ORDER = text("UPDATE idempotency_keys SET order_id = :order_id WHERE caller = :caller AND key = :key")
+_ATTACH_ORDER = text("""
+UPDATE idempotency_keys SET order_id = :order_id WHERE tenant = :tenant AND caller = :caller AND key = :key
+""")
+# By key, not by ctid: once the table is distributed the batch is picked across shards, and a
+# ctid names a row only within one shard (docs/scaling.md).
 _PURGE = text("""
-DELETE FROM idempotency_keys WHERE ctid IN (
-    SELECT ctid FROM idempotency_keys
+DELETE FROM idempotency_keys WHERE (tenant, caller, key) IN (
+    SELECT tenant, caller, key FROM idempotency_keys
     WHERE expires_at < now() AND response_status IS NOT NULL
     LIMIT :batch)
 """)
@@ -101,15 +115,10 @@ DELETE FROM idempotency_keys WHERE ctid IN (
 
 async def claim(conn: AsyncConnection, idem: IdempotencyKey, ttl_hours: float) -> StoredResponse | None:
     """Claim the key for this request, or return the response stored for it earlier."""
-    params = {
-        "caller": idem.caller,
-        "key": idem.key,
-        "fingerprint": idem.fingerprint,
-        "ttl_hours": ttl_hours,
-    }
+    params = {**_where(idem), "fingerprint": idem.fingerprint, "ttl_hours": ttl_hours}
     if await conn.scalar(_CLAIM, params):
         return None
-    row = (await conn.execute(_EXISTING, {"caller": idem.caller, "key": idem.key})).one()
+    row = (await conn.execute(_EXISTING, _where(idem))).one()
     if row.fingerprint != idem.fingerprint:
         raise IdempotencyMismatch(f"{HEADER} was already used with a different request body or endpoint")
     if row.response_status is None and row.order_id is None:
@@ -117,13 +126,17 @@ async def claim(conn: AsyncConnection, idem: IdempotencyKey, ttl_hours: float) -
     return StoredResponse(row.response_status, row.response_body, row.order_id)
 
 
+def _where(idem: IdempotencyKey) -> dict[str, str]:
+    """The record's key, its tenant first (one shard once distributed)."""
+    return {"tenant": idem.tenant, "caller": idem.caller, "key": idem.key}
+
+
 async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, body: bytes) -> None:
-    params = {"caller": idem.caller, "key": idem.key, "status": status, "body": body}
-    await conn.execute(_COMPLETE, params)
+    await conn.execute(_COMPLETE, {**_where(idem), "status": status, "body": body})
 
 
 async def attach_order(conn: AsyncConnection, idem: IdempotencyKey, order_id: str) -> None:
-    await conn.execute(_ATTACH_ORDER, {"caller": idem.caller, "key": idem.key, "order_id": order_id})
+    await conn.execute(_ATTACH_ORDER, {**_where(idem), "order_id": order_id})
 
 
 async def purge_expired(engine: AsyncEngine, batch: int = 1000) -> int:

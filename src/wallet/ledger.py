@@ -10,7 +10,7 @@ in the database from the previous head without a second round trip:
 written out in plain SQL (no extension) as sha256(opad_key || sha256(ipad_key || message)),
 with the two padded keys computed here and sent as parameters: the key never reaches a table.
 The content and the chain step are SQL functions (`ledger_entry_content`, `ledger_chain_hash`,
-migration 0007) that every statement here calls, one definition for single movements and batches.
+migration 0008) that every statement here calls, one definition for single movements and batches.
 Each entry names its key (`key_id`) so keys can rotate; entries written before migration 0003
 have no key id and an unkeyed sha256(previous_hash || content). `chain_hash` is the Python twin
 of both; `wallet verify` recomputes them.
@@ -24,7 +24,7 @@ wallet.debited, order.created, order.failed, order.resolved, balance.low) throug
 in the same statement: an event exists exactly when its change committed, at no extra round trip.
 
 Group commit: `place_orders` pays for a batch of orders in one statement through
-`ledger_place_orders` (migration 0007): one row lock per wallet, taken in client_id order, the
+`ledger_place_orders` (migration 0008): one row lock per wallet, taken in client_id order, the
 wallet's orders applied in arrival order, one WAL flush for the lot.
 """
 
@@ -138,7 +138,7 @@ _MOVE_TIME = "greatest(statement_timestamp(), wallets.updated_at)"
 
 
 def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
-    """The entry's content (`ledger_entry_content`, migration 0007: SQL twin of
+    """The entry's content (`ledger_entry_content`, migration 0008: SQL twin of
     `canonical_content`), evaluated against the wallet row *before* the update."""
     return (
         "ledger_entry_content(wallets.client_id, wallets.entry_count + 1, "
@@ -148,7 +148,7 @@ def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> st
 
 def _move_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
     """The SET clause every movement shares: balance, entry counter, hash-chain head, time.
-    The head is `ledger_chain_hash` (migration 0007): HMAC(key, previous head || content) from
+    The head is `ledger_chain_hash` (migration 0008): HMAC(key, previous head || content) from
     the padded keys of `LedgerKey`, the same function `ledger_place_orders` chains with."""
     content = _content_sql(type_, amount, delta, ref, desc)
     return f"""
@@ -260,7 +260,7 @@ WITH moved AS (
 SELECT {ORDER_COLUMNS} FROM placed
 """)
 
-# A batch of orders as one statement (group commit): `ledger_place_orders` (migration 0007)
+# A batch of orders as one statement (group commit): `ledger_place_orders` (migration 0008)
 # moves the money, chains the entries and inserts the orders; the events are written here, in
 # the shapes the single statement writes them. Each input row comes back, in arrival order, with
 # its outcome: placed (the order's columns), refused (the balance that refused it), no_wallet,

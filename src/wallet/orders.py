@@ -133,7 +133,7 @@ WITH args AS ({args}), done AS (
 ), stored AS (
     UPDATE idempotency_keys SET response_status = 201, response_body = done.body
     FROM done
-    WHERE idempotency_keys.client_id = done.client_id AND idempotency_keys.order_id = done.order_id
+    WHERE idempotency_keys.tenant = done.client_id AND idempotency_keys.order_id = done.order_id
       AND idempotency_keys.response_status IS NULL AND done.body IS NOT NULL
 ), emitted AS (
     {INSERT_EVENT}
@@ -185,7 +185,7 @@ SELECT * FROM kept
 """)
 _STORE_ANSWER = text("""
 UPDATE idempotency_keys SET response_status = :status, response_body = :body
-WHERE order_id = :order_id AND response_status IS NULL
+WHERE tenant = :client_id AND order_id = :order_id AND response_status IS NULL
 """)
 _GET = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id")
 _GET_OWN = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id AND client_id = :client_id")
@@ -423,7 +423,13 @@ class Orders:
                 return await self._settled_elsewhere(conn, order.order_id)
             reply = order_reply(failed)
             await conn.execute(
-                _STORE_ANSWER, {"order_id": order.order_id, "status": reply.status, "body": reply.body}
+                _STORE_ANSWER,
+                {
+                    "client_id": order.client_id,
+                    "order_id": order.order_id,
+                    "status": reply.status,
+                    "body": reply.body,
+                },
             )
         _log_finished(failed, outcome.detail)
         return reply
@@ -449,7 +455,13 @@ class Orders:
             reply = order_reply(pending)
             if not resolver:
                 await conn.execute(
-                    _STORE_ANSWER, {"order_id": order.order_id, "status": 202, "body": reply.body}
+                    _STORE_ANSWER,
+                    {
+                        "client_id": order.client_id,
+                        "order_id": order.order_id,
+                        "status": 202,
+                        "body": reply.body,
+                    },
                 )
         log.warning(
             "order outcome unknown; money held",

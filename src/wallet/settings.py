@@ -43,7 +43,7 @@ class Settings(BaseSettings):
 
     app_env: AppEnv = AppEnv.DEVELOPMENT
     database_url: str | None = None
-    # A replica for reads that may lag: history pages and admin reads (README: which reads go where).
+    # A replica for reads that may lag: history pages, statements, admin reads (README: which go where).
     database_read_url: str | None = None
     # `transaction` when DATABASE_URL (and DATABASE_READ_URL) is a transaction-pooling PgBouncer.
     db_pooler: Pooler = Pooler.NONE

@@ -25,7 +25,6 @@ from typing import Annotated, Any
 from fastapi import Request
 from pydantic import WithJsonSchema
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
 
 from wallet.database import Connector
@@ -89,37 +88,39 @@ class Statement:
 
 
 async def statement(
-    engine: AsyncEngine, client_id: str, start: datetime | None, end: datetime | None
+    snapshots: Connector, client_id: str, start: datetime | None, end: datetime | None
 ) -> Statement:
-    """One REPEATABLE READ snapshot, so the balances, totals and entries agree with each other."""
+    """One snapshot (`database.snapshot`, on the replica when there is one), so the balances,
+    totals and entries agree with each other."""
     if start is not None and end is not None and start > end:
         raise BadRequest("from must not be after to", code="INVALID_PERIOD")
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="REPEATABLE READ")
-        async with conn.begin():
-            now = (await conn.execute(_NOW, {"client_id": client_id})).one()
-            if not now.known:
-                raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
-            upper = end if end is not None else now.now
-            lower = start if start is not None else _BEGINNING
-            params = {"client_id": client_id, "start": lower, "end": upper}
-            rows = (await conn.execute(ENTRIES_SQL, {**params, "limit": STATEMENT_MAX_ENTRIES + 1})).all()
-            if len(rows) > STATEMENT_MAX_ENTRIES:
-                raise BadRequest(
-                    f"The period holds more than {STATEMENT_MAX_ENTRIES:,} entries: ask for a shorter one",
-                    code="STATEMENT_TOO_LARGE",
-                    details={"maxEntries": STATEMENT_MAX_ENTRIES},
-                )
-            opening = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": lower})).scalar()
-            closing = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": upper})).scalar()
+    async with snapshots.connect() as conn:
+        now = (await conn.execute(_NOW, {"client_id": client_id})).one()
+        if not now.known:
+            raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+        upper = end if end is not None else now.now
+        lower = start if start is not None else _BEGINNING
+        params = {"client_id": client_id, "start": lower, "end": upper}
+        rows = (await conn.execute(ENTRIES_SQL, {**params, "limit": STATEMENT_MAX_ENTRIES + 1})).all()
+        if len(rows) > STATEMENT_MAX_ENTRIES:
+            raise BadRequest(
+                f"The period holds more than {STATEMENT_MAX_ENTRIES:,} entries: ask for a shorter one",
+                code="STATEMENT_TOO_LARGE",
+                details={"maxEntries": STATEMENT_MAX_ENTRIES},
+            )
+        opening = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": lower})).scalar()
+        closing = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": upper})).scalar()
     totals: dict[str, int] = {}
     for row in rows:
         totals[row.type] = totals.get(row.type, 0) + row.amount
     return Statement(client_id, start, upper, opening or 0, closing or 0, totals, list(rows))
 
 
-async def balance_at(engine: Connector, client_id: str, at: datetime) -> int:
-    async with engine.connect() as conn:
+async def balance_at(reads: Connector, primary: Connector, client_id: str, at: datetime) -> int:
+    """A past moment is history, read where history is read (`reads`: the replica when there is
+    one). A moment not yet past asks for the balance now, which must show the client's own last
+    write (a balance right after an order): the primary."""
+    async with (reads if at < datetime.now(UTC) else primary).connect() as conn:
         known = (await conn.execute(_NOW, {"client_id": client_id})).one().known
         if not known:
             raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")

@@ -388,7 +388,7 @@ async def statement(request: Request, client_id: str) -> Response:
     params = request.query_params
     start = statements.parse_time(params.get("from") or None, "from")
     end = statements.parse_time(params.get("to") or None, "to")
-    st = await statements.statement(_svc(request).wallets.engine, client_id, start, end)
+    st = await statements.statement(_svc(request).snapshots, client_id, start, end)
     return statements.statement_response(st, params.get("format", "csv") == "csv")
 
 

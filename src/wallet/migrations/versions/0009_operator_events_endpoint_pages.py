@@ -10,16 +10,16 @@ under the migration's lock).
 webhook_endpoints.id: a bigint identity, so endpoint lists are keyset-paged newest first like
 every other list (the cursor is an integer key); existing endpoints are numbered in table order.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -18,16 +18,16 @@ single statements and the batch share, defined once in the database.
 
 Only SQL owned by ledger.py calls the balance-changing function.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 """
 
 from __future__ import annotations
 
 from wallet.migrations.script import run
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
@@ -46,12 +46,12 @@ RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN sha256(opad_key || sha256(ipad_key || previous || content));
 
 CREATE FUNCTION idempotency_claim(
-    p_caller text, p_key text, p_fingerprint bytea, p_ttl_hours integer)
+    p_tenant text, p_caller text, p_key text, p_fingerprint bytea, p_ttl_hours integer)
 RETURNS boolean LANGUAGE sql VOLATILE
 BEGIN ATOMIC
-    INSERT INTO idempotency_keys (caller, key, fingerprint, expires_at)
-    VALUES (p_caller, p_key, p_fingerprint, now() + make_interval(hours => p_ttl_hours))
-    ON CONFLICT (caller, key) DO UPDATE
+    INSERT INTO idempotency_keys (tenant, caller, key, fingerprint, expires_at)
+    VALUES (p_tenant, p_caller, p_key, p_fingerprint, now() + make_interval(hours => p_ttl_hours))
+    ON CONFLICT (tenant, caller, key) DO UPDATE
         SET fingerprint = EXCLUDED.fingerprint, order_id = NULL, response_status = NULL,
             response_body = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
         WHERE idempotency_keys.expires_at < now()
@@ -93,7 +93,8 @@ BEGIN
         WHERE a.key IS NOT NULL
         ORDER BY a.caller, a.key, a.i
     LOOP
-        claimed[k.i] := coalesce(idempotency_claim(k.caller, k.key, k.fingerprint, p_idem_ttl_hours), false);
+        claimed[k.i] := coalesce(
+            idempotency_claim(p_client_ids[k.i], k.caller, k.key, k.fingerprint, p_idem_ttl_hours), false);
     END LOOP;
     SELECT array_agg(l.client_id ORDER BY l.client_id), array_agg(l.balance ORDER BY l.client_id),
            array_agg(l.entry_count ORDER BY l.client_id), array_agg(l.head_hash ORDER BY l.client_id),
@@ -161,14 +162,16 @@ BEGIN
     ), attached AS (
         UPDATE idempotency_keys k
         SET order_id = (made.o).order_id
-        FROM unnest(p_idem_callers, p_idem_keys, outcomes, p_order_ids)
-             AS a(caller, key, outcome, order_id)
+        FROM unnest(p_client_ids, p_idem_callers, p_idem_keys, outcomes, p_order_ids)
+             AS a(tenant, caller, key, outcome, order_id)
         JOIN made ON (made.o).order_id = a.order_id
-        WHERE k.caller = a.caller AND k.key = a.key AND a.outcome = 'placed'
+        WHERE k.tenant = a.tenant AND k.caller = a.caller AND k.key = a.key AND a.outcome = 'placed'
     ), dropped AS (
         DELETE FROM idempotency_keys k
-        USING unnest(p_idem_callers, p_idem_keys, outcomes) AS a(caller, key, outcome)
-        WHERE k.caller = a.caller AND k.key = a.key AND a.outcome IN ('refused', 'no_wallet')
+        USING unnest(p_client_ids, p_idem_callers, p_idem_keys, outcomes)
+              AS a(tenant, caller, key, outcome)
+        WHERE k.tenant = a.tenant AND k.caller = a.caller AND k.key = a.key
+          AND a.outcome IN ('refused', 'no_wallet')
     )
     SELECT r.i::integer, r.outcome, r.before, r.after, made.o
     FROM unnest(outcomes, befores, afters, p_order_ids)
@@ -183,7 +186,7 @@ DOWNGRADE = r"""
 DROP FUNCTION ledger_place_orders(text[], text[], bigint[], text[], text[], text[], text[], bytea[],
                                   integer, double precision, text, bytea, bytea);
 
-DROP FUNCTION idempotency_claim(text, text, bytea, integer);
+DROP FUNCTION idempotency_claim(text, text, text, bytea, integer);
 
 DROP FUNCTION ledger_chain_hash(bytea, bytea, bytea, bytea);
 
