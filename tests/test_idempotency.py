@@ -309,3 +309,22 @@ async def test_any_spelling_of_the_same_request_replays(database_url: str, provi
                 same_meaning()
 
         await asyncio.to_thread(run)
+
+
+async def test_records_keep_a_fractional_ttl(database_url: str, provider: Provider) -> None:
+    """IDEMPOTENCY_TTL_HOURS is a number of hours, not a whole one: a credit's record and an
+    order's (claimed in the order batch) both live exactly that long."""
+    async with start_service(database_url, provider.url, idempotency_ttl_hours=24.5) as api:
+        assert (await credit_with_key(api, "C1", 10, "credit")).status_code == 200
+        assert (await api.order("C1", 3, headers=key("order"))).status_code == 201
+        conn = await asyncpg.connect(plain_url(database_url))
+        try:
+            lives = await conn.fetch(
+                "SELECT key, extract(epoch FROM expires_at - created_at) AS s FROM idempotency_keys"
+            )
+        finally:
+            await conn.close()
+        assert sorted((row["key"], float(row["s"])) for row in lives) == [
+            ("credit", 24.5 * 3600),
+            ("order", 24.5 * 3600),
+        ]

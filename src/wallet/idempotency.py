@@ -91,7 +91,9 @@ def key_for(scope: str, raw: str | None, route: str, request: BaseModel) -> Idem
 
 # Claim the key, or take over a record past its expiry: `idempotency_claim` (migration 0008),
 # which the order batch (`ledger.place_orders`) claims with too. True when claimed.
-_CLAIM = text("SELECT idempotency_claim(:tenant, :caller, :key, :fingerprint, :ttl_hours)")
+_CLAIM = text(
+    "SELECT idempotency_claim(:tenant, :caller, :key, :fingerprint, CAST(:ttl_hours AS double precision))"
+)
 _EXISTING = text("""
 SELECT fingerprint, response_status, response_body, order_id FROM idempotency_keys
 WHERE tenant = :tenant AND caller = :caller AND key = :key

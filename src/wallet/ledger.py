@@ -272,7 +272,7 @@ WITH moved AS (
         CAST(:client_ids AS text[]), CAST(:order_ids AS text[]), CAST(:amounts AS bigint[]),
         CAST(:descriptions AS text[]), CAST(:request_ids AS text[]), CAST(:idem_callers AS text[]),
         CAST(:idem_keys AS text[]), CAST(:idem_fingerprints AS bytea[]),
-        CAST(:idem_ttl_hours AS integer), CAST(:lease_seconds AS double precision),
+        CAST(:idem_ttl_hours AS double precision), CAST(:lease_seconds AS double precision),
         CAST(:key_id AS text), CAST(:ipad_key AS bytea), CAST(:opad_key AS bytea)) AS r
 ), placed AS (
     SELECT * FROM moved WHERE outcome = 'placed'

@@ -46,11 +46,11 @@ RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN sha256(opad_key || sha256(ipad_key || previous || content));
 
 CREATE FUNCTION idempotency_claim(
-    p_tenant text, p_caller text, p_key text, p_fingerprint bytea, p_ttl_hours integer)
+    p_tenant text, p_caller text, p_key text, p_fingerprint bytea, p_ttl_hours double precision)
 RETURNS boolean LANGUAGE sql VOLATILE
 BEGIN ATOMIC
     INSERT INTO idempotency_keys (tenant, caller, key, fingerprint, expires_at)
-    VALUES (p_tenant, p_caller, p_key, p_fingerprint, now() + make_interval(hours => p_ttl_hours))
+    VALUES (p_tenant, p_caller, p_key, p_fingerprint, now() + make_interval(secs => p_ttl_hours * 3600))
     ON CONFLICT (tenant, caller, key) DO UPDATE
         SET fingerprint = EXCLUDED.fingerprint, order_id = NULL, response_status = NULL,
             response_body = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
@@ -61,7 +61,7 @@ END;
 CREATE FUNCTION ledger_place_orders(
     p_client_ids text[], p_order_ids text[], p_amounts bigint[], p_descriptions text[],
     p_request_ids text[], p_idem_callers text[], p_idem_keys text[], p_idem_fingerprints bytea[],
-    p_idem_ttl_hours integer, p_lease_seconds double precision,
+    p_idem_ttl_hours double precision, p_lease_seconds double precision,
     p_key_id text, p_ipad_key bytea, p_opad_key bytea)
 RETURNS TABLE (ord integer, outcome text, balance_before bigint, balance_after bigint, placed orders)
 LANGUAGE plpgsql VOLATILE
@@ -184,9 +184,9 @@ $$
 
 DOWNGRADE = r"""
 DROP FUNCTION ledger_place_orders(text[], text[], bigint[], text[], text[], text[], text[], bytea[],
-                                  integer, double precision, text, bytea, bytea);
+                                  double precision, double precision, text, bytea, bytea);
 
-DROP FUNCTION idempotency_claim(text, text, text, bytea, integer);
+DROP FUNCTION idempotency_claim(text, text, text, bytea, double precision);
 
 DROP FUNCTION ledger_chain_hash(bytea, bytea, bytea, bytea);
 
