@@ -37,7 +37,7 @@ from wallet.wallets import Wallets
 @contextlib.asynccontextmanager
 async def service(database_url: str, provider: Provider) -> AsyncIterator[tuple[Orders, Wallets]]:
     settings = Settings(**settings_env(database_url, provider.url))
-    engine = create_engine(database_url, pool_size=10)
+    engine = create_engine(database_url, pool_size=10, pooler=settings.db_pooler)
     try:
         async with new_http_client(settings) as http:
             wallets = Wallets(engine, key=ledger_key(), idempotency_ttl_hours=settings.idempotency_ttl_hours)
