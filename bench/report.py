@@ -10,7 +10,6 @@ from pathlib import Path
 
 from bench.ceiling import Ceiling
 from bench.load import Load
-from bench.outbox import OutboxCost
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -81,10 +80,10 @@ def render(
     processes: int,
     growth: Sequence[GrowthRow] = (),
     growth_size: int = 0,
-    outbox: OutboxCost | None = None,
     sections: Sequence[str] = (),
 ) -> str:
-    """`sections`: lines of further sections, appended as they are (bench/replica.py's)."""
+    """`sections`: lines of further sections, appended as they are (bench/outbox.py's,
+    bench/replica.py's)."""
     lines = ["# Wallet service benchmark", ""]
     lines += [f"- {name}: {value}" for name, value in about.items()]
     lines += [f"- service peak memory: {peak_rss / 2**20:.0f} MiB RSS summed over {processes} processes", ""]
@@ -112,27 +111,6 @@ def render(
     ]
     if problems:
         lines += ["", "Errors:", *problems]
-    if outbox is not None:
-        lines += ["", "## Outbox cost", ""]
-        lines += _table(
-            ["measure", "with events tps", "without events tps", "outbox cost", "target"],
-            [
-                [
-                    "order path (pgbench: place + complete)",
-                    f"{outbox.tps_with:,.0f}",
-                    f"{outbox.tps_without:,.0f}",
-                    f"{outbox.cost:.1%}",
-                    outbox.verdict(),
-                ]
-            ],
-        )
-        lines += [
-            "",
-            "The ceiling's order statements as the service runs them, and again with their events"
-            " CTEs taken out (bench/outbox.py), alternating, each the mean of"
-            f" {len(outbox.with_events)} runs; outbox cost = 1 - with / without.",
-            *(f"- pgbench: {error}" for error in outbox.errors),
-        ]
     if growth:
         lines += ["", f"## Cost growth: a wallet with 10 ledger entries vs {growth_size:,}", ""]
         lines += _table(

@@ -30,7 +30,7 @@ from types import FrameType
 
 import asyncpg
 
-from bench import ceiling, growth, load, outbox, replica, report, seed, stack
+from bench import ceiling, growth, load, outbox, paired, replica, report, seed, stack
 from bench.load import Request
 from bench.report import Row, Target
 from wallet.database import migrate_url, plain_url
@@ -47,6 +47,7 @@ class Scenario:
     script: ceiling.Script  # the same work as raw SQL
     target: Target
     replica_read: bool = False  # served by DATABASE_READ_URL when set (README: which reads go where)
+    orders: bool = False  # an order scenario: measured again without the outbox (bench/outbox.py)
 
 
 def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
@@ -67,12 +68,14 @@ def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
             [Request("POST", "/orders", client(c), order) for c in spread],
             ceiling.order(ids),
             Target(ratio=0.5, p99_ms=50),
+            orders=True,
         ),
         Scenario(
             "orders, one hot wallet",
             [Request("POST", "/orders", client(HOT_WALLET), order)],
             ceiling.order((HOT_WALLET, HOT_WALLET)),
             Target(ratio=0.9),
+            orders=True,
         ),
         Scenario(
             f"balance reads, {WALLETS:,} wallets",
@@ -207,7 +210,7 @@ def measure_service(args: argparse.Namespace, kind: str, db: Database, workdir: 
         return _measure(args, kind, db, workdir, env, simulator, provider_port, port, admin_key)
 
 
-def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> list[replica.Paired]:
+def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> list[paired.Paired]:
     """`--replica`, after the main run: the reads a replica serves through a service with and one
     without DATABASE_READ_URL, in alternating rounds (bench/replica.py). Direct connections."""
     assert db.read_url is not None
@@ -295,12 +298,35 @@ def _measure(
                 )
                 rows.append(row)
             rss.sample()
-            spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
-            cost = outbox.measure(
-                url, spread, workdir, clients=args.connections, seconds=args.duration, settle=settle
-            )
-            print(f"bench: outbox cost {cost.cost:.1%}", file=sys.stderr)
-            return ServiceRun(rows, rss.peak, rss.processes, cost)
+        orders = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.orders]
+        cost = _outbox_cost(args, kind, db, workdir, env, orders)
+    return ServiceRun(rows, rss.peak, rss.processes, cost)
+
+
+def _outbox_cost(
+    args: argparse.Namespace,
+    kind: str,
+    db: Database,
+    workdir: Path,
+    env: dict[str, str],
+    orders: list[tuple[str, list[Request]]],
+) -> outbox.OutboxCost:
+    """The order scenarios through the service with and without its outbox, then the SQL alone
+    (bench/outbox.py), over the wallets the main run credited."""
+
+    def env_for(port: int) -> dict[str, str]:
+        return {**env, "PORT": str(port)}
+
+    service = outbox.measure_service(
+        orders, env_for, workdir, kind=kind, seconds=args.duration, connections=args.connections
+    )
+    spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
+    with_events, without = outbox.measure_sql(
+        db.url, spread, workdir, clients=args.connections, seconds=args.duration, settle=settle
+    )
+    cost = outbox.OutboxCost(service, with_events, without)
+    print(f"bench: outbox cost {cost.cost:.1%} (the SQL alone {cost.sql_cost:.1%})", file=sys.stderr)
+    return cost
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -366,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         with _logs_kept_on_failure(workdir), database(args, workdir) as db:
             version = asyncio.run(_migrate(db.url))
             run = measure_service(args, kind, db, workdir)
-            paired = compare_reads(args, kind, db, workdir) if db.read_url else []
+            reads = compare_reads(args, kind, db, workdir) if db.read_url else []
             grown = []
             if args.large_ledger:
                 grown = growth.measure(
@@ -396,8 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         processes=run.processes,
         growth=grown,
         growth_size=args.large_ledger,
-        outbox=run.outbox,
-        sections=replica.render(paired, args.duration),
+        sections=run.outbox.render(args.duration) + replica.render(reads, args.duration),
     )
     print(markdown)
     print(f"bench: written to {report.save(markdown)}", file=sys.stderr)

@@ -133,12 +133,18 @@ async def test_one_batch_on_one_wallet_takes_what_there_is_and_refuses_the_rest(
         assert {o.status for o in placed} == {"PENDING"}
         assert all(o.next_attempt_at is not None and o.next_attempt_at > o.created_at for o in placed)
         await assert_verifies(orders)
-        events = await fetch(database_url, "SELECT type, data FROM events ORDER BY id")
+        events = await fetch(database_url, "SELECT id, event_id, type, data FROM events ORDER BY id")
         assert Counter(e["type"] for e in events) == {
             "wallet.credited": 1,
             "order.created": 33,
             "balance.low": 1,
         }
+        # Every event, the batch's too, is queued for the webhooks' fan-out exactly once.
+        queued = await fetch(database_url, "SELECT event_no FROM event_queue ORDER BY event_no")
+        assert [q["event_no"] for q in queued] == [e["id"] for e in events]
+        # Event ids start with their time: later events never sort before earlier ones.
+        stamps = [e["event_id"][4:16] for e in events]
+        assert stamps == sorted(stamps)
         created = [json.loads(e["data"]) for e in events if e["type"] == "order.created"]
         assert [c["orderId"] for c in created] == [o.order_id for o in placed]
         assert created[0] == {**order_json(placed[0], updated=True)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ import pytest
 from sqlalchemy import text
 
 from bench import ceiling, growth, outbox, report
+from bench.load import Load
+from bench.paired import Paired
 from wallet import ledger, orders
 from wallet.database import create_engine
 from wallet.events import INSERT_EVENT
@@ -174,14 +178,36 @@ async def test_the_order_path_without_outbox_is_the_same_work_but_the_events(dat
     ]
 
 
-def test_the_report_prints_the_outbox_cost() -> None:
+def test_the_report_prints_the_outbox_cost_of_the_service_and_of_the_sql() -> None:
     def tps(value: float) -> ceiling.Ceiling:
         return ceiling.Ceiling(value, int(value), 1.0, 0, None)
 
-    cost = outbox.OutboxCost([tps(950), tps(970)], [tps(1000), tps(1000)])
-    markdown = report.render([], about={}, peak_rss=0, processes=1, outbox=cost)
-    assert (
-        "| order path (pgbench: place + complete) | 960 | 1,000 | 4.0% | < 10%, 0 errors: met |" in markdown
+    def served(rps: int, errors: int = 0) -> Load:
+        return Load(rps, 1.0, 1.0, 2.0, 0, {201: rps - errors, 503: errors} if errors else {201: rps})
+
+    rounds = {outbox.WITH: [served(950), served(930), served(990)], outbox.WITHOUT: [served(1000)] * 3}
+    cost = outbox.OutboxCost([Paired("orders", rounds)], [tps(700), tps(700)], [tps(1000), tps(1000)])
+    markdown = report.render([], about={}, peak_rss=0, processes=1, sections=cost.render(10))
+    assert "| orders | 950 | 1,000 | 5.0% (1.0% to 7.0%) | < 10%, 0 errors: met |" in markdown
+    assert "| 700 tps | 1,000 tps | 30.0% |" in markdown
+    slow = {outbox.WITH: [served(850)] * 3, outbox.WITHOUT: [served(1000)] * 3}
+    assert outbox.OutboxCost([Paired("orders", slow)], [], []).verdict().endswith("MISSED")
+    failing = {outbox.WITH: [served(1000, errors=1)] * 3, outbox.WITHOUT: [served(1000)] * 3}
+    assert outbox.OutboxCost([Paired("orders", failing)], [], []).verdict().endswith("MISSED")
+    assert outbox.OutboxCost([], [], []).verdict().endswith("MISSED")
+
+
+def test_the_service_without_outbox_runs_its_order_statements_without_events() -> None:
+    """In a process of its own, as the bench's worker factory runs it: stripping mutates modules."""
+    probe = (
+        "from bench import outbox; from wallet import ledger, orders; from wallet.events import INSERT_EVENT;"
+        "n = outbox.strip_outbox();"
+        "statements = (ledger._PLACE_ORDERS, ledger._PLACE_ORDER, orders._COMPLETE);"
+        "print(n, *(INSERT_EVENT in s.text for s in statements))"
     )
-    slow = outbox.OutboxCost([tps(800)], [tps(1000)])
-    assert slow.verdict().endswith("MISSED")
+    here = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=here, check=True)
+    changed, *still_there = done.stdout.split()
+    assert int(changed) >= 5
+    assert still_there == ["False", "False", "False"]
+    assert INSERT_EVENT in ledger._PLACE_ORDERS.text  # this process's statements are untouched

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from wallet import idempotency, statements
-from wallet.auth import ClientAuthenticator, check_admin
+from wallet.auth import CLIENT_ID_PATTERN, ClientAuthenticator, check_admin
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.money import Amount, from_cents, parse_json
@@ -66,7 +66,7 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-ClientIdField = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["CLIENT123"])]
+ClientIdField = Annotated[str, Field(pattern=CLIENT_ID_PATTERN, examples=["CLIENT123"])]
 Text = Annotated[str, Field(max_length=500, pattern=r"^[^\x00]*$")]
 
 

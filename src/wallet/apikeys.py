@@ -10,15 +10,13 @@ from starlette.responses import Response
 
 from wallet.api import Admin, Svc
 from wallet.errors import NotFound
+from wallet.history import PathClientId
 from wallet.schemas import ApiKeyEnvelope, RevokedKeyEnvelope, error_responses
 from wallet.wire import iso, json_response, ok
 
 KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
 
 router = APIRouter()
-
-
-PathClientId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["CLIENT123"])]
 
 
 @router.post(

@@ -19,7 +19,8 @@ from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from wallet.events import INSERT_EVENT, time_sql
 from wallet.settings import ClientAuth
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # the database checks the same (migration 0001)
+CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 CLIENT_ID_RULE = "1-64 characters: letters, digits, '_', '.', ':' or '-'"
 KEY_PREFIX = "wk_"
 

@@ -47,7 +47,8 @@ def database(settings: Settings) -> Iterator[str]:
         yield url
 
 
-def serve() -> None:
+def serve(app: str = "wallet.app:app_from_env") -> None:
+    """`app`: the worker's app factory, as uvicorn imports it (the bench passes a variant)."""
     import uvicorn
 
     settings = load_settings()
@@ -83,7 +84,7 @@ def serve() -> None:
         # still stops the embedded PostgreSQL instead of the process dying by the signal.
         signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run(
-            "wallet.app:app_from_env",
+            app,
             factory=True,
             host=settings.host,
             port=settings.port,

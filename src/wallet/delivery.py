@@ -2,7 +2,7 @@
 
 Each pass (`Deliverer.run`, a background job like the order resolver):
 
-1. fan-out: queued events (`event_queue`, filled by a trigger in the event's own transaction)
+1. fan-out: queued events (`event_queue`, filled by a statement trigger in the event's own transaction)
    become one delivery row per matching enabled endpoint registered before the event, in one
    statement (older events reach a new endpoint only by replay);
 2. claim: due deliveries are taken with FOR UPDATE SKIP LOCKED and their due time moved past a

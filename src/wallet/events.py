@@ -5,7 +5,8 @@ ledger's and the orders' single statements), so it exists exactly when the chang
 Its `data` is built in SQL in the very shapes the API answers with: amounts through `MONEY`
 (numeric cents / 100 with trailing zeros trimmed, the JSON number `money.from_cents` gives) and
 times through `TIME` (what `wire.iso` prints). The table is immutable (migration 0004); a
-trigger queues each event for the delivery job's fan-out in the same transaction.
+statement trigger queues a statement's events for the delivery job's fan-out in the same
+transaction, one INSERT for a whole group-committed batch (migration 0010).
 """
 
 from __future__ import annotations

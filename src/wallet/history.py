@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from wallet import statements
 from wallet.api import Admin, ClientId, Svc
+from wallet.auth import CLIENT_ID_PATTERN
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
@@ -46,7 +47,7 @@ Cursor = Annotated[
     str | None,
     Query(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="`nextCursor` of the previous page (opaque)"),
 ]
-PathClientId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["CLIENT123"])]
+PathClientId = Annotated[str, Path(pattern=CLIENT_ID_PATTERN, examples=["CLIENT123"])]
 
 
 def encode_cursor(key: int) -> str:
