@@ -1,20 +1,24 @@
 """The benchmark's ceiling must run the service's own statements and leave the same data the
-service would: otherwise the ratios `make bench` prints compare different work."""
+service would: otherwise the ratios `make bench` prints compare different work. Its CPU figures
+must count the processes they name, inside the measurement and nowhere else."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
-from bench import ceiling, growth, outbox, report
+from bench import ceiling, cpu, growth, outbox, report
 from wallet import ledger, orders
-from wallet.database import create_engine
+from wallet.database import create_engine, plain_url
 from wallet.events import INSERT_EVENT
 from wallet.verify import verify_ledger
 
@@ -185,3 +189,115 @@ def test_the_report_prints_the_outbox_cost() -> None:
     )
     slow = outbox.OutboxCost([tps(800)], [tps(1000)])
     assert slow.verdict().endswith("MISSED")
+
+
+# A process that burns the CPU seconds it is sent, one line at a time, and says when it is done.
+BURNER = """
+import sys, time
+for line in sys.stdin:
+    end = time.process_time() + float(line)
+    while time.process_time() < end:
+        pass
+    print("burnt", flush=True)
+"""
+TICK = 1 / cpu.CLOCK_TICKS  # what one /proc reading may round away
+
+
+def _burn(child: subprocess.Popen[str], seconds: float) -> None:
+    assert child.stdin is not None
+    assert child.stdout is not None
+    child.stdin.write(f"{seconds}\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == "burnt\n"
+
+
+def _burner(*wrapper: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*wrapper, sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_the_meter_counts_what_a_process_spends_inside_the_window_only() -> None:
+    child = _burner()
+    try:
+        _burn(child, 0.2)  # before: not counted
+        with cpu.Meter({"child": lambda: [child.pid]}) as meter:
+            _burn(child, 0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.3 - 2 * TICK <= meter.seconds["child"] <= 0.45
+
+
+def test_the_meter_counts_a_whole_process_tree_born_inside_the_window() -> None:
+    """`wallet serve` is a supervisor with workers: the CPU is in the children."""
+    parent: subprocess.Popen[str] | None = None
+    with cpu.Meter({"tree": lambda: cpu.tree(parent.pid) if parent else []}) as meter:
+        parent = _burner(sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])")
+        try:
+            _burn(parent, 0.3)  # the worker (a child of `parent`) burns it
+            assert len(cpu.tree(parent.pid)) == 2
+        finally:
+            assert parent.stdin is not None
+            parent.stdin.close()
+            parent.wait()
+    # Both interpreters' start-up counts too: the processes were born inside the window.
+    assert 0.3 - 2 * TICK <= meter.seconds["tree"] <= 1.5
+
+
+def test_the_meter_keeps_what_a_process_spent_before_it_exited() -> None:
+    """pgbench's backends exit with pgbench, inside the window: their last reading stays."""
+    child = _burner()
+    assert child.stdin is not None
+    with cpu.Meter({"child": lambda: [child.pid]}) as meter:
+        _burn(child, 0.3)
+        child.stdin.close()
+        child.wait()
+    # Lost: what it spent after its last reading, at most about one interval of a busy process.
+    assert 0.3 - 2 * cpu.INTERVAL - 2 * TICK <= meter.seconds["child"] <= 0.45
+
+
+@pytest.mark.parametrize(
+    ("title", "expected"),
+    [
+        ("postgres: 15/main: postgres wallet_bench_1 127.0.0.1(5432) idle", True),
+        ("postgres: 15/main: app wallet_bench_1 [local] SELECT", True),
+        ("postgres: 15/main: postgres wallet_bench_2 127.0.0.1(5432) idle", False),
+        ("postgres: 15/main: postgres postgres 127.0.0.1(5432) idle", False),
+        ("postgres: 15/main: autovacuum worker wallet_bench_1", True),
+        ("postgres: 15/main: autovacuum worker other", False),
+        ("postgres: 15/main: autovacuum worker", None),  # not yet on a database
+        ("postgres: 15/main: checkpointer", False),
+        ("postgres: 15/main: walwriter", False),
+        ("postgres: 15/main: logical replication launcher", False),
+        ("/usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main", None),  # just forked
+    ],
+)
+def test_which_postgres_processes_serve_the_bench_database(title: str, expected: bool | None) -> None:
+    assert cpu.serves_database(title, "wallet_bench_1", "15/main") is expected
+    without_cluster_name = title.replace("15/main: ", "")
+    assert cpu.serves_database(without_cluster_name, "wallet_bench_1") is expected
+
+
+async def _busy(url: str, rows: int) -> None:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        await conn.fetchval("SELECT count(*) FROM generate_series(1, $1::int)", rows)
+    finally:
+        await conn.close()
+
+
+async def test_postgres_cpu_counts_the_bench_database_s_backends_and_not_another_s(
+    database_url: str, postgres_url: str
+) -> None:
+    ours, other = await cpu.backends(database_url), await cpu.backends(postgres_url)
+    assert ours is not None  # the tests' server runs on this machine
+    assert other is not None
+    work = 2_000_000  # rows counted: a few tenths of a second of a backend's CPU
+    with cpu.Meter({"ours": ours, "other": other}) as elsewhere:
+        await _busy(postgres_url, work)
+    with cpu.Meter({"ours": ours}) as here:
+        await _busy(database_url, work)
+    assert elsewhere.seconds["other"] > 0.05
+    assert elsewhere.seconds["ours"] < 0.2 * elsewhere.seconds["other"]
+    assert here.seconds["ours"] > 0.05
