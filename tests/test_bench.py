@@ -5,6 +5,7 @@ must count the processes they name, inside the measurement and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from bench import ceiling, cpu, growth, outbox, report
+from bench.load import Load
 from wallet import ledger, orders
 from wallet.database import create_engine, plain_url
 from wallet.events import INSERT_EVENT
@@ -301,3 +303,38 @@ async def test_postgres_cpu_counts_the_bench_database_s_backends_and_not_another
     assert elsewhere.seconds["other"] > 0.05
     assert elsewhere.seconds["ours"] < 0.2 * elsewhere.seconds["other"]
     assert here.seconds["ours"] > 0.05
+
+
+def _load(requests: int, p99_ms: float = 10.0) -> Load:
+    return Load(requests, 10.0, 2.0, p99_ms, 0, {200: requests})
+
+
+def test_the_report_prints_cpu_per_request_and_per_pgbench_transaction() -> None:
+    measured = report.Row(
+        "orders, 1,000 wallets",
+        _load(10_000),
+        ceiling.Ceiling(1_000.0, 5_000, 32.0, 0, None),
+        report.Target(ratio=2, p99_ms=25),
+        auth="api_key",
+        cpu=report.Cpu(service=12.5, database=4.0, ceiling_database=3.0),
+    )
+    unreadable = report.Row(
+        "balance reads",
+        _load(100, p99_ms=30),
+        ceiling.Ceiling(10.0, 100, 1.0, 0, None),
+        report.Target(p99_ms=25),
+    )
+    markdown = report.render([measured, unreadable], about={}, peak_rss=0, processes=1)
+    assert (
+        "| orders, 1,000 wallets | api_key | 1,000 | 2.0 | 10.0 | 0 | 1,000 | 1.00x | 1,250 | 400 | 600 "
+        "| ≥ 2x, p99 < 25 ms, 0 errors: MISSED ratio |" in markdown
+    )
+    assert "| - | - | - | p99 < 25 ms, 0 errors: MISSED p99 |" in markdown
+    assert "not visible from here" in markdown
+    figures = json.loads(json.dumps(report.data([measured], about={"date": "today"})))
+    assert figures["rows"][0]["cpu_us"] == {
+        "service_per_request": 1250.0,
+        "database_per_request": 400.0,
+        "database_per_pgbench_transaction": 600.0,
+    }
+    assert figures["rows"][0]["auth"] == "api_key"
