@@ -17,11 +17,12 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
-from bench import ceiling, cpu, growth, outbox, report
+from bench import ceiling, cpu, growth, outbox, report, run
 from bench.load import Load
 from wallet import ledger, orders
 from wallet.database import create_engine, plain_url
 from wallet.events import INSERT_EVENT
+from wallet.settings import ClientAuth, Settings
 from wallet.verify import verify_ledger
 
 ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
@@ -338,3 +339,24 @@ def test_the_report_prints_cpu_per_request_and_per_pgbench_transaction() -> None
         "database_per_pgbench_transaction": 600.0,
     }
     assert figures["rows"][0]["auth"] == "api_key"
+
+
+def test_the_service_runs_with_production_settings() -> None:
+    """Issue 13: production, rate limiting on but never refusing, JSON logs at info."""
+    env = run.service_env(
+        "postgresql://db/bench", 8001, 8002, "a" * 32, "header", redis_url="redis://127.0.0.1:6379/0"
+    )
+    fields: dict[str, Any] = {
+        name: env[name.upper()] for name in Settings.model_fields if name.upper() in env
+    }
+    settings = Settings(_env_file=None, **fields)
+    assert settings.production
+    assert settings.client_auth_mode is ClientAuth.HEADER
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert (settings.log_level, settings.log_renderer) == ("info", "json")
+    item = settings.rate_limit_item
+    assert item is not None
+    assert item.amount / item.get_expiry() >= 100_000  # hits per second: far above any bench
+    assert "REDIS_URL" not in run.service_env("postgresql://db/bench", 1, 2, "a" * 32, "api_key")
+    assert run.auth_modes("both") == ("api_key", "header")
+    assert run.auth_modes("header") == ("header",)
