@@ -140,6 +140,23 @@ class OutboxCost:
         missed = not self.service or self.cost >= TARGET or self.errors
         return f"< {TARGET:.0%}, 0 errors: " + ("MISSED" if missed else "met")
 
+    def data(self) -> dict[str, object]:
+        """The figures for `latest.json`."""
+        return {
+            "cost": self.cost,
+            "verdict": self.verdict(),
+            "service": [
+                {
+                    "scenario": one.scenario,
+                    "rps_with": one.rps(WITH),
+                    "rps_without": one.rps(WITHOUT),
+                    "ratios": one.ratios(WITH, WITHOUT),
+                }
+                for one in self.service
+            ],
+            "sql": {"tps_with": self.tps_with, "tps_without": self.tps_without, "cost": self.sql_cost},
+        }
+
     def render(self, seconds: int) -> list[str]:
         lines = [
             "",

@@ -1,14 +1,17 @@
 """`make bench`: the service under load, next to pgbench running the same SQL, in one run.
 
     make bench                                        # 10 s per measurement, 32 connections
+    make bench BENCH_ARGS="--client-auth header"      # one CLIENT_AUTH mode only (quicker)
     make bench BENCH_ARGS="--duration 30"
     make bench BENCH_ARGS="--large-ledger 10000000"   # adds cost growth (minutes, GBs of disk)
     make bench BENCH_ARGS="--replica"                 # reads from a streaming replica, and without
 
 Starts PostgreSQL (a fresh database on DATABASE_URL's server, else an embedded one), the
-fulfillment simulator and `wallet serve` in production mode on loopback; credits the wallets;
-then for each scenario drives the service with wrk (or the Python fallback) and the same
-statements with pgbench, and prints one table. Everything it started is stopped at the end.
+fulfillment simulator and `wallet serve` with production settings on loopback; credits the
+wallets; then for each scenario drives the service with wrk (or the Python fallback) and the same
+statements with pgbench, reading the CPU both spend (bench/cpu.py), and prints one table. The
+client scenarios run once per CLIENT_AUTH mode, each against a service started for it.
+Everything it started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -29,15 +33,23 @@ from pathlib import Path
 from types import FrameType
 
 import asyncpg
+import httpx
 
-from bench import ceiling, growth, load, outbox, paired, replica, report, seed, stack
+from bench import ceiling, cpu, growth, load, outbox, paired, replica, report, seed, stack
 from bench.load import Request
-from bench.report import Row, Target
+from bench.report import Cpu, Row, Target
 from wallet.database import migrate_url, plain_url
 from wallet.settings import Settings
 
 FIRST_WALLET, WALLETS = 100001, 1000  # client ids are numbers so pgbench can pick them
 HOT_WALLET, DEBIT_WALLET = 200001, 300001
+AUTH_MODES = ("api_key", "header")  # CLIENT_AUTH values; the production default first
+# Rate limiting on, as in production, with a limit no bench reaches: every request pays for the
+# count (two round trips to Redis when REDIS_URL is set) and none is refused. The window is one
+# second so that the moving window's list of hits, all from 127.0.0.1, stays about one
+# second of requests long rather than a minute's.
+RATE_LIMIT = "1000000/second"
+P99_MS = 25  # issue 13, at 32 connections
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Scenario:
     script: ceiling.Script  # the same work as raw SQL
     target: Target
     replica_read: bool = False  # served by DATABASE_READ_URL when set (README: which reads go where)
+    client: bool = True  # a client route, measured under each CLIENT_AUTH mode; else an admin one
     orders: bool = False  # an order scenario: measured again without the outbox (bench/outbox.py)
 
 
@@ -67,27 +80,28 @@ def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
             f"orders, {WALLETS:,} wallets",
             [Request("POST", "/orders", client(c), order) for c in spread],
             ceiling.order(ids),
-            Target(ratio=0.5, p99_ms=50),
+            Target(ratio=2, p99_ms=P99_MS),  # issue 13: the targets, against two transactions
             orders=True,
         ),
         Scenario(
             "orders, one hot wallet",
             [Request("POST", "/orders", client(HOT_WALLET), order)],
             ceiling.order((HOT_WALLET, HOT_WALLET)),
-            Target(ratio=0.9),
+            Target(ratio=3, p99_ms=P99_MS),
             orders=True,
         ),
         Scenario(
             f"balance reads, {WALLETS:,} wallets",
             [Request("GET", "/wallet/balance", client(c)) for c in spread],
             ceiling.balance(ids),
-            Target(ratio=0.2),
+            Target(ratio=0.3, p99_ms=P99_MS),
         ),
         Scenario(
             "admin debits, one wallet",
             [Request("POST", "/admin/wallet/debit", admin, debit)],
             ceiling.debit(DEBIT_WALLET),
             Target(),
+            client=False,
         ),
         Scenario(
             f"history pages, {WALLETS:,} wallets",
@@ -107,11 +121,22 @@ def scenarios(keys: dict[str, str], admin_key: str) -> list[Scenario]:
 
 
 def service_env(
-    database_url: str, provider_port: int, port: int, admin_key: str, client_auth: str
+    database_url: str,
+    provider_port: int,
+    port: int,
+    admin_key: str,
+    client_auth: str,
+    redis_url: str | None = None,
 ) -> dict[str, str]:
-    """Production settings; anything else the caller's environment says about the service is dropped."""
+    """Production settings (issue 13): APP_ENV=production, rate limiting on (counted in Redis
+    when `redis_url` is given, as several workers or hosts would share it, else in each worker's
+    memory), JSON logs at info (one access line per request, to a file), metrics on (they always
+    are; `wallet serve` gives its workers a shared PROMETHEUS_MULTIPROC_DIR). Anything else the
+    caller's environment says about the service is dropped."""
     ours = {name.upper() for name in Settings.model_fields} | {"PROMETHEUS_MULTIPROC_DIR"}
     env = {name: value for name, value in os.environ.items() if name not in ours}
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     env.update(
         APP_ENV="production",
         DATABASE_URL=database_url,
@@ -120,8 +145,9 @@ def service_env(
         LEDGER_KEY_ID=ceiling.LEDGER_KEY.key_id,
         FULFILLMENT_API_URL=f"http://127.0.0.1:{provider_port}/fulfillments",
         CLIENT_AUTH=client_auth,
-        RATE_LIMIT="off",
-        LOG_LEVEL="warning",
+        RATE_LIMIT=RATE_LIMIT,
+        LOG_LEVEL="info",
+        LOG_FORMAT="json",
         HOST="127.0.0.1",
         PORT=str(port),
     )
@@ -157,10 +183,18 @@ def settle(url: str) -> None:
 
 @dataclass(frozen=True)
 class ServiceRun:
+    auth: str  # CLIENT_AUTH
     rows: list[Row]
     peak_rss: int
     processes: int
-    outbox: outbox.OutboxCost
+    counted: int  # requests /metrics counted over the run: proof that metrics were on
+    meter_seconds: float  # what reading /proc cost (bench/cpu.py), over...
+    meter_wall: float  # ...the measurements' wall time
+
+
+def auth_modes(choice: str) -> tuple[str, ...]:
+    """--client-auth both|api_key|header: the CLIENT_AUTH modes to measure, one service each."""
+    return AUTH_MODES if choice == "both" else (choice,)
 
 
 @dataclass(frozen=True)
@@ -188,13 +222,15 @@ def database(args: argparse.Namespace, workdir: Path) -> Iterator[Database]:
         )
 
 
-def measure_service(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> ServiceRun:
-    """The service over `db.url`, reading from `db.read_url` (`--replica`) when there is one."""
-    python = sys.executable
+def measure_service(
+    args: argparse.Namespace, kind: str, db: Database, workdir: Path, auth: str, *, first: bool
+) -> ServiceRun:
+    """The service over `db.url` with CLIENT_AUTH=`auth`, reading from `db.read_url`
+    (`--replica`) when there is one. `first`: the run that credits the wallets and measures the
+    admin scenario (its route does not depend on CLIENT_AUTH)."""
     provider_port, port = stack.free_port(), stack.free_port()
     admin_key = secrets.token_urlsafe(32)
-    env = service_env(db.url, provider_port, port, admin_key, args.client_auth)
-    simulator = [python, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
+    env = service_env(db.url, provider_port, port, admin_key, auth, os.environ.get("REDIS_URL"))
     with contextlib.ExitStack() as pooled:
         if db.read_url is not None:
             env["DATABASE_READ_URL"] = db.read_url
@@ -207,14 +243,17 @@ def measure_service(args: argparse.Namespace, kind: str, db: Database, workdir: 
                 bouncer = pgbouncer(db.read_url, pool_size=args.pooler_pool_size)
                 env["DATABASE_READ_URL"] = pooled.enter_context(bouncer)
             env["DB_POOLER"] = "transaction"
-        return _measure(args, kind, db, workdir, env, simulator, provider_port, port, admin_key)
+        service = _Service(env, provider_port, port, admin_key, auth)
+        return _measure(args, kind, db, workdir, service, first=first)
 
 
 def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> list[paired.Paired]:
     """`--replica`, after the main run: the reads a replica serves through a service with and one
-    without DATABASE_READ_URL, in alternating rounds (bench/replica.py). Direct connections."""
+    without DATABASE_READ_URL, in alternating rounds (bench/replica.py). Direct connections, with
+    the first of the measured CLIENT_AUTH modes."""
     assert db.read_url is not None
     read_url = db.read_url
+    auth = auth_modes(args.client_auth)[0]
     provider_port = stack.free_port()
     admin_key = secrets.token_urlsafe(32)
     client_ids = [
@@ -222,17 +261,18 @@ def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Pa
         str(HOT_WALLET),
         str(DEBIT_WALLET),
     ]
-    keys = asyncio.run(seed.api_keys(db.url, client_ids)) if args.client_auth == "api_key" else {}
+    keys = asyncio.run(seed.api_keys(db.url, client_ids)) if auth == "api_key" else {}
     reads = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.replica_read]
+    redis_url = os.environ.get("REDIS_URL")
 
     def env_for(port: int, with_replica: bool) -> dict[str, str]:
-        env = service_env(db.url, provider_port, port, admin_key, args.client_auth)
+        env = service_env(db.url, provider_port, port, admin_key, auth, redis_url)
         if with_replica:
             env["DATABASE_READ_URL"] = read_url
         return env
 
     simulator = [sys.executable, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
-    env = service_env(db.url, provider_port, 0, admin_key, args.client_auth)
+    env = service_env(db.url, provider_port, 0, admin_key, auth, redis_url)
     with stack.process("provider-compare", simulator, env=env, workdir=workdir) as provider:
         stack.wait_port(provider_port, provider)
         return replica.compare(
@@ -240,86 +280,26 @@ def compare_reads(args: argparse.Namespace, kind: str, db: Database, workdir: Pa
         )
 
 
-def _measure(
-    args: argparse.Namespace,
-    kind: str,
-    db: Database,
-    workdir: Path,
-    env: dict[str, str],
-    simulator: list[str],
-    provider_port: int,
-    port: int,
-    admin_key: str,
-) -> ServiceRun:
-    url = db.url
-    label = " (replica)" if db.read_url else ""
-    python = sys.executable
-    with stack.process("provider", simulator, env=env, workdir=workdir) as provider:
-        stack.wait_port(provider_port, provider)
-        serve = [python, "-m", "wallet.cli", "serve"]
-        with (
-            stack.process("service", serve, env=env, workdir=workdir) as service,
-            stack.PeakRss(service.pid) as rss,
-        ):
-            stack.wait_http(f"http://127.0.0.1:{port}/ready", service, workdir / "service.log")
-            client_ids = [str(c) for c in range(FIRST_WALLET, FIRST_WALLET + WALLETS)]
-            client_ids += [str(HOT_WALLET), str(DEBIT_WALLET)]
-            asyncio.run(seed.credit(f"http://127.0.0.1:{port}", admin_key, client_ids))
-            keys = asyncio.run(seed.api_keys(url, client_ids)) if args.client_auth == "api_key" else {}
-            rows = []
-            for scenario in scenarios(keys, admin_key):
-                requests = load.write_requests(
-                    scenario.requests, f"127.0.0.1:{port}", workdir / "requests.bin"
-                )
-                measure = {"seconds": args.duration, "connections": args.connections}
-                settle(url)
-                if args.warmup:
-                    load.run(kind, port, requests, seconds=args.warmup, connections=args.connections)
-                served = load.run(kind, port, requests, **measure)
-                settle(url)
-                raw = ceiling.run_pgbench(
-                    (db.read_url or url) if scenario.replica_read else url,
-                    scenario.script,
-                    workdir,
-                    clients=args.connections,
-                    threads=2,
-                    seconds=args.duration,
-                )
-                row = Row(
-                    scenario.name + (label if scenario.replica_read else ""),
-                    served,
-                    raw,
-                    scenario.target,
-                )
-                print(
-                    f"bench: {row.scenario}: {served.rps:,.0f} req/s (p99 {served.p99_ms:.1f} ms, "
-                    f"{served.errors} errors), pgbench {raw.tps:,.0f} tps, {row.ratio:.2f}x",
-                    file=sys.stderr,
-                )
-                rows.append(row)
-            rss.sample()
-        orders = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.orders]
-        cost = _outbox_cost(args, kind, db, workdir, env, orders)
-    return ServiceRun(rows, rss.peak, rss.processes, cost)
-
-
-def _outbox_cost(
-    args: argparse.Namespace,
-    kind: str,
-    db: Database,
-    workdir: Path,
-    env: dict[str, str],
-    orders: list[tuple[str, list[Request]]],
-) -> outbox.OutboxCost:
-    """The order scenarios through the service with and without its outbox, then the SQL alone
-    (bench/outbox.py), over the wallets the main run credited."""
+def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path) -> outbox.OutboxCost:
+    """The order scenarios through a service with and one without its outbox, then the SQL alone
+    (bench/outbox.py), over the wallets the first run credited, with the first CLIENT_AUTH mode."""
+    auth = auth_modes(args.client_auth)[0]
+    provider_port = stack.free_port()
+    admin_key = secrets.token_urlsafe(32)
+    client_ids = [*(str(c) for c in range(FIRST_WALLET, FIRST_WALLET + WALLETS)), str(HOT_WALLET)]
+    keys = asyncio.run(seed.api_keys(db.url, client_ids)) if auth == "api_key" else {}
+    orders = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.orders]
+    redis_url = os.environ.get("REDIS_URL")
 
     def env_for(port: int) -> dict[str, str]:
-        return {**env, "PORT": str(port)}
+        return service_env(db.url, provider_port, port, admin_key, auth, redis_url)
 
-    service = outbox.measure_service(
-        orders, env_for, workdir, kind=kind, seconds=args.duration, connections=args.connections
-    )
+    simulator = [sys.executable, "-m", "wallet.cli", "simulator", "--port", str(provider_port)]
+    with stack.process("provider-outbox", simulator, env=env_for(0), workdir=workdir) as provider:
+        stack.wait_port(provider_port, provider)
+        service = outbox.measure_service(
+            orders, env_for, workdir, kind=kind, seconds=args.duration, connections=args.connections
+        )
     spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
     with_events, without = outbox.measure_sql(
         db.url, spread, workdir, clients=args.connections, seconds=args.duration, settle=settle
@@ -327,6 +307,106 @@ def _outbox_cost(
     cost = outbox.OutboxCost(service, with_events, without)
     print(f"bench: outbox cost {cost.cost:.1%} (the SQL alone {cost.sql_cost:.1%})", file=sys.stderr)
     return cost
+
+
+@dataclass(frozen=True)
+class _Service:
+    env: dict[str, str]
+    provider_port: int
+    port: int
+    admin_key: str
+    auth: str
+
+
+def counted_requests(port: int) -> int:
+    """The requests `wallet_http_requests_total` counted, summed over every route, status and
+    worker (/metrics in one worker sums them all)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("wallet_http_requests_total{")]
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in lines))
+
+
+def _measure(
+    args: argparse.Namespace, kind: str, db: Database, workdir: Path, run: _Service, *, first: bool
+) -> ServiceRun:
+    url = db.url
+    label = " (replica)" if db.read_url else ""
+    python = sys.executable
+    # PostgreSQL's processes serving the bench database, on the primary and on the replica.
+    primary = asyncio.run(cpu.backends(url))
+    reader = asyncio.run(cpu.backends(db.read_url)) if db.read_url else None
+    served_by = cpu.combined(primary, reader) if db.read_url else primary
+    simulator = [python, "-m", "wallet.cli", "simulator", "--port", str(run.provider_port)]
+    with stack.process(f"provider-{run.auth}", simulator, env=run.env, workdir=workdir) as provider:
+        stack.wait_port(run.provider_port, provider)
+        serve = [python, "-m", "wallet.cli", "serve"]
+        name = f"service-{run.auth}"
+        with (
+            stack.process(name, serve, env=run.env, workdir=workdir) as service,
+            stack.PeakRss(service.pid) as rss,
+        ):
+            stack.wait_http(f"http://127.0.0.1:{run.port}/ready", service, workdir / f"{name}.log")
+            client_ids = [str(c) for c in range(FIRST_WALLET, FIRST_WALLET + WALLETS)]
+            client_ids += [str(HOT_WALLET), str(DEBIT_WALLET)]
+            if first:  # the wallets stay credited for the runs after it
+                asyncio.run(seed.credit(f"http://127.0.0.1:{run.port}", run.admin_key, client_ids))
+            keys = asyncio.run(seed.api_keys(url, client_ids)) if run.auth == "api_key" else {}
+            service_tree = functools.partial(cpu.tree, service.pid)
+            rows = []
+            meter_seconds = meter_wall = 0.0
+            for scenario in scenarios(keys, run.admin_key):
+                if not (scenario.client or first):
+                    continue
+                requests = load.write_requests(
+                    scenario.requests, f"127.0.0.1:{run.port}", workdir / "requests.bin"
+                )
+                measure = {"seconds": args.duration, "connections": args.connections}
+                settle(url)
+                if args.warmup:
+                    load.run(kind, run.port, requests, seconds=args.warmup, connections=args.connections)
+                with cpu.Meter({"service": service_tree, "database": served_by}) as serving:
+                    served = load.run(kind, run.port, requests, **measure)
+                settle(url)
+                pgbench_url = db.read_url if scenario.replica_read and db.read_url else url
+                with cpu.Meter({"database": primary if pgbench_url == url else reader}) as pgbench:
+                    raw = ceiling.run_pgbench(
+                        pgbench_url,
+                        scenario.script,
+                        workdir,
+                        clients=args.connections,
+                        threads=2,
+                        seconds=args.duration,
+                    )
+                row = Row(
+                    scenario.name + (label if scenario.replica_read else ""),
+                    served,
+                    raw,
+                    scenario.target,
+                    auth=run.auth if scenario.client else "admin key",
+                    cpu=Cpu(
+                        serving.seconds.get("service"),
+                        serving.seconds.get("database"),
+                        pgbench.seconds.get("database"),
+                    ),
+                )
+                meter_seconds += serving.own_seconds + pgbench.own_seconds
+                meter_wall += serving.wall_seconds + pgbench.wall_seconds
+                print(
+                    f"bench: {row.scenario} [{row.auth}]: {served.rps:,.0f} req/s "
+                    f"(p99 {served.p99_ms:.1f} ms, {served.errors} errors, CPU/req: service "
+                    f"{_us(row.service_us)}, PostgreSQL {_us(row.database_us)}), "
+                    f"pgbench {raw.tps:,.0f} tps (PostgreSQL CPU/tx {_us(row.ceiling_database_us)}), "
+                    f"{row.ratio:.2f}x",
+                    file=sys.stderr,
+                )
+                rows.append(row)
+            rss.sample()
+            counted = counted_requests(run.port)
+            return ServiceRun(run.auth, rows, rss.peak, rss.processes, counted, meter_seconds, meter_wall)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} µs"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -337,9 +417,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument(
         "--client-auth",
-        choices=["api_key", "header"],
-        default="api_key",
-        help="how the service authenticates clients (api_key: the production default)",
+        choices=["both", *AUTH_MODES],
+        default="both",
+        help="CLIENT_AUTH modes to measure the client scenarios in (both: a service started for each, "
+        "api_key first; one mode is quicker)",
     )
     parser.add_argument(
         "--pooler",
@@ -391,41 +472,54 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         with _logs_kept_on_failure(workdir), database(args, workdir) as db:
             version = asyncio.run(_migrate(db.url))
-            run = measure_service(args, kind, db, workdir)
+            runs = [
+                measure_service(args, kind, db, workdir, auth, first=i == 0)
+                for i, auth in enumerate(auth_modes(args.client_auth))
+            ]
+            cost = outbox_cost(args, kind, db, workdir)
             reads = compare_reads(args, kind, db, workdir) if db.read_url else []
             grown = []
             if args.large_ledger:
                 grown = growth.measure(
                     db.url, args.large_ledger, workdir, clients=args.connections, seconds=args.duration
                 )
+    rows = [row for run in runs for row in run.rows]
+    peak = max(runs, key=lambda run: run.peak_rss)
+    metering = sum(run.meter_seconds for run in runs) / (sum(run.meter_wall for run in runs) or 1)
+    limiter = "in Redis at REDIS_URL" if os.environ.get("REDIS_URL") else "in each worker's memory"
     about = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": report.machine(),
         "command": "make bench" + (f' BENCH_ARGS="{" ".join(sys.argv[1:])}"' if sys.argv[1:] else ""),
         "PostgreSQL": f"{version}, {db.where}",
         "service": f"wallet serve, APP_ENV=production, {os.cpu_count()} workers (default), "
-        f"CLIENT_AUTH={args.client_auth}, RATE_LIMIT=off"
+        f"a fresh service per CLIENT_AUTH mode ({', '.join(auth_modes(args.client_auth))}; the auth column), "
+        f"RATE_LIMIT={RATE_LIMIT} counted {limiter}, LOG_LEVEL=info LOG_FORMAT=json (an access line per"
+        " request, to a file), metrics on"
         + (
             f", through PgBouncer 1.18 (pool_mode=transaction, default_pool_size={args.pooler_pool_size}),"
-            " DB_POOLER=transaction"
+            " DB_POOLER=transaction (PgBouncer's CPU is in neither CPU column)"
             if args.pooler == "transaction"
             else ", direct to PostgreSQL"
         )
         + (", DATABASE_READ_URL=the replica" if args.replica else ""),
         "load": f"{kind}, {args.connections} keep-alive connections, {args.duration} s per measurement; "
         f"pgbench -M prepared -c {args.connections} -j 2",
+        "metrics": ", ".join(f"{run.auth}: /metrics counted {run.counted:,} requests" for run in runs),
+        "CPU meter": f"reading /proc every {cpu.INTERVAL * 1000:.0f} ms cost {metering:.1%} of one core",
     }
     markdown = report.render(
-        run.rows,
+        rows,
         about=about,
-        peak_rss=run.peak_rss,
-        processes=run.processes,
+        peak_rss=peak.peak_rss,
+        processes=peak.processes,
         growth=grown,
         growth_size=args.large_ledger,
-        sections=run.outbox.render(args.duration) + replica.render(reads, args.duration),
+        sections=cost.render(args.duration) + replica.render(reads, args.duration),
     )
     print(markdown)
-    print(f"bench: written to {report.save(markdown)}", file=sys.stderr)
+    saved = report.save(markdown, report.data(rows, about=about, outbox=cost))
+    print(f"bench: written to {saved} and latest.json beside it", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The benchmark's ceiling must run the service's own statements and leave the same data the
-service would: otherwise the ratios `make bench` prints compare different work."""
+service would: otherwise the ratios `make bench` prints compare different work. Its CPU figures
+must count the processes they name, inside the measurement and nowhere else."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -11,15 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
-from bench import ceiling, growth, outbox, report
+from bench import ceiling, cpu, growth, outbox, report, run
 from bench.load import Load
 from bench.paired import Paired
 from wallet import ledger, orders
-from wallet.database import create_engine
+from wallet.database import create_engine, plain_url
 from wallet.events import INSERT_EVENT
+from wallet.settings import ClientAuth, Settings
 from wallet.verify import verify_ledger
 
 ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
@@ -211,3 +215,171 @@ def test_the_service_without_outbox_runs_its_order_statements_without_events() -
     assert int(changed) >= 5
     assert still_there == ["False", "False", "False"]
     assert INSERT_EVENT in ledger._PLACE_ORDERS.text  # this process's statements are untouched
+
+
+# A process that burns the CPU seconds it is sent, one line at a time, and says when it is done.
+BURNER = """
+import sys, time
+for line in sys.stdin:
+    end = time.process_time() + float(line)
+    while time.process_time() < end:
+        pass
+    print("burnt", flush=True)
+"""
+TICK = 1 / cpu.CLOCK_TICKS  # what one /proc reading may round away
+
+
+def _burn(child: subprocess.Popen[str], seconds: float) -> None:
+    assert child.stdin is not None
+    assert child.stdout is not None
+    child.stdin.write(f"{seconds}\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == "burnt\n"
+
+
+def _burner(*wrapper: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*wrapper, sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_the_meter_counts_what_a_process_spends_inside_the_window_only() -> None:
+    child = _burner()
+    try:
+        _burn(child, 0.2)  # before: not counted
+        with cpu.Meter({"child": lambda: [child.pid]}) as meter:
+            _burn(child, 0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.3 - 2 * TICK <= meter.seconds["child"] <= 0.45
+
+
+def test_the_meter_counts_a_whole_process_tree_born_inside_the_window() -> None:
+    """`wallet serve` is a supervisor with workers: the CPU is in the children."""
+    parent: subprocess.Popen[str] | None = None
+    with cpu.Meter({"tree": lambda: cpu.tree(parent.pid) if parent else []}) as meter:
+        parent = _burner(sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])")
+        try:
+            _burn(parent, 0.3)  # the worker (a child of `parent`) burns it
+            assert len(cpu.tree(parent.pid)) == 2
+        finally:
+            assert parent.stdin is not None
+            parent.stdin.close()
+            parent.wait()
+    # Both interpreters' start-up counts too: the processes were born inside the window.
+    assert 0.3 - 2 * TICK <= meter.seconds["tree"] <= 1.5
+
+
+def test_the_meter_keeps_what_a_process_spent_before_it_exited() -> None:
+    """pgbench's backends exit with pgbench, inside the window: their last reading stays."""
+    child = _burner()
+    assert child.stdin is not None
+    with cpu.Meter({"child": lambda: [child.pid]}) as meter:
+        _burn(child, 0.3)
+        child.stdin.close()
+        child.wait()
+    # Lost: what it spent after its last reading, at most about one interval of a busy process.
+    assert 0.3 - 2 * cpu.INTERVAL - 2 * TICK <= meter.seconds["child"] <= 0.45
+
+
+@pytest.mark.parametrize(
+    ("title", "expected"),
+    [
+        ("postgres: 15/main: postgres wallet_bench_1 127.0.0.1(5432) idle", True),
+        ("postgres: 15/main: app wallet_bench_1 [local] SELECT", True),
+        ("postgres: 15/main: postgres wallet_bench_2 127.0.0.1(5432) idle", False),
+        ("postgres: 15/main: postgres postgres 127.0.0.1(5432) idle", False),
+        ("postgres: 15/main: autovacuum worker wallet_bench_1", True),
+        ("postgres: 15/main: autovacuum worker other", False),
+        ("postgres: 15/main: autovacuum worker", None),  # not yet on a database
+        ("postgres: 15/main: checkpointer", False),
+        ("postgres: 15/main: walwriter", False),
+        ("postgres: 15/main: logical replication launcher", False),
+        ("/usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main", None),  # just forked
+    ],
+)
+def test_which_postgres_processes_serve_the_bench_database(title: str, expected: bool | None) -> None:
+    assert cpu.serves_database(title, "wallet_bench_1", "15/main") is expected
+    without_cluster_name = title.replace("15/main: ", "")
+    assert cpu.serves_database(without_cluster_name, "wallet_bench_1") is expected
+
+
+async def _busy(url: str, rows: int) -> None:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        await conn.fetchval("SELECT count(*) FROM generate_series(1, $1::int)", rows)
+    finally:
+        await conn.close()
+
+
+async def test_postgres_cpu_counts_the_bench_database_s_backends_and_not_another_s(
+    database_url: str, postgres_url: str
+) -> None:
+    ours, other = await cpu.backends(database_url), await cpu.backends(postgres_url)
+    assert ours is not None  # the tests' server runs on this machine
+    assert other is not None
+    work = 2_000_000  # rows counted: a few tenths of a second of a backend's CPU
+    with cpu.Meter({"ours": ours, "other": other}) as elsewhere:
+        await _busy(postgres_url, work)
+    with cpu.Meter({"ours": ours}) as here:
+        await _busy(database_url, work)
+    assert elsewhere.seconds["other"] > 0.05
+    assert elsewhere.seconds["ours"] < 0.2 * elsewhere.seconds["other"]
+    assert here.seconds["ours"] > 0.05
+
+
+def _load(requests: int, p99_ms: float = 10.0) -> Load:
+    return Load(requests, 10.0, 2.0, p99_ms, 0, {200: requests})
+
+
+def test_the_report_prints_cpu_per_request_and_per_pgbench_transaction() -> None:
+    measured = report.Row(
+        "orders, 1,000 wallets",
+        _load(10_000),
+        ceiling.Ceiling(1_000.0, 5_000, 32.0, 0, None),
+        report.Target(ratio=2, p99_ms=25),
+        auth="api_key",
+        cpu=report.Cpu(service=12.5, database=4.0, ceiling_database=3.0),
+    )
+    unreadable = report.Row(
+        "balance reads",
+        _load(100, p99_ms=30),
+        ceiling.Ceiling(10.0, 100, 1.0, 0, None),
+        report.Target(p99_ms=25),
+    )
+    markdown = report.render([measured, unreadable], about={}, peak_rss=0, processes=1)
+    assert (
+        "| orders, 1,000 wallets | api_key | 1,000 | 2.0 | 10.0 | 0 | 1,000 | 1.00x | 1,250 | 400 | 600 "
+        "| ≥ 2x, p99 < 25 ms, 0 errors: MISSED ratio |" in markdown
+    )
+    assert "| - | - | - | p99 < 25 ms, 0 errors: MISSED p99 |" in markdown
+    assert "not visible from here" in markdown
+    figures = json.loads(json.dumps(report.data([measured], about={"date": "today"})))
+    assert figures["rows"][0]["cpu_us"] == {
+        "service_per_request": 1250.0,
+        "database_per_request": 400.0,
+        "database_per_pgbench_transaction": 600.0,
+    }
+    assert figures["rows"][0]["auth"] == "api_key"
+
+
+def test_the_service_runs_with_production_settings() -> None:
+    """Issue 13: production, rate limiting on but never refusing, JSON logs at info."""
+    env = run.service_env(
+        "postgresql://db/bench", 8001, 8002, "a" * 32, "header", redis_url="redis://127.0.0.1:6379/0"
+    )
+    fields: dict[str, Any] = {
+        name: env[name.upper()] for name in Settings.model_fields if name.upper() in env
+    }
+    settings = Settings(_env_file=None, **fields)
+    assert settings.production
+    assert settings.client_auth_mode is ClientAuth.HEADER
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert (settings.log_level, settings.log_renderer) == ("info", "json")
+    item = settings.rate_limit_item
+    assert item is not None
+    assert item.amount / item.get_expiry() >= 100_000  # hits per second: far above any bench
+    assert "REDIS_URL" not in run.service_env("postgresql://db/bench", 1, 2, "a" * 32, "api_key")
+    assert run.auth_modes("both") == ("api_key", "header")
+    assert run.auth_modes("header") == ("header",)
