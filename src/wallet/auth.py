@@ -127,6 +127,9 @@ class ClientAuthenticator:
     async def revoke(self, client_id: str, key_id: str) -> datetime:
         async with self.engine.begin() as conn:
             revoked = (await conn.execute(_REVOKE_KEY, {"key_id": key_id, "client_id": client_id})).scalar()
+        if self.cache is not None:
+            # Committed: this process refuses the key from now on, before it hears the change.
+            self.cache.clear()
         if not isinstance(revoked, datetime):
             raise NotFound("API key not found", code="API_KEY_NOT_FOUND")
         return revoked
