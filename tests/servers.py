@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -239,11 +239,12 @@ def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
 @dataclass
 class Relay:
     """A TCP relay on a loopback port to a PostgreSQL server: the network between a service and
-    its database, which a test can close to new connections and open again (connections already
-    through it stay)."""
+    its database, which a test can close to new connections (connections already through it stay)
+    or stall (nothing is lost: what arrives meanwhile is passed on once it flows again)."""
 
     url: str  # the database of the URL the relay was made for, reached through the relay
     accepting: bool = True
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: data waits in the relay
 
 
 @contextlib.asynccontextmanager
@@ -263,6 +264,7 @@ async def relay(server_url: str) -> AsyncIterator[Relay]:
     async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
             while data := await source.read(65536):
+                await state.flowing.wait()
                 sink.write(data)
                 await sink.drain()
         except OSError:
@@ -288,6 +290,7 @@ async def relay(server_url: str) -> AsyncIterator[Relay]:
     server = await asyncio.start_server(link, "127.0.0.1", 0)
     relay_port = server.sockets[0].getsockname()[1]
     state = Relay(with_server(server_url, "127.0.0.1", relay_port))
+    state.flowing.set()
     async with server:
         try:
             yield state

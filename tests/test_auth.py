@@ -295,6 +295,36 @@ async def test_a_key_revoked_on_one_server_is_refused_by_another_within_a_second
         assert (await balance_as(other, "ACME", new["apiKey"])).status_code == 200
 
 
+async def test_the_server_that_revokes_a_key_refuses_it_at_once(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """Even before it hears the change: its listening session is stalled (nothing reaches it) while
+    the key, cached, is revoked and used again. The cache trusts a stalled session for less than a
+    second, so each try checks that the cache was still trusted (the use was a miss: looked for in
+    the cache, not there) and tries again with a new key when the machine was too slow for that."""
+    async with (
+        relay(direct_database_url) as path,
+        other_server(database_url, path.url, provider) as (server, api),
+    ):
+        await api.credit("ACME", 50)
+        await listening(server)
+        for _ in range(10):
+            key = await issue_key(api, "ACME")
+            await until_cached(api, "ACME", key["apiKey"])
+            path.flowing.clear()
+            try:
+                before = await key_cache(api)
+                assert (await revoke(api, "ACME", key["keyId"])).status_code == 200
+                refused = await balance_as(api, "ACME", key["apiKey"])
+                after = await key_cache(api)
+            finally:
+                path.flowing.set()
+            assert refused.status_code == 403, refused.text
+            if after["miss"] > before["miss"]:
+                return
+        raise AssertionError("the cache was never trusted when the key was used after its revocation")
+
+
 async def test_keys_revoked_or_deleted_by_sql_are_refused_within_a_second(
     database_url: str, direct_database_url: str, provider: Provider
 ) -> None:
