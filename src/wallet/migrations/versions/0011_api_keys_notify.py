@@ -12,7 +12,7 @@ UPDATE api_keys some day (a last-used time, say), it would clear every cache on 
 narrow this trigger first.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from wallet.migrations.script import run
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
