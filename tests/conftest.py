@@ -94,12 +94,19 @@ async def database_url(
 
 
 @pytest.fixture
-async def commits(database_url: str, postgres_url: str) -> AsyncIterator[Commits]:
-    """The commits to this test's database, heard from PostgreSQL itself (with DB_POOLER set, the
-    service goes through PgBouncer, but LISTEN needs a session of its own)."""
+def direct_database_url(database_url: str, postgres_url: str) -> str:
+    """This test's database on PostgreSQL itself, even with DB_POOLER set (where `database_url`
+    goes through PgBouncer): for sessions of its own, such as LISTEN."""
     name = make_url(database_url).database
     assert name is not None
-    async with watch_commits(_with_database(postgres_url, name)) as watching:
+    return _with_database(postgres_url, name)
+
+
+@pytest.fixture
+async def commits(direct_database_url: str) -> AsyncIterator[Commits]:
+    """The commits to this test's database, heard from PostgreSQL itself (with DB_POOLER set, the
+    service goes through PgBouncer, but LISTEN needs a session of its own)."""
+    async with watch_commits(direct_database_url) as watching:
         yield watching
 
 

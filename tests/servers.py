@@ -1,9 +1,11 @@
 """Database servers the tests start themselves: a PgBouncer in transaction mode in front of the
 tests' PostgreSQL, and a primary with a streaming replica built from the machine's PostgreSQL
-binaries. Real processes in temporary directories, stopped when the block ends."""
+binaries. Real processes in temporary directories, stopped when the block ends. And a TCP relay
+to a server, for a network path to it that a test can close."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -12,8 +14,8 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -232,3 +234,66 @@ def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
             for data in reversed(started):
                 with contextlib.suppress(subprocess.CalledProcessError):
                     _pg_ctl("-D", str(data), "-m", "immediate", "stop")
+
+
+@dataclass
+class Relay:
+    """A TCP relay on a loopback port to a PostgreSQL server: the network between a service and
+    its database, which a test can close to new connections (connections already through it stay)
+    or stall (nothing is lost: what arrives meanwhile is passed on once it flows again)."""
+
+    url: str  # the database of the URL the relay was made for, reached through the relay
+    accepting: bool = True
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: data waits in the relay
+
+
+@contextlib.asynccontextmanager
+async def relay(server_url: str) -> AsyncIterator[Relay]:
+    """A `Relay` to the server of `server_url` (on TCP, or on its Unix socket when the URL names a
+    socket directory, as the embedded server's does)."""
+    parsed = make_url(plain_url(server_url))
+    port = parsed.port or 5432
+    host = parsed.query.get("host") or parsed.host or "127.0.0.1"
+    host = host if isinstance(host, str) else host[0]
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await state.flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    async def link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not state.accepting:
+            writer.close()
+            return
+        try:
+            upstream_reader, upstream_writer = await connect()
+        except OSError:
+            writer.close()
+            return
+        links.update((writer, upstream_writer))
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        links.difference_update((writer, upstream_writer))
+
+    links: set[asyncio.StreamWriter] = set()
+
+    server = await asyncio.start_server(link, "127.0.0.1", 0)
+    relay_port = server.sockets[0].getsockname()[1]
+    state = Relay(with_server(server_url, "127.0.0.1", relay_port))
+    state.flowing.set()
+    async with server:
+        try:
+            yield state
+        finally:
+            for writer in links:
+                writer.close()

@@ -1,17 +1,25 @@
 """Who may call: the admin bearer key, and client API keys (CLIENT_AUTH=api_key) issued,
-rotated and revoked by the admin; a key is never kept in clear."""
+rotated and revoked by the admin; a key is never kept in clear. Each server process caches the
+keys it verified, and a revocation however made reaches every process within a second."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 
-from tests.builders import ADMIN_KEY, Api, Provider, start_service
+from tests.builders import ADMIN_KEY, Api, Provider, ServerProcess, spawn_service, start_service
+from tests.servers import relay
+from tests.test_workers import metric
 from wallet.database import plain_url
+from wallet.keycache import APPLICATION_NAME
 
 
 async def issue_key(api: Api, client_id: str) -> dict[str, Any]:
@@ -202,3 +210,188 @@ async def test_keys_are_never_stored_in_clear(database_url: str, provider: Provi
         assert hashlib.sha256(secret).digest() in stored_digests
         assert not any(secret in value for value in haystack)
         assert not any(secret[3:] in value for value in haystack)
+
+
+@contextlib.asynccontextmanager
+async def other_server(
+    database_url: str, listen_url: str, provider: Provider
+) -> AsyncIterator[tuple[ServerProcess, Api]]:
+    """`wallet serve` as a process of its own (one worker) on the same database, listening for
+    key changes at `listen_url` (PostgreSQL itself: with DB_POOLER=transaction `database_url` is
+    PgBouncer's, where no session stays ours)."""
+    env = {
+        "DATABASE_URL": database_url,
+        "DATABASE_LISTEN_URL": listen_url,
+        "CLIENT_AUTH": "api_key",
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "FULFILLMENT_API_URL": provider.url,
+        "WORKERS": "1",
+        "RATE_LIMIT": "off",
+        "LOG_LEVEL": "info",
+    }
+    async with spawn_service(env) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        yield server, Api(http)
+
+
+async def listening(server: ServerProcess, times: int = 1) -> None:
+    """Until the server's key cache has subscribed to key changes `times` times."""
+    async with asyncio.timeout(30):
+        await server.wait_for("api key cache listening", count=times)
+
+
+async def key_cache(api: Api) -> dict[str, float]:
+    """The server's key cache as its /metrics tell it: checks by result, and whether it listens."""
+    text = (await api.http.get("/metrics")).text
+    counts = {r: metric(text, "wallet_api_key_cache_total", result=r) for r in ("hit", "miss", "bypass")}
+    return {**counts, "listening": metric(text, "wallet_api_key_cache_listening")}
+
+
+async def until_cached(api: Api, client_id: str, key: str) -> None:
+    """Use the key until the server answers it from its cache (a hit counted)."""
+    async with asyncio.timeout(30):
+        while True:
+            hits = (await key_cache(api))["hit"]
+            assert (await balance_as(api, client_id, key)).status_code == 200
+            if (await key_cache(api))["hit"] > hits:
+                return
+
+
+async def refused_within(api: Api, client_id: str, key: str, seconds: float) -> None:
+    """Use the key until it is refused; fail if a request sent more than `seconds` after the
+    call is still let in."""
+    start = time.monotonic()
+    while True:
+        sent = time.monotonic() - start
+        response = await balance_as(api, client_id, key)
+        if response.status_code == 403:
+            assert response.json()["code"] == "INVALID_API_KEY"
+            return
+        assert response.status_code == 200, response.text
+        assert sent <= seconds, f"the key was still accepted {sent:.2f} s after it was revoked"
+
+
+async def test_a_key_revoked_on_one_server_is_refused_by_another_within_a_second(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    async with (
+        start_service(database_url, provider.url, client_auth="api_key") as api,
+        other_server(database_url, direct_database_url, provider) as (server, other),
+    ):
+        await api.credit("ACME", 50)
+        key = await issue_key(api, "ACME")
+        kept = await issue_key(api, "ACME")
+        await listening(server)
+        await until_cached(other, "ACME", key["apiKey"])
+        await until_cached(other, "ACME", kept["apiKey"])
+
+        assert (await revoke(api, "ACME", key["keyId"])).status_code == 200
+        await refused_within(other, "ACME", key["apiKey"], seconds=1.0)
+        assert (await balance_as(other, "ACME", kept["apiKey"])).status_code == 200
+        # A key never issued is refused by the query every time: refusals are not cached.
+        for _ in range(2):
+            assert (await balance_as(other, "ACME", "wk_never-issued")).status_code == 403
+        # A new key works at once, on a server that has cached others.
+        new = await issue_key(api, "ACME")
+        assert (await balance_as(other, "ACME", new["apiKey"])).status_code == 200
+
+
+async def test_the_server_that_revokes_a_key_refuses_it_at_once(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """Even before it hears the change: its listening session is stalled (nothing reaches it) while
+    the key, cached, is revoked and used again. The cache trusts a stalled session for less than a
+    second, so each try checks that the cache was still trusted (the use was a miss: looked for in
+    the cache, not there) and tries again with a new key when the machine was too slow for that."""
+    async with (
+        relay(direct_database_url) as path,
+        other_server(database_url, path.url, provider) as (server, api),
+    ):
+        await api.credit("ACME", 50)
+        await listening(server)
+        for _ in range(10):
+            key = await issue_key(api, "ACME")
+            await until_cached(api, "ACME", key["apiKey"])
+            path.flowing.clear()
+            try:
+                before = await key_cache(api)
+                assert (await revoke(api, "ACME", key["keyId"])).status_code == 200
+                refused = await balance_as(api, "ACME", key["apiKey"])
+                after = await key_cache(api)
+            finally:
+                path.flowing.set()
+            assert refused.status_code == 403, refused.text
+            if after["miss"] > before["miss"]:
+                return
+        raise AssertionError("the cache was never trusted when the key was used after its revocation")
+
+
+async def test_keys_revoked_or_deleted_by_sql_are_refused_within_a_second(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """An operator's SQL is a revocation too: the table announces every change, not the API."""
+    async with other_server(database_url, direct_database_url, provider) as (server, api):
+        await api.credit("ACME", 50)
+        revoked, deleted, kept = [await issue_key(api, "ACME") for _ in range(3)]
+        await listening(server)
+        for key in (revoked, deleted, kept):
+            await until_cached(api, "ACME", key["apiKey"])
+
+        conn = await asyncpg.connect(plain_url(direct_database_url))
+        try:
+            await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", revoked["keyId"])
+            await refused_within(api, "ACME", revoked["apiKey"], seconds=1.0)
+            await conn.execute("DELETE FROM api_keys WHERE key_id = $1", deleted["keyId"])
+            await refused_within(api, "ACME", deleted["apiKey"], seconds=1.0)
+        finally:
+            await conn.close()
+        assert (await balance_as(api, "ACME", kept["apiKey"])).status_code == 200
+
+
+async def test_without_its_listener_a_server_checks_every_key_in_the_database(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """The listening session is killed and cannot come back (its network path refuses new
+    connections): the cache is dropped and bypassed, so a revocation it cannot hear still takes
+    effect at once; once the session is back, the cache serves and hears revocations again."""
+    async with (
+        relay(direct_database_url) as path,
+        start_service(database_url, provider.url, client_auth="api_key", api_key_cache_size=0) as api,
+        other_server(database_url, path.url, provider) as (server, other),
+    ):
+        await api.credit("ACME", 50)
+        first, second = await issue_key(api, "ACME"), await issue_key(api, "ACME")
+        await listening(server)
+        await until_cached(other, "ACME", first["apiKey"])
+        assert (await key_cache(other))["listening"] == 1
+
+        path.accepting = False
+        conn = await asyncpg.connect(plain_url(direct_database_url))
+        try:
+            pids = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = $1",
+                APPLICATION_NAME,
+            )
+            assert len(pids) == 1, pids  # the other server's: this one has no cache
+            assert await conn.fetchval("SELECT pg_terminate_backend($1, 10000)", pids[0]["pid"])
+        finally:
+            await conn.close()
+        async with asyncio.timeout(30):
+            await server.wait_for("api key cache listener lost")
+
+        before = await key_cache(other)
+        for _ in range(3):
+            assert (await balance_as(other, "ACME", first["apiKey"])).status_code == 200
+        after = await key_cache(other)
+        assert after["listening"] == 0
+        assert after["hit"] == before["hit"]
+        assert after["bypass"] == before["bypass"] + 3
+        assert (await revoke(api, "ACME", first["keyId"])).status_code == 200
+        assert (await balance_as(other, "ACME", first["apiKey"])).status_code == 403
+
+        path.accepting = True
+        await listening(server, times=2)
+        assert (await key_cache(other))["listening"] == 1
+        await until_cached(other, "ACME", second["apiKey"])
+        assert (await revoke(api, "ACME", second["keyId"])).status_code == 200
+        await refused_within(other, "ACME", second["apiKey"], seconds=1.0)

@@ -74,6 +74,9 @@ def test_production_defaults() -> None:
         {"console_session_hours": 24 * 8},
         {"db_pooler": "session"},
         {"database_url": "postgresql://primary/db", "database_read_url": "mysql://replica/db"},
+        {"database_url": "postgresql://primary/db", "database_listen_url": "redis://primary"},
+        {"database_url": None, "database_listen_url": "postgresql://primary/db"},
+        {"api_key_cache_size": -1},
     ],
 )
 def test_invalid_values_are_refused(values: dict[str, Any]) -> None:
@@ -125,6 +128,34 @@ def test_connections_per_host_count_every_pool() -> None:
     )
     assert direct.connections_per_host == 40
     assert replicated.connections_per_host == 80
+
+
+DIRECT = "postgresql://primary/db"
+
+
+@pytest.mark.parametrize(
+    ("values", "listen_url"),
+    [
+        ({"client_auth": "header"}, None),  # no keys to check
+        ({"client_auth": "api_key"}, "postgresql://pooler/db"),
+        ({"client_auth": "api_key", "database_listen_url": DIRECT}, DIRECT),
+        ({"client_auth": "api_key", "api_key_cache_size": 0}, None),
+        ({"client_auth": "api_key", "db_pooler": "transaction"}, None),  # LISTEN needs a session
+        ({"client_auth": "api_key", "db_pooler": "transaction", "database_listen_url": DIRECT}, DIRECT),
+    ],
+)
+def test_api_keys_are_cached_only_where_their_changes_can_be_heard(
+    values: dict[str, Any], listen_url: str | None
+) -> None:
+    """Each process that caches keys holds one listening session: counted in the sizing line."""
+    s = settings(
+        database_url="postgresql://pooler/db",
+        **{"db_pooler": "none", "database_listen_url": None, **values},
+        workers=2,
+        db_pool_size=10,
+    )
+    assert s.key_cache_listen_url == listen_url
+    assert s.connections_per_host == (22 if listen_url else 20)
 
 
 def test_order_lease_outlasts_the_worst_fulfillment() -> None:

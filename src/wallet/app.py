@@ -39,6 +39,7 @@ from wallet.console.sessions import Sessions
 from wallet.database import Connector, ReadRouter, create_engine, is_unavailable, single, snapshot
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
+from wallet.keycache import KeyCache, Listener
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
 from wallet.orders import Orders
 from wallet.ratelimit import RateLimit, make_storage
@@ -161,12 +162,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         storage=app.state.limiter_storage,
     )
     app.state.replica = replica
+    listen_url = settings.key_cache_listen_url
+    key_cache = KeyCache(settings.api_key_cache_size) if listen_url else None
     app.state.services = api.Services(
         settings=settings,
         admin_key_digest=admin_key_digest,
         wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),
         orders=orders,
-        clients=ClientAuthenticator(engine, settings.client_auth_mode),
+        clients=ClientAuthenticator(engine, settings.client_auth_mode, key_cache),
         webhooks=Webhooks(engine, box, allow_private=settings.webhooks_private_ok),
         reads=reads,
         snapshots=snapshots,
@@ -178,6 +181,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(_every(settings.webhook_interval_seconds, deliverer.run, "webhooks")),
         asyncio.create_task(_every(3600, lambda: events.purge_expired(engine, retention), "event purge")),
     ]
+    if key_cache is not None and listen_url:
+        jobs.append(asyncio.create_task(Listener(key_cache, listen_url).run()))
     try:
         yield
     finally:

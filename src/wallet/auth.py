@@ -1,6 +1,7 @@
 """Who is calling: the admin (bearer key) or a client (`client-id`, plus its API key when
 CLIENT_AUTH=api_key). Secrets are compared as SHA-256 digests in constant time; client keys
-are stored only as their digest."""
+are stored only as their digest. A key's owner comes from the process's KeyCache when it is live
+and knows the key (keycache.py), from the database otherwise."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from wallet.database import single
 from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from wallet.events import INSERT_EVENT, time_sql
+from wallet.keycache import KeyCache
 from wallet.settings import ClientAuth
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # the database checks the same (migration 0001)
@@ -45,7 +47,8 @@ def check_admin(token: str | None, admin_key_digest: bytes) -> None:
 
 _KEY_OWNER = text("SELECT client_id FROM api_keys WHERE key_hash = :hash AND revoked_at IS NULL")
 # Issuing and revoking write their event (never the secret) in the same statement; revoking
-# again changes nothing, so it writes nothing.
+# again changes nothing, so it writes nothing. Revoking also tells every process's KeyCache, by
+# the NOTIFY of api_keys' trigger (migration 0011), delivered when this transaction commits.
 _CREATE_KEY = text(f"""
 WITH created AS (
     INSERT INTO api_keys (key_id, client_id, key_hash)
@@ -84,10 +87,11 @@ class IssuedKey:
 
 
 class ClientAuthenticator:
-    def __init__(self, engine: AsyncEngine, mode: ClientAuth) -> None:
+    def __init__(self, engine: AsyncEngine, mode: ClientAuth, cache: KeyCache | None = None) -> None:
         self.engine = engine
         self.single = single(engine)
         self.mode = mode
+        self.cache = cache
 
     async def authenticate(self, client_id_header: str | None, token: str | None) -> str:
         if client_id_header is None:
@@ -97,13 +101,19 @@ class ClientAuthenticator:
             return client_id
         if not token:
             raise Unauthorized("Client authentication required: Authorization: Bearer <API key>")
-        async with self.single.connect() as conn:
-            owner = (await conn.execute(_KEY_OWNER, {"hash": digest(token)})).scalar()
-        # The lookup is by digest, so timing says nothing about the key; the owner check is
-        # a comparison of public ids.
+        hashed = digest(token)
+        owner = await (self.cache.owner(hashed, self._owner) if self.cache else self._owner(hashed))
+        # The lookup is by digest, so timing says nothing about the key (nor does a cache hit:
+        # a dict lookup by digest); the owner check is a comparison of public ids.
         if owner != client_id:
             raise Forbidden("API key is not valid for this client", code="INVALID_API_KEY")
         return client_id
+
+    async def _owner(self, key_digest: bytes) -> str | None:
+        """The client whose valid (unrevoked) key has this digest, if any."""
+        async with self.single.connect() as conn:
+            owner = (await conn.execute(_KEY_OWNER, {"hash": key_digest})).scalar()
+        return None if owner is None else str(owner)
 
     async def issue(self, client_id: str) -> IssuedKey:
         key_id = f"key_{secrets.token_hex(8)}"
@@ -118,6 +128,9 @@ class ClientAuthenticator:
     async def revoke(self, client_id: str, key_id: str) -> datetime:
         async with self.engine.begin() as conn:
             revoked = (await conn.execute(_REVOKE_KEY, {"key_id": key_id, "client_id": client_id})).scalar()
+        if self.cache is not None:
+            # Committed: this process refuses the key from now on, before it hears the change.
+            self.cache.clear()
         if not isinstance(revoked, datetime):
             raise NotFound("API key not found", code="API_KEY_NOT_FOUND")
         return revoked

@@ -113,13 +113,16 @@ def _log_connections(settings: Settings, url: str) -> None:
         pool_size=settings.db_pool_size,
         primary=settings.worker_count * settings.db_pool_size,
         replica=settings.worker_count * settings.db_pool_size if settings.database_read_url else 0,
+        listeners=settings.worker_count * settings.listeners_per_worker,
         pooler=settings.db_pooler.value,
         note="a session-pooling PgBouncer needs a pool of hosts x this; README: Sizing",
     )
     if settings.db_pooler is Pooler.TRANSACTION:
         return  # the pools are PgBouncer's clients (max_client_conn), not the server's
     allowed = asyncio.run(connection_limit(url))
-    wanted = settings.worker_count * settings.db_pool_size  # what the primary sees
+    # What the primary sees: the pools, and the key-cache listeners (on DATABASE_URL here, or on
+    # DATABASE_LISTEN_URL, which normally reaches the same server).
+    wanted = settings.worker_count * (settings.db_pool_size + settings.listeners_per_worker)
     if wanted > allowed:
         structlog.get_logger("wallet.cli").warning(
             "the pools may open more database connections than the server accepts",

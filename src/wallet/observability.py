@@ -97,6 +97,17 @@ DB_POOL_SIZE = Gauge(
     "Connections the pools may open (in_use reaching it means requests wait for one)",
     multiprocess_mode="livesum",
 )
+API_KEY_CACHE = Counter(
+    "wallet_api_key_cache_total",
+    "Client API key checks by how they were answered: hit (this process's cache, no query), miss"
+    " (queried; a valid key is then cached), bypass (queried: the cache's listener is not live)",
+    ["result"],
+)
+API_KEY_CACHE_LISTENING = Gauge(
+    "wallet_api_key_cache_listening",
+    "Processes whose API-key cache is subscribed to key changes (the others query every key)",
+    multiprocess_mode="livesum",
+)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     database_read_url: str | None = None
     # `transaction` when DATABASE_URL (and DATABASE_READ_URL) is a transaction-pooling PgBouncer.
     db_pooler: Pooler = Pooler.NONE
+    # A session on the primary for LISTEN (the API-key cache's invalidations): PostgreSQL itself or
+    # a session-pooling PgBouncer. Unset: DATABASE_URL, except behind a transaction pooler.
+    database_listen_url: str | None = None
     data_dir: Path = Path("./.wallet-data")
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
@@ -54,6 +57,7 @@ class Settings(BaseSettings):
 
     admin_api_key: str | None = None
     client_auth: ClientAuth | None = None
+    api_key_cache_size: int = Field(10_000, ge=0, le=1_000_000)  # verified keys per process; 0: none
 
     # The ledger chain's HMAC key (SPEC §6), never stored in the database. Rotation: a new
     # LEDGER_KEY under a new LEDGER_KEY_ID, the previous one moved to LEDGER_OLD_KEYS
@@ -145,7 +149,7 @@ class Settings(BaseSettings):
             pairs.append((key_id, secret))
         return tuple(pairs)
 
-    @field_validator("database_url", "database_read_url")
+    @field_validator("database_url", "database_read_url", "database_listen_url")
     @classmethod
     def _postgres_only(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(
@@ -184,6 +188,8 @@ class Settings(BaseSettings):
             raise ValueError("LEDGER_OLD_KEYS: each key id once, and not LEDGER_KEY_ID's")
         if self.database_read_url and not self.database_url:
             raise ValueError("DATABASE_READ_URL: needs DATABASE_URL (the embedded server has no replica)")
+        if self.database_listen_url and not self.database_url:
+            raise ValueError("DATABASE_LISTEN_URL: needs DATABASE_URL (the embedded server needs none)")
         for name, url in (
             ("FULFILLMENT_API_URL", self.fulfillment_api_url),
             ("FULFILLMENT_STATUS_URL", self.fulfillment_status_url),
@@ -194,10 +200,26 @@ class Settings(BaseSettings):
 
     @property
     def connections_per_host(self) -> int:
-        """The most database connections one `wallet serve` may open: every worker's pool, and
-        its replica pool when reads go to a replica (the start-up sizing line and the README)."""
+        """The most database connections one `wallet serve` may open: every worker's pool, its
+        replica pool when reads go to a replica, and its key-cache listener (the start-up sizing
+        line and the README)."""
         pools = 2 if self.database_read_url else 1
-        return self.worker_count * self.db_pool_size * pools
+        return self.worker_count * (self.db_pool_size * pools + self.listeners_per_worker)
+
+    @property
+    def key_cache_listen_url(self) -> str | None:
+        """Where each process LISTENs for API-key changes, or None when keys are not cached: the
+        cache is only as good as its invalidations, and LISTEN needs a session of its own, which
+        a transaction-pooling PgBouncer does not keep (then only DATABASE_LISTEN_URL will do)."""
+        if self.client_auth_mode is not ClientAuth.API_KEY or self.api_key_cache_size == 0:
+            return None
+        if self.database_listen_url:
+            return self.database_listen_url
+        return None if self.db_pooler is Pooler.TRANSACTION else self.database_url
+
+    @property
+    def listeners_per_worker(self) -> int:
+        return 1 if self.key_cache_listen_url else 0
 
     @property
     def production(self) -> bool:
