@@ -28,13 +28,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from sqlalchemy import TextClause, text
 
-from bench import ceiling, paired
+from bench import ceiling, cpu, paired
 from bench.load import Request
 from bench.paired import Paired, Side
 from wallet.events import INSERT_EVENT
 
 TARGET = 0.10  # issue 12: the outbox costs the order path under 10%
-SERVICE_ROUNDS = 3  # of each service, alternating
+SERVICE_ROUNDS = 5  # of each service, alternating
 SQL_ROUNDS = 2  # of each pgbench variant, alternating
 _EVENTS_CTE = re.compile(r",\s*\w+\s+AS\s*\(\s*" + re.escape(INSERT_EVENT))
 
@@ -102,6 +102,20 @@ def _ratio_median(one: Paired) -> float:
     return statistics.median(one.ratios(WITH, WITHOUT))
 
 
+def cpu_cost(one: Paired) -> float | None:
+    """The outbox's share of the CPU an order takes (service + PostgreSQL, medians per side)."""
+    with_events, without = one.cpu_per_request(WITH), one.cpu_per_request(WITHOUT)
+    return 1 - without / with_events if with_events and without is not None else None
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 @dataclass(frozen=True)
 class OutboxCost:
     service: list[Paired]  # the order scenarios through the service, WITH and WITHOUT
@@ -151,6 +165,9 @@ class OutboxCost:
                     "rps_with": one.rps(WITH),
                     "rps_without": one.rps(WITHOUT),
                     "ratios": one.ratios(WITH, WITHOUT),
+                    "cpu_us_with": one.cpu_per_request(WITH),
+                    "cpu_us_without": one.cpu_per_request(WITHOUT),
+                    "cpu_cost": cpu_cost(one),
                 }
                 for one in self.service
             ],
@@ -164,20 +181,25 @@ class OutboxCost:
             "",
             f"The service's order scenarios through `wallet serve` as it is and through the same service"
             f" with its events CTEs taken out (bench/outbox.py), {SERVICE_ROUNDS} alternating rounds of"
-            f" {seconds} s, medians; outbox cost = 1 - with / without (median of the rounds' ratios).",
+            f" {seconds} s, medians; outbox cost = 1 - with / without (median of the rounds' ratios)."
+            " The CPU columns are the service's and PostgreSQL's CPU per order (bench/cpu.py), medians:"
+            " steadier than req/s on a shared machine, and the same share when the box is CPU-bound.",
             "",
-            "| order path | with events req/s | without events req/s | outbox cost (range) | target |",
-            "|---|---|---|---|---|",
+            "| order path | with events req/s | without events req/s | outbox cost (range) "
+            "| CPU µs/order with / without | CPU share | target |",
+            "|---|---|---|---|---|---|---|",
         ]
         for one in self.service:
             costs = [1 - r for r in one.ratios(WITH, WITHOUT)]
             lines.append(
                 f"| {one.scenario} | {one.rps(WITH):,.0f} | {one.rps(WITHOUT):,.0f} | "
-                f"{1 - _ratio_median(one):.1%} ({min(costs):.1%} to {max(costs):.1%}) | {self.verdict()} |"
+                f"{1 - _ratio_median(one):.1%} ({min(costs):.1%} to {max(costs):.1%}) | "
+                f"{_us(one.cpu_per_request(WITH))} / {_us(one.cpu_per_request(WITHOUT))} | "
+                f"{_share(cpu_cost(one))} | {self.verdict()} |"
             )
         lines += [
             f"| the SQL alone (pgbench: single-order place + complete, mean of {len(self.with_events)}) | "
-            f"{self.tps_with:,.0f} tps | {self.tps_without:,.0f} tps | {self.sql_cost:.1%} | "
+            f"{self.tps_with:,.0f} tps | {self.tps_without:,.0f} tps | {self.sql_cost:.1%} | | | "
             "(no target: nothing amortised) |",
             *(f"- {error}" for error in self.errors),
         ]
@@ -214,8 +236,10 @@ def measure_service(
     kind: str,
     seconds: int,
     connections: int,
+    database: cpu.Select | None,
 ) -> list[Paired]:
-    """`orders`: (scenario, requests) already seeded; both services serve the same database."""
+    """`orders`: (scenario, requests) already seeded; both services serve the same database,
+    whose processes `database` selects (None: no CPU figures)."""
     here = str(Path(__file__).resolve().parent.parent)
 
     def bare_env(port: int) -> dict[str, str]:
@@ -228,5 +252,12 @@ def measure_service(
         WITHOUT: Side([sys.executable, "-c", SERVE_WITHOUT_OUTBOX], bare_env),
     }
     return paired.compare(
-        orders, sides, workdir, kind=kind, seconds=seconds, connections=connections, rounds=SERVICE_ROUNDS
+        orders,
+        sides,
+        workdir,
+        kind=kind,
+        seconds=seconds,
+        connections=connections,
+        rounds=SERVICE_ROUNDS,
+        database=database,
     )

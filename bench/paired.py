@@ -8,13 +8,14 @@ and without the events CTEs) are both such comparisons.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import load, stack
+from bench import cpu, load, stack
 from bench.load import Load, Request
 
 SERVE = [sys.executable, "-m", "wallet.cli", "serve"]
@@ -32,6 +33,8 @@ class Side:
 class Paired:
     scenario: str
     loads: Mapping[str, list[Load]]  # side -> one Load per round, in round order
+    cpu_us: Mapping[str, list[float]] | None = None  # side -> CPU µs per request (service +
+    # PostgreSQL) per round; None when the database's processes are not visible here
 
     @staticmethod
     def _median(loads: list[Load], figure: Callable[[Load], float]) -> float:
@@ -48,15 +51,20 @@ class Paired:
         pairs = zip(self.loads[side], self.loads[other], strict=True)
         return [a.rps / b.rps if b.rps else 0.0 for a, b in pairs]
 
+    def cpu_per_request(self, side: str) -> float | None:
+        """Median CPU µs per request: a steadier measure than req/s on a shared machine."""
+        return statistics.median(self.cpu_us[side]) if self.cpu_us else None
+
     def errors(self) -> int:
         return sum(one.errors for loads in self.loads.values() for one in loads)
 
 
 @contextlib.contextmanager
-def _service(name: str, side: Side, port: int, workdir: Path) -> Iterator[None]:
+def _service(name: str, side: Side, port: int, workdir: Path) -> Iterator[cpu.Select]:
+    """The service up and ready; yields the selector of its process tree."""
     with stack.process(name, side.command, env=side.env_for(port), workdir=workdir) as child:
         stack.wait_http(f"http://127.0.0.1:{port}/ready", child, workdir / f"{name}.log")
-        yield
+        yield functools.partial(cpu.tree, child.pid)
 
 
 def compare(
@@ -68,21 +76,29 @@ def compare(
     seconds: int,
     connections: int,
     rounds: int,
+    database: cpu.Select | None = None,
 ) -> list[Paired]:
-    """`scenarios`: (name, requests) already seeded; every side serves the same database."""
+    """`scenarios`: (name, requests) already seeded; every side serves the same database, whose
+    processes `database` selects (bench/cpu.py; None: no CPU figures)."""
     ports = {name: stack.free_port() for name in sides}
     with contextlib.ExitStack() as services:
-        for name, side in sides.items():
-            services.enter_context(_service(f"service-{name}", side, ports[name], workdir))
+        trees = {
+            name: services.enter_context(_service(f"service-{name}", side, ports[name], workdir))
+            for name, side in sides.items()
+        }
         results = []
         for scenario, requests in scenarios:
             loads: dict[str, list[Load]] = {name: [] for name in sides}
+            cpu_us: dict[str, list[float]] = {name: [] for name in sides}
             for _ in range(rounds):
                 for name, port in ports.items():
                     prepared = load.write_requests(requests, f"127.0.0.1:{port}", workdir / "requests.bin")
-                    served = load.run(kind, port, prepared, seconds=seconds, connections=connections)
+                    with cpu.Meter({"service": trees[name], "database": database}) as meter:
+                        served = load.run(kind, port, prepared, seconds=seconds, connections=connections)
                     loads[name].append(served)
-            paired = Paired(scenario, loads)
+                    spent = meter.seconds.get("service", 0.0) + meter.seconds.get("database", 0.0)
+                    cpu_us[name].append(spent / max(served.requests, 1) * 1e6)
+            paired = Paired(scenario, loads, cpu_us if database is not None else None)
             figures = ", ".join(f"{name} {paired.rps(name):,.0f} req/s" for name in sides)
             print(f"bench: {scenario}: {figures} (medians of {rounds} alternating rounds)", file=sys.stderr)
             results.append(paired)

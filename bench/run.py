@@ -298,7 +298,13 @@ def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path
     with stack.process("provider-outbox", simulator, env=env_for(0), workdir=workdir) as provider:
         stack.wait_port(provider_port, provider)
         service = outbox.measure_service(
-            orders, env_for, workdir, kind=kind, seconds=args.duration, connections=args.connections
+            orders,
+            env_for,
+            workdir,
+            kind=kind,
+            seconds=args.duration,
+            connections=args.connections,
+            database=asyncio.run(cpu.backends(db.url)),
         )
     spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
     with_events, without = outbox.measure_sql(

@@ -190,10 +190,14 @@ def test_the_report_prints_the_outbox_cost_of_the_service_and_of_the_sql() -> No
         return Load(rps, 1.0, 1.0, 2.0, 0, {201: rps - errors, 503: errors} if errors else {201: rps})
 
     rounds = {outbox.WITH: [served(950), served(930), served(990)], outbox.WITHOUT: [served(1000)] * 3}
-    cost = outbox.OutboxCost([Paired("orders", rounds)], [tps(700), tps(700)], [tps(1000), tps(1000)])
+    cpu_us = {outbox.WITH: [4000.0, 4200.0, 3900.0], outbox.WITHOUT: [3800.0] * 3}
+    measured = Paired("orders", rounds, cpu_us)
+    cost = outbox.OutboxCost([measured], [tps(700), tps(700)], [tps(1000), tps(1000)])
     markdown = report.render([], about={}, peak_rss=0, processes=1, sections=cost.render(10))
-    assert "| orders | 950 | 1,000 | 5.0% (1.0% to 7.0%) | < 10%, 0 errors: met |" in markdown
+    met = "| orders | 950 | 1,000 | 5.0% (1.0% to 7.0%) | 4,000 / 3,800 | 5.0% | < 10%, 0 errors: met |"
+    assert met in markdown
     assert "| 700 tps | 1,000 tps | 30.0% |" in markdown
+    assert "| - / - | - |" in "\n".join(outbox.OutboxCost([Paired("orders", rounds)], [], []).render(10))
     slow = {outbox.WITH: [served(850)] * 3, outbox.WITHOUT: [served(1000)] * 3}
     assert outbox.OutboxCost([Paired("orders", slow)], [], []).verdict().endswith("MISSED")
     failing = {outbox.WITH: [served(1000, errors=1)] * 3, outbox.WITHOUT: [served(1000)] * 3}
