@@ -4,11 +4,14 @@ X-Forwarded-For), so runs never share a bucket in Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import uuid
+from collections import Counter
 from typing import Any
 
 import httpx
+from prometheus_client import REGISTRY
 from starlette.types import Scope
 
 from tests.builders import Provider, start_service
@@ -53,6 +56,35 @@ async def test_limit_headers_then_429(database_url: str, provider: Provider, red
         other = await api.http.get("/wallet/balance", headers={"client-id": "x", **behind_proxy(fresh_ip())})
         assert other.status_code == 404
         assert (await api.http.get("/health", headers=behind_proxy(ip))).status_code == 200
+
+
+def rate_limit_batches() -> tuple[float, float]:
+    """How many counting batches this process ran, and how many requests they counted."""
+    labels = {"kind": "rate_limit"}
+    count = REGISTRY.get_sample_value("wallet_batch_size_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value("wallet_batch_size_sum", labels) or 0.0
+
+
+async def test_a_concurrent_burst_is_cut_at_exactly_the_limit(
+    database_url: str, provider: Provider, redis_url: str | None
+) -> None:
+    """Requests arriving together are counted together (with Redis: one round trip for many), and
+    each still gets its own place in the count."""
+    ip = fresh_ip()
+    async with start_service(database_url, provider.url, **limiter(redis_url, "10/minute")) as api:
+        headers = {"client-id": "nobody", **behind_proxy(ip)}
+        before = rate_limit_batches()
+        burst = (api.http.get("/wallet/balance", headers=headers) for _ in range(30))
+        responses = await asyncio.gather(*burst)
+        after = rate_limit_batches()
+    assert Counter(r.status_code for r in responses) == {404: 10, 429: 20}
+    allowed = [int(r.headers["RateLimit-Remaining"]) for r in responses if r.status_code == 404]
+    assert sorted(allowed) == list(range(10))
+    assert {r.headers["RateLimit-Remaining"] for r in responses if r.status_code == 429} == {"0"}
+    batches, counted = after[0] - before[0], after[1] - before[1]
+    assert counted == 30
+    if redis_url:  # requests arriving during a round trip wait for the next batch, together
+        assert batches < 30
 
 
 async def test_refused_requests_move_no_money(

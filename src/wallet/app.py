@@ -42,7 +42,7 @@ from wallet.fulfillment import Provider, new_http_client
 from wallet.keycache import KeyCache, Listener
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
 from wallet.orders import Orders
-from wallet.ratelimit import RateLimit, make_storage
+from wallet.ratelimit import RateLimit, make_counter, make_storage
 from wallet.schemas import StatusEnvelope, error_responses
 from wallet.settings import Settings
 from wallet.simulator import Simulator
@@ -343,12 +343,11 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.simulator:
         app.mount("/_simulator", Simulator().asgi("/fulfillments"))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    # One store for the API's limit and the console's login limit: shared through Redis when set.
+    # The console's login limit; the API's own counts are the RateLimit's (both in Redis when set).
     app.state.limiter_storage = make_storage(settings.redis_url)
     app.add_middleware(
         RateLimit,
-        item=settings.rate_limit_item,
-        storage=app.state.limiter_storage,
+        counter=make_counter(settings.rate_limit_item, settings.redis_url),
         trusted_proxies=settings.trusted_proxies,
     )
     app.add_middleware(CatchAll, production=settings.production)

@@ -1,5 +1,13 @@
-"""Per-IP rate limiting with a moving window (the `limits` library), in process memory or in
-Redis when REDIS_URL is set so that every worker and host shares one count.
+"""Per-IP rate limiting, counted in process memory or in Redis when REDIS_URL is set so that
+every worker and host shares one count.
+
+The count is a sliding-window counter: the hits of the current fixed window plus the previous
+window's, weighted by how much of it the sliding window still covers. Every request counts,
+refused ones too. The requests of one event-loop pass are counted together (`batching.Batcher`):
+one Redis round trip (a pipeline of INCRBY/PEXPIRE/GET per IP) serves them all, each request
+still getting its own place in its IP's count, so a burst is cut at exactly the limit. Measured
+before (a `limits` moving window, two round trips per request): the limiter was about 30 % of a
+worker's CPU under the bench's balance reads.
 
 The client IP is the socket peer, or the nearest untrusted address of `X-Forwarded-For` when
 the peer is a trusted proxy: a client cannot pick its own bucket by sending the header."""
@@ -9,15 +17,19 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import coredis
 import structlog
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wallet import observability
+from wallet.batching import Batcher
 from wallet.errors import RateLimited
 from wallet.settings import IpNetwork
 from wallet.wire import dumps
@@ -48,12 +60,88 @@ def _is_trusted(address: str, trusted: tuple[IpNetwork, ...]) -> bool:
 
 
 def make_storage(redis_url: str | None) -> Storage:
+    """The `limits` store of the console's login limit (rare requests, a moving window)."""
     if redis_url is None:
         return MemoryStorage()
     scheme, sep, rest = redis_url.partition("://")
     storage = storage_from_string(f"async+{scheme}{sep}{rest}", key_prefix="wallet-rl")
     assert isinstance(storage, Storage)
     return storage
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    remaining: int
+    reset: int  # seconds until the current window ends
+
+
+class MemoryCounts:
+    """Each process its own counts (no REDIS_URL): fixed windows by index, the two latest kept."""
+
+    def __init__(self) -> None:
+        self._windows: dict[int, Counter[str]] = {}
+
+    async def add(self, hits: Counter[str], index: int, window_ms: int) -> dict[str, tuple[int, int]]:
+        current = self._windows.setdefault(index, Counter())
+        for stale in [i for i in self._windows if i < index - 1]:
+            del self._windows[stale]
+        current.update(hits)
+        previous = self._windows.get(index - 1, Counter())
+        return {ip: (previous[ip], current[ip]) for ip in hits}
+
+
+class RedisCounts:
+    """Counts shared by every process through Redis: one pipelined round trip per batch."""
+
+    def __init__(self, url: str) -> None:
+        # coredis: the Redis client the `limits` library already brings.
+        self.client: coredis.Redis[bytes] = coredis.Redis.from_url(url, stream_timeout=2, connect_timeout=2)
+
+    async def add(self, hits: Counter[str], index: int, window_ms: int) -> dict[str, tuple[int, int]]:
+        async with await self.client.pipeline(transaction=False) as pipe:
+            for ip, n in hits.items():
+                current = f"wallet-rl:{ip}:{index}"
+                pipe.incrby(current, n)
+                pipe.pexpire(current, 2 * window_ms)
+                pipe.get(f"wallet-rl:{ip}:{index - 1}")
+            replies = await pipe.execute()
+        return {ip: (int(replies[3 * i + 2] or 0), int(replies[3 * i])) for i, ip in enumerate(hits)}
+
+
+class SlidingWindow:
+    """`hit(ip)`: this request's verdict, counted with the other requests of its pass."""
+
+    def __init__(self, item: RateLimitItem, counts: MemoryCounts | RedisCounts) -> None:
+        self.limit = item.amount
+        self.window_ms = item.get_expiry() * 1000
+        self.counts = counts
+        self.batcher: Batcher[str, Verdict] = Batcher("rate_limit", self._count, limit=1024)
+
+    async def hit(self, ip: str) -> Verdict:
+        return await self.batcher.submit(ip)
+
+    async def _count(self, ips: Sequence[str]) -> list[Verdict]:
+        now_ms = int(time.time() * 1000)
+        index, into = divmod(now_ms, self.window_ms)
+        hits = Counter(ips)
+        counts = await self.counts.add(hits, index, self.window_ms)
+        weight = 1 - into / self.window_ms  # the share of the previous window still covered
+        reset = math.ceil((self.window_ms - into) / 1000)
+        seen: Counter[str] = Counter()
+        verdicts = []
+        for ip in ips:  # each request's place in its IP's count, in arrival order
+            seen[ip] += 1
+            previous, current = counts[ip]
+            used = math.floor(previous * weight) + current - hits[ip] + seen[ip]
+            verdicts.append(Verdict(used <= self.limit, max(0, self.limit - used), reset))
+        return verdicts
+
+
+def make_counter(item: RateLimitItem | None, redis_url: str | None) -> SlidingWindow | None:
+    if item is None:
+        return None
+    return SlidingWindow(item, RedisCounts(redis_url) if redis_url else MemoryCounts())
 
 
 class RateLimit:
@@ -63,35 +151,32 @@ class RateLimit:
         self,
         app: ASGIApp,
         *,
-        item: RateLimitItem | None,
-        storage: Storage,
+        counter: SlidingWindow | None,
         trusted_proxies: tuple[IpNetwork, ...],
     ) -> None:
         self.app = app
-        self.item = item
-        self.limiter = MovingWindowRateLimiter(storage)
+        self.counter = counter
         self.trusted = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or self.item is None or path in EXEMPT_PATHS or path.startswith("/_"):
+        counter = self.counter
+        if scope["type"] != "http" or counter is None or path in EXEMPT_PATHS or path.startswith("/_"):
             await self.app(scope, receive, send)
             return
-        ip = client_ip(scope, self.trusted)
         try:
-            allowed = await self.limiter.hit(self.item, ip)
-            reset_at, remaining = await self.limiter.get_window_stats(self.item, ip)
-        except Exception as exc:  # the limiter's store is down: fail open, loudly
+            verdict = await counter.hit(client_ip(scope, self.trusted))
+        except Exception as exc:  # the counts' store is down: fail open, loudly
             log.error("rate limiter unavailable; request allowed", error=str(exc))
             await self.app(scope, receive, send)
             return
-        reset = max(0, math.ceil(reset_at - time.time()))
+        reset = verdict.reset
         headers = [
-            (b"ratelimit-limit", str(self.item.amount).encode()),
-            (b"ratelimit-remaining", str(max(0, remaining)).encode()),
+            (b"ratelimit-limit", str(counter.limit).encode()),
+            (b"ratelimit-remaining", str(verdict.remaining).encode()),
             (b"ratelimit-reset", str(reset).encode()),
         ]
-        if not allowed:
+        if not verdict.allowed:
             observability.RATE_LIMITED.inc()
             error = RateLimited("Too many requests, please try again later")
             body = dumps(error.body())
