@@ -1,10 +1,16 @@
-"""A cheaper outbox: events queued once per statement, and event ids that grow with time.
+"""A cheaper outbox: events queued once per statement, only when an endpoint wants them, and
+event ids that grow with time.
 
 Queueing: the row trigger of 0004 ran an INSERT into `event_queue` for every event, an executor
-start per row inside the money statements; a group-committed batch of 64 orders paid it 64 times.
-A statement trigger over the inserted rows (a transition table) queues a statement's events with
-one INSERT … SELECT, in the same transaction as before, so no event is ever missed. (Citus runs
-no statement triggers on shards: docs/scaling.md keeps the row trigger there.)
+start per row inside the money statements; a group-committed batch of 64 orders paid it 64 times,
+and every queued event then cost the delivery job a dequeue even when no endpoint wanted it. A
+statement trigger over the inserted rows (a transition table) queues a statement's events with
+one INSERT … SELECT, in the same transaction as before, and only the events some enabled
+endpoint (the client's or a global one) subscribes to: a platform or a client without webhooks
+pays one probe of the small endpoints table per event, nothing more. An endpoint therefore gets
+the events written after its registration committed (and while it is enabled); older ones by
+replay, as before. (Citus runs no statement triggers on shards: docs/scaling.md keeps a row
+trigger there.)
 
 Event ids: still `evt_` + 32 hex, now the first 12 the creation time in milliseconds and the rest
 random (80 bits, as UUIDv7 lays them out), so each new id lands at the right edge of
@@ -29,7 +35,11 @@ DROP TRIGGER events_enqueue ON events;
 
 CREATE FUNCTION events_enqueue_statement() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO event_queue (client_id, event_no) SELECT client_id, id FROM inserted;
+    INSERT INTO event_queue (client_id, event_no)
+    SELECT e.client_id, e.id FROM inserted e
+    WHERE EXISTS (SELECT 1 FROM webhook_endpoints w
+                  WHERE (w.client_id = e.client_id OR w.client_id IS NULL) AND w.enabled
+                    AND (w.event_types IS NULL OR e.type = ANY (w.event_types)));
     RETURN NULL;
 END
 $$;
