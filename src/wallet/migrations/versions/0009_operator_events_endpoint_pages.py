@@ -16,7 +16,7 @@ Revises: 0008
 
 from __future__ import annotations
 
-from alembic import op
+from wallet.migrations.script import run
 
 revision = "0009"
 down_revision = "0008"
@@ -56,15 +56,9 @@ ALTER TABLE events ADD CONSTRAINT events_client_id_check
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [stmt.strip() for stmt in script.split(";\n\n") if stmt.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    run(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    run(DOWNGRADE)
