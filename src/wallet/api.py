@@ -16,15 +16,15 @@ from wallet import idempotency, statements
 from wallet.auth import CLIENT_ID_PATTERN, ClientAuthenticator, check_admin
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
-from wallet.money import Amount, from_cents, parse_json
-from wallet.orders import ORDER_ID_PATTERN, Orders, order_json
-from wallet.schemas import (
+from wallet.http.schemas import (
     BalanceAtEnvelope,
     BalanceEnvelope,
     MovementEnvelope,
     OrderEnvelope,
     error_responses,
 )
+from wallet.money import Amount, from_cents, parse_json
+from wallet.orders import ORDER_ID_PATTERN, Orders, order_json
 from wallet.settings import Settings
 from wallet.wallets import Wallets
 from wallet.webhooks import Webhooks

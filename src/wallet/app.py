@@ -28,7 +28,6 @@ from wallet import (
     events,
     history,
     idempotency,
-    openapi,
     review,
     webhook_api,
     webhook_send,
@@ -39,11 +38,12 @@ from wallet.console.sessions import Sessions
 from wallet.database import Connector, ReadRouter, create_engine, is_unavailable, single, snapshot
 from wallet.errors import PayloadTooLarge, ServiceUnavailable, WalletError
 from wallet.fulfillment import Provider, new_http_client
+from wallet.http import openapi
+from wallet.http.schemas import StatusEnvelope, error_responses
 from wallet.keycache import KeyCache, Listener
 from wallet.observability import RequestContext, configure_logging, track_pool, untrack_pool
 from wallet.orders import Orders
 from wallet.ratelimit import RateLimit, make_counter, make_storage
-from wallet.schemas import StatusEnvelope, error_responses
 from wallet.settings import Settings
 from wallet.simulator import Simulator
 from wallet.wallets import Wallets

@@ -24,10 +24,7 @@ from wallet.api import Admin, ClientId, Svc
 from wallet.auth import CLIENT_ID_PATTERN
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
-from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
-from wallet.money import from_cents
-from wallet.orders import OrderStatus, admin_order_json, order_json
-from wallet.schemas import (
+from wallet.http.schemas import (
     ClientEnvelope,
     DigestEnvelope,
     LedgerPage,
@@ -36,6 +33,9 @@ from wallet.schemas import (
     VerifyEnvelope,
     error_responses,
 )
+from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
+from wallet.money import from_cents
+from wallet.orders import OrderStatus, admin_order_json, order_json
 from wallet.statements import entry_json
 from wallet.verify import take_digest, verify_ledger
 from wallet.wire import iso, json_response, ok

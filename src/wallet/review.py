@@ -28,8 +28,8 @@ from wallet.api import (
 )
 from wallet.errors import NotFound
 from wallet.history import Cursor, Limit, order_page
+from wallet.http.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
 from wallet.orders import OrderStatus, admin_order_json
-from wallet.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
 from wallet.wire import json_response, ok
 
 OPERATOR = "admin"  # the only operator principal today: the holder of ADMIN_API_KEY
