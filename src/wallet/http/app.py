@@ -7,9 +7,21 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from wallet import api, apikeys, history, review, webhook_api
 from wallet.console import routes as console
-from wallet.http import errors, openapi, operations
+from wallet.http import (
+    api_keys,
+    audit,
+    clients,
+    errors,
+    movements,
+    openapi,
+    operations,
+    orders,
+    review,
+    statements,
+    wallets,
+    webhooks,
+)
 from wallet.http.lifespan import lifespan
 from wallet.http.middleware import BodyLimit, CatchAll
 from wallet.observability import RequestContext, configure_logging
@@ -28,12 +40,11 @@ def create_app(settings: Settings) -> FastAPI:
         default_response_class=Response,
     )
     app.state.settings = settings
-    app.include_router(api.router)
-    app.include_router(history.router)
-    app.include_router(apikeys.router)
-    app.include_router(review.router)
+    # The order routes are included in is the order of the OpenAPI document's paths.
+    for routes in (movements, orders, wallets, clients, audit, statements, api_keys, review):
+        app.include_router(routes.router)
     console.install(app)
-    app.include_router(webhook_api.router)
+    app.include_router(webhooks.router)
     app.include_router(operations.router)
     openapi.install(app, settings.client_auth_mode)
     errors.install(app, settings.production)

@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from fastapi import FastAPI
 
-from wallet import api, delivery, events, idempotency, webhook_send
+from wallet import delivery, events, idempotency, webhook_send
 from wallet.auth import ClientAuthenticator
 from wallet.console.sessions import Sessions
 from wallet.database import Connector, ReadRouter, create_engine, single, snapshot
 from wallet.fulfillment import Provider, new_http_client
+from wallet.http.deps import Services
 from wallet.keycache import KeyCache, Listener
 from wallet.observability import track_pool, untrack_pool
 from wallet.orders import Orders
@@ -73,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.replica = replica
     listen_url = settings.key_cache_listen_url
     key_cache = KeyCache(settings.api_key_cache_size) if listen_url else None
-    app.state.services = api.Services(
+    app.state.services = Services(
         settings=settings,
         admin_key_digest=admin_key_digest,
         wallets=Wallets(engine, key=settings.chain_key, idempotency_ttl_hours=settings.idempotency_ttl_hours),

@@ -15,10 +15,21 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet import events
-from wallet.api import Admin, ClientId, ClientIdField, Parsed, RequestBody, Svc, Text, body_doc, json_body
 from wallet.errors import BadRequest, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
-from wallet.history import Cursor, Limit, PathClientId, decode_cursor, page_response
+from wallet.http.deps import (
+    Admin,
+    ClientId,
+    ClientIdField,
+    Parsed,
+    PathClientId,
+    RequestBody,
+    Svc,
+    Text,
+    body_doc,
+    json_body,
+)
+from wallet.http.pages import Cursor, Limit, decode_cursor, page_response
 from wallet.http.schemas import (
     AttemptPage,
     DeletedEnvelope,
