@@ -21,7 +21,8 @@ from pathlib import Path
 
 from sqlalchemy import TextClause
 
-from wallet import history, ledger, orders, statements
+from wallet import ledger, orders, statements
+from wallet.http import pages
 from wallet.ledger import OrderRow
 
 _BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -146,7 +147,7 @@ def debit(client_id: int) -> Script:
 
 def history_page(client_ids: tuple[int, int]) -> Script:
     """`GET /wallet/transactions`: the newest page of 20 entries, one autocommitted statement."""
-    page = to_pgbench(history._LEDGER_FIRST, {"client_id": ":cid", "limit": "21"})
+    page = to_pgbench(pages._LEDGER_FIRST, {"client_id": ":cid", "limit": "21"})
     return Script("history page", f"{_pick(client_ids)}{page};\n")
 
 

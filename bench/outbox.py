@@ -70,7 +70,7 @@ def strip_outbox() -> int:
     """Take the events CTEs out of every statement the service's modules hold; the number changed.
     A statement that is nothing but an event insert (an endpoint disabled) is not on the order
     path and stays."""
-    import wallet.app  # noqa: F401 - every module the service runs is imported from here
+    import wallet.http.app  # noqa: F401 - every module the service runs is imported from here
 
     changed = 0
     for name, module in list(sys.modules.items()):
@@ -87,7 +87,7 @@ def app_without_outbox() -> FastAPI:
     """The service's worker factory with the outbox taken out: for `measure_service` only."""
     if not strip_outbox():
         raise RuntimeError("no events CTE found in the service's statements: update bench/outbox.py")
-    from wallet.app import app_from_env
+    from wallet.http.app import app_from_env
 
     return app_from_env()
 

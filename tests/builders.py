@@ -23,11 +23,11 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wallet.app import create_app
 from wallet.database import plain_url
+from wallet.http.app import create_app
+from wallet.http.protocol import JsonErrorsHttpToolsProtocol
 from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.listen import read_delivery
-from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.simulator import Faults, Simulator
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef0123"

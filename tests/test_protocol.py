@@ -1,4 +1,4 @@
-"""The HTTP protocol (protocol.py): request heads are bounded while they are read, and every
+"""The HTTP protocol (http/protocol.py): request heads are bounded while they are read, and every
 refusal of the HTTP layer is the JSON envelope, over a raw socket as a client would send it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.builders import Api, Provider, RawAnswer, raw_exchange, start_service
-from wallet.protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES
+from wallet.http.protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES
 
 
 def request(*headers: bytes, target: bytes = b"/health") -> bytes:

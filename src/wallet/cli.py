@@ -18,8 +18,8 @@ import structlog
 from pydantic import ValidationError
 
 from wallet.database import Pooler, connection_limit, create_engine, embedded_postgres, migrate_url
+from wallet.http.protocol import JsonErrorsHttpToolsProtocol
 from wallet.observability import configure_logging
-from wallet.protocol import JsonErrorsHttpToolsProtocol
 from wallet.settings import Settings, development_ledger_key_path
 
 
@@ -47,7 +47,7 @@ def database(settings: Settings) -> Iterator[str]:
         yield url
 
 
-def serve(app: str = "wallet.app:app_from_env") -> None:
+def serve(app: str = "wallet.http.app:app_from_env") -> None:
     """`app`: the worker's app factory, as uvicorn imports it (the bench passes a variant)."""
     import uvicorn
 
@@ -252,7 +252,7 @@ def listen(host: str, port: int, secret: str) -> None:
 
 
 def openapi() -> None:
-    from wallet.app import openapi_document
+    from wallet.http.app import openapi_document
 
     settings = Settings(database_url="postgresql://unused/openapi", admin_api_key="x" * 32)
     json.dump(openapi_document(settings), sys.stdout, indent=2)

@@ -189,7 +189,7 @@ async def api_keys(conn: AsyncConnection, client_id: str) -> list[Any]:
 async def orders(
     conn: AsyncConnection, status: str | None, review: bool, before: int, limit: int
 ) -> tuple[list[OrderRow], int | None]:
-    """Newest first; each filter combination is an index ending in `id` (see history.py)."""
+    """Newest first; each filter combination is an index ending in `id` (see http/pages.py)."""
     where = ["id < :before"]
     params: dict[str, Any] = {"before": before, "limit": limit + 1}
     if status:

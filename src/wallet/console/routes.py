@@ -1,5 +1,5 @@
-"""The console's pages and actions. Thin like api.py: check the session (and the CSRF token on
-every POST), call the same operation the API calls, render the result.
+"""The console's pages and actions. Thin like the API's routes (wallet.http): check the session
+(and the CSRF token on every POST), call the same operation the API calls, render the result.
 
 Every action goes through `Wallets`, `Orders` or `ClientAuthenticator` with an Idempotency-Key
 made from the form's nonce (a double submit moves money once), and is audited as the API's are:
@@ -30,15 +30,16 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from wallet import idempotency, statements
-from wallet.api import CreditRequest, DebitRequest, Services
 from wallet.auth import valid_client_id
 from wallet.console import queries
 from wallet.console.sessions import COOKIE, Session, Sessions
 from wallet.database import is_unavailable
 from wallet.errors import BadRequest, NotFound, WalletError
+from wallet.http.deps import Services
+from wallet.http.movements import CreditRequest, DebitRequest
+from wallet.http.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
 from wallet.orders import ORDER_ID_PATTERN, OrderStatus
 from wallet.ratelimit import client_ip
-from wallet.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
 from wallet.verify import take_digest, verify_ledger
 from wallet.wire import dumps, iso
 

@@ -18,7 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from wallet.console import queries
 from wallet.console.routes import PER_PAGE, ConsoleRoute, _quote, _svc, _validated, actor, page, viewer
 from wallet.errors import BadRequest
-from wallet.webhook_api import ReplayEvent, ReplaySince, _endpoint_id, _time
+from wallet.http.webhooks import ReplayEvent, ReplaySince, _endpoint_id, _time
 from wallet.wire import iso
 
 router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)

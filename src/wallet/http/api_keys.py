@@ -8,10 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from starlette.responses import Response
 
-from wallet.api import Admin, Svc
 from wallet.errors import NotFound
-from wallet.history import PathClientId
-from wallet.schemas import ApiKeyEnvelope, RevokedKeyEnvelope, error_responses
+from wallet.http.deps import Admin, PathClientId, Svc
+from wallet.http.schemas import ApiKeyEnvelope, RevokedKeyEnvelope, error_responses
 from wallet.wire import iso, json_response, ok
 
 KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from wallet.auth import CLIENT_ID
+from wallet.http.schemas import error_responses
 from wallet.ratelimit import EXEMPT_PATHS
-from wallet.schemas import error_responses
 from wallet.settings import ClientAuth
 
 _STRING_HEADERS: dict[str, dict[str, Any]] = {
@@ -83,7 +83,7 @@ def document(app: FastAPI, client_auth: ClientAuth) -> dict[str, Any]:
         components.get("securitySchemes", {}).pop("ClientKey", None)
     for path, operations in doc["paths"].items():
         limited = path not in EXEMPT_PATHS
-        # Any route can fail unexpectedly, or refuse an oversized request head (protocol.py);
+        # Any route can fail unexpectedly, or refuse an oversized request head (http/protocol.py);
         # any route that reads the database can find it gone.
         extra = error_responses(414, 431, 500)
         if limited:

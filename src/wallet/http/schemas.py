@@ -88,7 +88,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorEnvelope, "description": _STATUS_TEXT[status]} for status in statuses}
 
 
-# --- reading history (history.py) ---
+# --- reading history (wallets.py, orders.py, clients.py, audit.py, statements.py) ---
 
 
 class LedgerEntry(BaseModel):
@@ -280,7 +280,7 @@ class AdminOrderPage(BaseModel):
     nextCursor: str | None
 
 
-# --- events and webhooks (events.py, webhooks.py, webhook_api.py) ---
+# --- events and webhooks (wallet.events, wallet.webhooks, http/webhooks.py) ---
 
 
 class EventData(BaseModel):

@@ -14,8 +14,7 @@ from pydantic import Field, RootModel
 from starlette.responses import Response
 
 from wallet import idempotency
-from wallet.api import (
-    ORDER_ID,
+from wallet.http.deps import (
     Admin,
     ClientIdField,
     IdemHeader,
@@ -24,12 +23,12 @@ from wallet.api import (
     Svc,
     body_doc,
     json_body,
+    order_id_or_404,
     reply,
 )
-from wallet.errors import NotFound
-from wallet.history import Cursor, Limit, order_page
+from wallet.http.pages import Cursor, Limit, order_page
+from wallet.http.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
 from wallet.orders import OrderStatus, admin_order_json
-from wallet.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
 from wallet.wire import json_response, ok
 
 OPERATOR = "admin"  # the only operator principal today: the holder of ADMIN_API_KEY
@@ -89,9 +88,7 @@ async def list_orders(
     responses={200: {"model": AdminOrderEnvelope}, **error_responses(400, 401, 403, 404, 429)},
 )
 async def get_order(svc: Svc, order_id: PathOrderId) -> Response:
-    if not ORDER_ID.fullmatch(order_id):
-        raise NotFound("Order not found", code="ORDER_NOT_FOUND")
-    return json_response(200, ok(admin_order_json(await svc.orders.get_any(order_id))))
+    return json_response(200, ok(admin_order_json(await svc.orders.get_any(order_id_or_404(order_id)))))
 
 
 @router.post(
@@ -108,8 +105,7 @@ async def resolve_order(
     """Finish a PENDING order whose outcome the provider never gave: `fulfilled` with the
     provider's id, or `failed` (its money goes back to the wallet). 409 with the order if it is
     already final (the resolver may have just finished it)."""
-    if not ORDER_ID.fullmatch(order_id):
-        raise NotFound("Order not found", code="ORDER_NOT_FOUND")
+    order_id = order_id_or_404(order_id)
     req = body.model.root
     result = await svc.orders.resolve(
         order_id,

@@ -15,12 +15,22 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet import events
-from wallet.api import Admin, ClientId, ClientIdField, Parsed, RequestBody, Svc, Text, body_doc, json_body
 from wallet.errors import BadRequest, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
-from wallet.history import Cursor, Limit, PathClientId, decode_cursor, page_response
-from wallet.money import Amount, from_cents
-from wallet.schemas import (
+from wallet.http.deps import (
+    Admin,
+    ClientId,
+    ClientIdField,
+    Parsed,
+    PathClientId,
+    RequestBody,
+    Svc,
+    Text,
+    body_doc,
+    json_body,
+)
+from wallet.http.pages import Cursor, Limit, decode_cursor, page_response
+from wallet.http.schemas import (
     AttemptPage,
     DeletedEnvelope,
     EventPage,
@@ -30,6 +40,7 @@ from wallet.schemas import (
     WebhookEndpointList,
     error_responses,
 )
+from wallet.money import Amount, from_cents
 from wallet.webhooks import ENDPOINT_ID_PATTERN
 from wallet.wire import json_response, ok
 
