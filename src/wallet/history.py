@@ -23,9 +23,9 @@ from wallet import statements
 from wallet.api import Admin, ClientId, Svc
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
-from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
 from wallet.orders import OrderStatus, admin_order_json, order_json
+from wallet.reads import HELD_SQL, ORDER_COLUMNS, OrderRow
 from wallet.schemas import (
     ClientEnvelope,
     DigestEnvelope,

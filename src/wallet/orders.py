@@ -37,8 +37,8 @@ from wallet.database import is_unavailable, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
-from wallet.ledger import ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
+from wallet.reads import ORDER_COLUMNS, OrderRow
 from wallet.settings import OnUnknown, Settings
 from wallet.wire import Reply, dumps, iso, ok
 
