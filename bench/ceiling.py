@@ -1,6 +1,6 @@
 """The raw-SQL ceiling: the service's own statements, driven by pgbench.
 
-The statements are imported from the modules that run them (ledger.py, orders.py), so the
+The statements are imported from the modules that run them (ledger.py, orders.py, reads.py), so the
 ceiling follows the service when its SQL changes; a new bind the bench does not know stops the
 run. Each `:name` bind becomes a pgbench variable (a prepared-statement parameter with -M
 prepared), or a literal where the service sends a constant NULL. pgbench variables are numbers
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from sqlalchemy import TextClause
 
-from wallet import ledger, orders, statements
+from wallet import chain, ledger, orders, reads, statements
 from wallet.http import pages
-from wallet.ledger import OrderRow
+from wallet.reads import OrderRow
 
 _BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -34,7 +34,7 @@ _ORDER_ID = (
 _ORDER_VARS = "\\set oms random(1000000000000, 9999999999999)\n\\set ohex random(0, 4294967295)\n"
 
 # The ledger key of the bench's service and of its ceiling: the same HMAC work in both.
-LEDGER_KEY = ledger.LedgerKey("bench", b"bench-ledger-key-not-a-secret-0123456789")
+LEDGER_KEY = chain.LedgerKey("bench", b"bench-ledger-key-not-a-secret-0123456789")
 _KEY_BINDS = {
     "key_id": f"'{LEDGER_KEY.key_id}'",
     "ipad_key": "'\\x" + LEDGER_KEY.sql_params()["ipad_key"].hex() + "'",
@@ -123,7 +123,7 @@ def order(client_ids: tuple[int, int]) -> Script:
 
 
 def balance(client_ids: tuple[int, int]) -> Script:
-    read = to_pgbench(ledger._BALANCE_HELD, {"client_id": ":cid"})
+    read = to_pgbench(reads.BALANCE_HELD, {"client_id": ":cid"})
     return Script("balance", f"{_pick(client_ids)}{read};\n")
 
 

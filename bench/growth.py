@@ -4,7 +4,7 @@
 The long history is a valid keyed chain (issue 15: verify must be measured on it, and a fake
 hash would make verify stop at the first entry): CREDIT entries whose balances follow each
 other, times one microsecond apart, each hashed with the bench service's LEDGER_KEY exactly as
-`ledger.chain_hash(previous, canonical_content(...), secret)` does. The chain is sequential, so
+`chain_hash(previous, canonical_content(...), secret)` does. The chain is sequential, so
 it is computed here in Python and loaded with COPY, a chunk at a time, while the next chunk is
 computed in a thread; the wallet row gets the last entry's balance, count, hash and time.
 """
@@ -28,8 +28,8 @@ import asyncpg
 from bench import ceiling
 from bench.report import GrowthRow
 from wallet import statements
+from wallet.chain import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.database import create_engine, plain_url
-from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.verify import Verdict, verify_ledger
 
 SMALL_WALLET, LARGE_WALLET = 900001, 900002

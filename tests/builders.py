@@ -23,10 +23,10 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from wallet.chain import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.database import plain_url
 from wallet.http.app import create_app
 from wallet.http.protocol import JsonErrorsHttpToolsProtocol
-from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.listen import read_delivery
 from wallet.simulator import Faults, Simulator
 
@@ -105,7 +105,7 @@ def chain_hashes(
     previous: bytes = GENESIS_HASH,
     secret: bytes | None = LEDGER_KEY.encode(),
 ) -> list[bytes]:
-    """Each ledger entry's hash, chained from `previous` by ledger.py's rules (`secret` None: a
+    """Each ledger entry's hash, chained from `previous` by chain.py's rules (`secret` None: a
     legacy unkeyed chain): what verify recomputes, and what anyone rewriting or forging a history
     in the database has to write."""
     hashes = []

@@ -22,13 +22,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.builders import Provider, ledger_key, settings_env
-from wallet import idempotency, ledger
+from wallet import idempotency, ledger, reads
 from wallet.database import create_engine, plain_url
 from wallet.errors import Conflict, InsufficientFunds, NotFound
 from wallet.fulfillment import Provider as FulfillmentProvider
 from wallet.fulfillment import new_http_client
-from wallet.ledger import OrderRow
 from wallet.orders import Orders, new_order_id, order_json
+from wallet.reads import OrderRow
 from wallet.settings import Settings
 from wallet.verify import verify_ledger
 from wallet.wallets import Wallets
@@ -303,7 +303,7 @@ async def test_balance_reads_of_one_pass_share_one_query(database_url: str, prov
         sizes = batch_sizes("balance")
         read = await asyncio.gather(*(wallets.balance(c) for c in asked), return_exceptions=True)
         assert batch_sizes("balance") == (sizes[0] + 1, sizes[1] + 4)
-        assert [(r.client_id, r.balance, r.held) for r in read if isinstance(r, ledger.Balance)] == [
+        assert [(r.client_id, r.balance, r.held) for r in read if isinstance(r, reads.Balance)] == [
             ("a", 380, 120),
             ("b", 700, 0),
             ("a", 380, 120),

@@ -20,7 +20,7 @@ from sqlalchemy import text
 from bench import ceiling, cpu, growth, outbox, report, run
 from bench.load import Load
 from bench.paired import Paired
-from wallet import ledger, orders
+from wallet import chain, ledger, orders, reads
 from wallet.database import create_engine, plain_url
 from wallet.events import INSERT_EVENT
 from wallet.settings import ClientAuth, Settings
@@ -30,7 +30,7 @@ ORDER_ID = re.compile(r"^ORD-[0-9]{13}-[0-9a-f]{8}$")
 
 
 def test_binds_become_pgbench_variables_and_casts_stay() -> None:
-    assert ceiling.to_pgbench(ledger._BALANCE, {"client_id": ":cid"}) == (
+    assert ceiling.to_pgbench(reads.BALANCE, {"client_id": ":cid"}) == (
         "SELECT balance, updated_at FROM wallets WHERE client_id = :cid"
     )
     script = ceiling.order((100001, 100001)).text
@@ -129,7 +129,7 @@ async def test_the_growth_ledger_is_a_chain_verify_finds_clean(database_url: str
     try:
         async with engine.connect() as conn:
             wallet = (await conn.execute(text("SELECT balance, entry_count FROM wallets"))).one()
-        other_key = ledger.LedgerKey(ceiling.LEDGER_KEY.key_id, b"another-key-0123456789")
+        other_key = chain.LedgerKey(ceiling.LEDGER_KEY.key_id, b"another-key-0123456789")
         forged = await verify_ledger(engine, other_key)
     finally:
         await engine.dispose()

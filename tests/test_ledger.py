@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import Provider, chain_hashes, start_service
-from wallet import ledger
+from wallet import chain
 from wallet.database import create_engine, migrate, plain_url
 
 
@@ -127,7 +127,7 @@ async def test_concurrent_migrations_apply_once(postgres_url: str) -> None:
 async def test_sql_hmac_is_rfc_2104(db: asyncpg.Connection, secret: bytes) -> None:
     """The movement statements' HMAC (padded keys from LedgerKey, sha256 in SQL) is the standard
     one that verify recomputes with `hmac`, keys longer than a block included."""
-    params = ledger.LedgerKey("k", secret).sql_params()
+    params = chain.LedgerKey("k", secret).sql_params()
     message = b"previous hash" + "|entry \u00e9".encode()
     in_sql = await db.fetchval(
         "SELECT sha256($1::bytea || sha256($2::bytea || $3::bytea))",
@@ -135,4 +135,4 @@ async def test_sql_hmac_is_rfc_2104(db: asyncpg.Connection, secret: bytes) -> No
         params["ipad_key"],
         message,
     )
-    assert bytes(in_sql) == ledger.chain_hash(b"previous hash", "|entry \u00e9".encode(), secret)
+    assert bytes(in_sql) == chain.chain_hash(b"previous hash", "|entry \u00e9".encode(), secret)

@@ -90,6 +90,44 @@ async def test_a_refusal_is_502_after_one_attempt_and_refunded(
         await assert_held(api, "C1", 100, 0)
 
 
+async def test_a_refund_stores_its_answer_holding_no_wallet(database_url: str, provider: Provider) -> None:
+    """The refused order's answer is stored under its Idempotency-Key once the refund committed.
+    A refund that held the wallet row while it waited for the key's row deadlocked with an order
+    batch holding that row (a replay of the key claims it) and waiting for the same wallet."""
+    gate = asyncio.Event()
+    provider.set(error_status=400, gate=gate)
+    async with start_service(database_url, provider.url, recovery_interval_seconds=3600) as api:
+        await api.credit("C1", 100)
+        order = asyncio.create_task(api.order("C1", 30, headers={"Idempotency-Key": "k1"}))
+        await provider.simulator.wait_for_calls(1)  # paid for; the refusal waits at the gate
+        blocker = await asyncpg.connect(plain_url(database_url))
+        try:
+            hold = blocker.transaction()
+            await hold.start()
+            await blocker.execute("SELECT 1 FROM idempotency_keys WHERE key = 'k1' FOR UPDATE")
+            gate.set()
+            waiting = 0
+            while waiting == 0:  # the answer waits for the key's row
+                await blocker.execute("SELECT pg_stat_clear_snapshot()")  # fresh activity each time
+                waiting = await blocker.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'
+                         AND query LIKE '%UPDATE idempotency_keys SET response_status%'"""
+                )
+            # ...and meanwhile the wallet is free (NOWAIT: an error if anyone holds it).
+            await blocker.execute("SELECT 1 FROM wallets WHERE client_id = 'C1' FOR UPDATE NOWAIT")
+            await hold.rollback()
+        finally:
+            await blocker.close()
+        answer = await order
+        assert answer.status_code == 502
+        assert_failed_order(answer.json(), 30)
+        await assert_held(api, "C1", 100, 0)
+        again = await api.order("C1", 30, headers={"Idempotency-Key": "k1"})
+        assert (again.status_code, again.content) == (502, answer.content)
+        assert again.headers["Idempotent-Replayed"] == "true"
+
+
 # --- unknown: money held, the resolver finds out -----------------------------------------
 
 

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import LEDGER_KEY, Api, Provider, chain_hashes, start_service
-from wallet import ledger
+from wallet import chain
 from wallet.database import migrate_url, plain_url
 
 
@@ -609,11 +609,11 @@ async def _write_legacy_ledger(
     try:
         start = datetime(2026, 1, 1, tzinfo=UTC)
         moves = [("CREDIT", 1000, 0, 1000, description), ("DEBIT", 300, 1000, 700, None)]
-        previous = ledger.GENESIS_HASH
+        previous = chain.GENESIS_HASH
         rows = []
         for n, (type_, amount, before, after, desc) in enumerate(moves, start=1):
             at = start + timedelta(minutes=n)
-            content = ledger.canonical_content(
+            content = chain.canonical_content(
                 client_id="L",
                 entry_no=n,
                 type=type_,

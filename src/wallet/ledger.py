@@ -2,18 +2,10 @@
 
 Each movement is one statement: a conditional `UPDATE wallets ... RETURNING` (the row lock is
 held only for that statement's duration inside its transaction) feeding the ledger INSERT
-through a CTE. The same UPDATE advances the wallet's hash chain, so the entry's hash is computed
-in the database from the previous head without a second round trip:
-
-    hash = HMAC-SHA256(LEDGER_KEY, previous_hash || canonical_content(entry))
-
-written out in plain SQL (no extension) as sha256(opad_key || sha256(ipad_key || message)),
-with the two padded keys computed here and sent as parameters: the key never reaches a table.
-The content and the chain step are SQL functions (`ledger_entry_content`, `ledger_chain_hash`,
-migration 0008) that every statement here calls, one definition for single movements and batches.
-Each entry names its key (`key_id`) so keys can rotate; entries written before migration 0003
-have no key id and an unkeyed sha256(previous_hash || content). `chain_hash` is the Python twin
-of both; `wallet verify` recomputes them.
+through a CTE. The same UPDATE advances the wallet's hash chain (chain.py), so the entry's hash
+is computed in the database from the previous head without a second round trip, by the SQL
+functions `ledger_entry_content` and `ledger_chain_hash` (migration 0008) that every statement
+here calls: one definition for single movements and batches.
 
 An entry's time is `greatest(statement_timestamp(), wallets.updated_at)`, the previous entry's
 time re-read after the row lock is granted: a movement that waited for the lock can never be
@@ -30,18 +22,16 @@ wallet's orders applied in arrival order, one WAL flush for the lot.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from wallet.errors import BalanceCapExceeded, InsufficientFunds, NotFound, WalletError
+from wallet.chain import LedgerKey
+from wallet.errors import BalanceCapExceeded, InsufficientFunds, WalletError
 from wallet.events import (
     INSERT_EVENT,
     balance_low_sql,
@@ -51,9 +41,7 @@ from wallet.events import (
 )
 from wallet.idempotency import IdempotencyKey
 from wallet.money import MAX_CENTS, from_cents
-
-GENESIS_HASH = bytes(32)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from wallet.reads import BALANCE, HELD_SQL, ORDER_COLUMNS, OrderRow, no_wallet
 
 
 class EntryType(StrEnum):
@@ -63,83 +51,13 @@ class EntryType(StrEnum):
     ORDER_REFUND = "ORDER_REFUND"
 
 
-def canonical_content(
-    *,
-    client_id: str,
-    entry_no: int,
-    type: str,
-    amount: int,
-    balance_before: int,
-    balance_after: int,
-    reference_id: str | None,
-    description: str | None,
-    created_at: datetime,
-) -> bytes:
-    """Length-prefixed text fields keep the encoding unambiguous whatever they contain."""
-    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
-    parts = [
-        client_id,
-        str(entry_no),
-        type,
-        str(amount),
-        str(balance_before),
-        str(balance_after),
-        str(-1 if reference_id is None else len(reference_id)),
-        reference_id or "",
-        str(-1 if description is None else len(description)),
-        description or "",
-        str(micros),
-    ]
-    return "|".join(parts).encode()
-
-
-KEY_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,32}$"
-_BLOCK = 64  # SHA-256 block size, for HMAC's padded keys
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerKey:
-    """The chain's HMAC key (`LEDGER_KEY`, id `LEDGER_KEY_ID`) and the retired keys that older
-    entries were written with (`LEDGER_OLD_KEYS`). Built once from settings; never stored."""
-
-    key_id: str
-    secret: bytes = field(repr=False)
-    old: Mapping[str, bytes] = field(default_factory=dict, repr=False)
-    _params: dict[str, Any] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # What a movement statement needs to compute HMAC in SQL: the key id and the key padded
-        # and XORed with HMAC's ipad and opad (RFC 2104). Computed once.
-        key = self.secret if len(self.secret) <= _BLOCK else hashlib.sha256(self.secret).digest()
-        key = key.ljust(_BLOCK, b"\0")
-        params = {
-            "key_id": self.key_id,
-            "ipad_key": bytes(b ^ 0x36 for b in key),
-            "opad_key": bytes(b ^ 0x5C for b in key),
-        }
-        object.__setattr__(self, "_params", params)
-
-    def secret_for(self, key_id: str) -> bytes | None:
-        return self.secret if key_id == self.key_id else self.old.get(key_id)
-
-    def sql_params(self) -> dict[str, Any]:
-        return self._params
-
-
-def chain_hash(previous: bytes, content: bytes, secret: bytes | None) -> bytes:
-    """An entry's hash: HMAC-SHA256 with its key, or plain SHA-256 for a legacy (pre-0003) one."""
-    if secret is None:
-        return hashlib.sha256(previous + content).digest()
-    return hmac.digest(secret, previous + content, "sha256")
-
-
 # The time a movement writes: never before the wallet's previous movement (see module doc).
 _MOVE_TIME = "greatest(statement_timestamp(), wallets.updated_at)"
 
 
 def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
     """The entry's content (`ledger_entry_content`, migration 0008: SQL twin of
-    `canonical_content`), evaluated against the wallet row *before* the update."""
+    `chain.canonical_content`), evaluated against the wallet row *before* the update."""
     return (
         "ledger_entry_content(wallets.client_id, wallets.entry_count + 1, "
         f"{type_}, {amount}, wallets.balance, wallets.balance + {delta}, {ref}, {desc}, {_MOVE_TIME})"
@@ -166,17 +84,6 @@ _P_TYPE, _P_AMOUNT, _P_DELTA = (
     "CAST(:delta AS bigint)",
 )
 _P_REF, _P_DESC = "CAST(:ref AS text)", "CAST(:desc AS text)"
-
-# Money out of the wallet for orders whose outcome is not known yet (orders_pending_client).
-HELD_SQL = (
-    "(SELECT coalesce(sum(o.amount), 0)::bigint FROM orders o"
-    " WHERE o.client_id = {client} AND o.status = 'PENDING')"
-)
-
-# What every reader of an order gets: the client's view and the operator's.
-ORDER_COLUMNS = """order_id, client_id, amount, status, fulfillment_id, failure, attempts,
-    resolver_attempts, next_attempt_at, sent_by, last_error, needs_review, flagged_at, resolved_by,
-    resolved_at, resolution_note, created_at, updated_at"""
 
 _INSERT_ENTRY = """
     INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before, balance_after,
@@ -331,12 +238,6 @@ ON CONFLICT (client_id) DO UPDATE
     WHERE EXCLUDED.name IS NOT NULL OR EXCLUDED.email IS NOT NULL
 """)
 _ENSURE_WALLET = text("INSERT INTO wallets (client_id) VALUES (:client_id) ON CONFLICT DO NOTHING")
-_BALANCE = text("SELECT balance, updated_at FROM wallets WHERE client_id = :client_id")
-_BALANCE_COLUMNS = f"balance, updated_at, {HELD_SQL.format(client='wallets.client_id')} AS held, client_id"
-# One wallet's read, as the bench's raw-SQL ceiling runs it; the service reads in batches:
-# every balance read of one event-loop pass in one query (`balances`).
-_BALANCE_HELD = text(f"SELECT {_BALANCE_COLUMNS} FROM wallets WHERE client_id = :client_id")
-_BALANCES = text(f"SELECT {_BALANCE_COLUMNS} FROM wallets WHERE client_id = ANY(CAST(:client_ids AS text[]))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,14 +249,6 @@ class Movement:
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class Balance:
-    client_id: str
-    balance: int
-    updated_at: datetime
-    held: int  # in PENDING orders: out of the balance until their outcome is known
-
-
 def _insufficient(balance: int, amount: int) -> InsufficientFunds:
     return InsufficientFunds(
         "Insufficient wallet balance",
@@ -363,15 +256,11 @@ def _insufficient(balance: int, amount: int) -> InsufficientFunds:
     )
 
 
-def _no_wallet(client_id: str) -> NotFound:
-    return NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
-
-
 async def _explain_refusal(conn: AsyncConnection, client_id: str, amount: int) -> None:
     """Cold path after a conditional UPDATE matched nothing: say which rule refused it."""
-    row = (await conn.execute(_BALANCE, {"client_id": client_id})).first()
+    row = (await conn.execute(BALANCE, {"client_id": client_id})).first()
     if row is None:
-        raise _no_wallet(client_id)
+        raise no_wallet(client_id)
     raise _insufficient(row.balance, amount)
 
 
@@ -430,34 +319,6 @@ async def debit(
     return Movement(client_id, row.balance_before, row.balance_after, amount, row.created_at)
 
 
-@dataclass(frozen=True, slots=True)
-class OrderRow:
-    """An order as stored (ORDER_COLUMNS)."""
-
-    order_id: str
-    client_id: str
-    amount: int
-    status: str
-    fulfillment_id: str | None
-    failure: str | None
-    attempts: int
-    resolver_attempts: int
-    next_attempt_at: datetime | None
-    sent_by: datetime | None
-    last_error: str | None
-    needs_review: bool
-    flagged_at: datetime | None
-    resolved_by: str | None
-    resolved_at: datetime | None
-    resolution_note: str | None
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, row: Any) -> OrderRow:
-        return cls(*(getattr(row, name) for name in cls.__slots__))
-
-
 def _order_description(order_id: str) -> str:
     return f"Payment for order {order_id}"
 
@@ -509,7 +370,7 @@ async def place_orders(
         elif row.outcome == "refused":
             results.append(_insufficient(row.before, payment.amount))
         elif row.outcome == "no_wallet":
-            results.append(_no_wallet(payment.client_id))
+            results.append(no_wallet(payment.client_id))
         else:
             results.append(KEY_TAKEN)
     return results
@@ -566,10 +427,3 @@ async def refund_order(
     }
     row = (await conn.execute(_REFUND_ORDER, params)).first()
     return None if row is None else OrderRow.of(row)
-
-
-async def balances(conn: AsyncConnection, client_ids: Sequence[str]) -> list[Balance | NotFound]:
-    """Each wallet's balance and held money, in the order asked, from one query."""
-    rows = (await conn.execute(_BALANCES, {"client_ids": list(set(client_ids))})).all()
-    found = {row.client_id: Balance(row.client_id, row.balance, row.updated_at, row.held) for row in rows}
-    return [found.get(client_id) or _no_wallet(client_id) for client_id in client_ids]

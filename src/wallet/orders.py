@@ -37,8 +37,8 @@ from wallet.database import is_unavailable, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
-from wallet.ledger import ORDER_COLUMNS, OrderRow
 from wallet.money import from_cents
+from wallet.reads import ORDER_COLUMNS, OrderRow
 from wallet.settings import OnUnknown, Settings
 from wallet.wire import Reply, dumps, iso, ok
 
@@ -421,17 +421,18 @@ class Orders:
             )
             if failed is None:
                 return await self._settled_elsewhere(conn, order.order_id)
-            reply = order_reply(failed)
-            await conn.execute(
-                _STORE_ANSWER,
-                {
-                    "client_id": order.client_id,
-                    "order_id": order.order_id,
-                    "status": reply.status,
-                    "body": reply.body,
-                },
-            )
+        reply = order_reply(failed)
         _log_finished(failed, outcome.detail)
+        # The answer is stored once the refund committed, never while the wallet row is held:
+        # an order batch locks a replayed key's row before it locks wallets (ledger_place_orders),
+        # so waiting for that row with the wallet held would deadlock. A replay answers from the
+        # order itself; the stored answer is what lets the record expire (purge_expired).
+        try:
+            async with self.single.connect() as conn:
+                params = {"client_id": order.client_id, "order_id": order.order_id}
+                await conn.execute(_STORE_ANSWER, {**params, "status": reply.status, "body": reply.body})
+        except Exception:
+            log.exception("could not store a refunded order's answer", order_id=order.order_id)
         return reply
 
     async def _reschedule(self, order: OrderRow, outcome: Outcome, *, resolver: bool) -> Reply:

@@ -17,8 +17,8 @@ from limits import RateLimitItem, parse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from wallet.chain import KEY_ID_PATTERN, LedgerKey
 from wallet.database import Pooler
-from wallet.ledger import KEY_ID_PATTERN, LedgerKey
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -36,7 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from wallet.ledger import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
+from wallet.chain import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
 from wallet.wire import iso
 
 _SIGN = {"CREDIT": 1, "ORDER_REFUND": 1, "DEBIT": -1, "ORDER_DEDUCTION": -1}

@@ -11,12 +11,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from wallet import idempotency, ledger
+from wallet import idempotency, ledger, reads
 from wallet.batching import Batcher
+from wallet.chain import LedgerKey
 from wallet.database import single
 from wallet.errors import NotFound
-from wallet.ledger import Balance, LedgerKey, Movement
+from wallet.ledger import Movement
 from wallet.money import from_cents
+from wallet.reads import Balance
 from wallet.wire import Reply, dumps, ok
 
 
@@ -103,4 +105,4 @@ class Wallets:
 
     async def _read_balances(self, client_ids: Sequence[str]) -> list[Balance | NotFound]:
         async with self.single.connect() as conn:
-            return await ledger.balances(conn, client_ids)
+            return await reads.balances(conn, client_ids)

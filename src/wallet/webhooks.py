@@ -28,8 +28,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wallet import ssrf
+from wallet.chain import LedgerKey
 from wallet.errors import Conflict, NotFound
-from wallet.ledger import LedgerKey
 from wallet.wire import iso
 
 ROTATION_OVERLAP = timedelta(hours=24)

@@ -15,7 +15,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from wallet.ledger import HELD_SQL, ORDER_COLUMNS, OrderRow
+from wallet.reads import HELD_SQL, ORDER_COLUMNS, OrderRow
 from wallet.verify import Verdict
 
 

@@ -10,8 +10,8 @@ from wallet.errors import NotFound
 from wallet.http.deps import Admin, PathClientId, Svc
 from wallet.http.pages import Cursor, Limit, ledger_page
 from wallet.http.schemas import ClientEnvelope, LedgerPage, error_responses
-from wallet.ledger import HELD_SQL
 from wallet.money import from_cents
+from wallet.reads import HELD_SQL
 from wallet.wire import iso, json_response, ok
 
 _PROFILE = text(f"""

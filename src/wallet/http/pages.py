@@ -20,8 +20,8 @@ from starlette.responses import Response
 
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
-from wallet.ledger import ORDER_COLUMNS, OrderRow
 from wallet.orders import admin_order_json, order_json
+from wallet.reads import ORDER_COLUMNS, OrderRow
 from wallet.statements import entry_json
 from wallet.wire import json_response
 

@@ -2,7 +2,7 @@
 single statements and the batch share, defined once in the database.
 
 - `ledger_entry_content`: the bytes an entry's hash covers (Python twin:
-  `ledger.canonical_content`). `ledger_chain_hash`: HMAC-SHA256 from HMAC's padded keys, in
+  `chain.canonical_content`). `ledger_chain_hash`: HMAC-SHA256 from HMAC's padded keys, in
   plain SQL. ledger.py's single-movement statements and `ledger_place_orders` both call them,
   so the chain has one definition in SQL.
 - `idempotency_claim`: claim a key (or take over an expired record); true when claimed. Used by
