@@ -35,6 +35,9 @@ DROP TRIGGER events_enqueue ON events;
 
 CREATE FUNCTION events_enqueue_statement() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM webhook_endpoints WHERE enabled) THEN
+        RETURN NULL;  -- no webhooks anywhere: one probe for the whole statement
+    END IF;
     INSERT INTO event_queue (client_id, event_no)
     SELECT e.client_id, e.id FROM inserted e
     WHERE EXISTS (SELECT 1 FROM webhook_endpoints w
