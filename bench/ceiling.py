@@ -122,6 +122,57 @@ def order(client_ids: tuple[int, int]) -> Script:
     return Script("order", text, defines)
 
 
+def batch_order(client_ids: tuple[int, int], size: int) -> Script:
+    """`order` as group commit runs it: `size` orders placed by one statement (orders.py's batch
+    of one event-loop pass, each on a random wallet of the range), then completed by one, each
+    statement its own transaction as in the service. Order ids are consecutive from a random start."""
+    low, high = client_ids
+    ids = (
+        "(SELECT array_agg('ORD-' || lpad(CAST(:oms AS text), 13, '0') || '-' || "
+        f"lpad(to_hex(CAST(:ohex AS bigint) + g), 8, '0') ORDER BY g) FROM generate_series(0, {size - 1}) g)"
+    )
+    wallets = f"CAST({low} + floor(random() * {high - low + 1}) AS bigint)::text"
+
+    def same(value: str, sql_type: str) -> str:
+        return f"array_fill(CAST({value} AS {sql_type}), ARRAY[{size}])"
+
+    place = to_pgbench(
+        ledger._PLACE_ORDERS,
+        {
+            "client_ids": f"(SELECT array_agg({wallets}) FROM generate_series(1, {size}))",
+            "order_ids": ids,
+            "amounts": same(str(ORDER_CENTS), "bigint"),
+            "descriptions": f"(SELECT array_agg('Payment for order ' || o ORDER BY n) FROM unnest({ids}) "
+            "WITH ORDINALITY AS u(o, n))",
+            "request_ids": same(":request_id", "text"),
+            "idem_callers": same("NULL", "text"),
+            "idem_keys": same("NULL", "text"),
+            "idem_fingerprints": same("NULL", "bytea"),
+            "idem_ttl_hours": "24",
+            "lease_seconds": ":lease_seconds",
+            **_KEY_BINDS,
+        },
+    )
+    complete = to_pgbench(
+        orders._COMPLETE_MANY,
+        {
+            "order_ids": ids,
+            "fulfillment_ids": same(":fulfillment_id", "text"),
+            "attempts": same("1", "integer"),
+            "bodies": same(":reply", "bytea"),
+        },
+    )
+    ohex = f"\\set ohex random(0, {0xFFFFFFFF - size})\n"
+    text = f"\\set oms random(1000000000000, 9999999999999)\n{ohex}{place};\n{complete};\n"
+    defines = {
+        "lease_seconds": "30",
+        "request_id": uuid.uuid4().hex,
+        "fulfillment_id": "101",
+        "reply": _completed_body(),
+    }
+    return Script(f"order batch of {size}", text, defines)
+
+
 def balance(client_ids: tuple[int, int]) -> Script:
     read = to_pgbench(reads.BALANCE_HELD, {"client_id": ":cid"})
     return Script("balance", f"{_pick(client_ids)}{read};\n")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import statistics
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from bench import cpu, load, stack
 from bench.load import Load, Request
@@ -35,6 +38,8 @@ class Paired:
     loads: Mapping[str, list[Load]]  # side -> one Load per round, in round order
     cpu_us: Mapping[str, list[float]] | None = None  # side -> CPU µs per request (service +
     # PostgreSQL) per round; None when the database's processes are not visible here
+    batch_means: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # side -> batch
+    # kind (batching.Batcher) -> calls per group-commit statement over the scenario's rounds
 
     @staticmethod
     def _median(loads: list[Load], figure: Callable[[Load], float]) -> float:
@@ -57,6 +62,30 @@ class Paired:
 
     def errors(self) -> int:
         return sum(one.errors for loads in self.loads.values() for one in loads)
+
+
+_BATCH_METRIC = re.compile(r'^wallet_batch_size_(sum|count)\{kind="([a-z_]+)"\} (\S+)$', re.MULTILINE)
+
+
+def batch_totals(port: int) -> dict[str, tuple[float, float]]:
+    """Per batch kind, the calls and the statements the service's group commit counted so far
+    (its /metrics sums every worker)."""
+    totals: dict[str, dict[str, float]] = {}
+    for part, kind, value in _BATCH_METRIC.findall(
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    ):
+        totals.setdefault(kind, {})[part] = float(value)
+    return {kind: (t.get("sum", 0.0), t.get("count", 0.0)) for kind, t in totals.items()}
+
+
+def _means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    means = {}
+    for kind, (calls, statements) in after.items():
+        calls -= before.get(kind, (0.0, 0.0))[0]
+        statements -= before.get(kind, (0.0, 0.0))[1]
+        if statements:
+            means[kind] = calls / statements
+    return means
 
 
 @contextlib.contextmanager
@@ -90,15 +119,20 @@ def compare(
         for scenario, requests in scenarios:
             loads: dict[str, list[Load]] = {name: [] for name in sides}
             cpu_us: dict[str, list[float]] = {name: [] for name in sides}
-            for _ in range(rounds):
-                for name, port in ports.items():
+            before = {name: batch_totals(port) for name, port in ports.items()}
+            for round_no in range(rounds):
+                # ABBA: the sides swap places every round, so a drift of the machine (or of the
+                # database: a table that grows, an autovacuum one side set off) falls on both.
+                order = list(ports.items())
+                for name, port in order if round_no % 2 == 0 else reversed(order):
                     prepared = load.write_requests(requests, f"127.0.0.1:{port}", workdir / "requests.bin")
                     with cpu.Meter({"service": trees[name], "database": database}) as meter:
                         served = load.run(kind, port, prepared, seconds=seconds, connections=connections)
                     loads[name].append(served)
                     spent = meter.seconds.get("service", 0.0) + meter.seconds.get("database", 0.0)
                     cpu_us[name].append(spent / max(served.requests, 1) * 1e6)
-            paired = Paired(scenario, loads, cpu_us if database is not None else None)
+            means = {name: _means(before[name], batch_totals(port)) for name, port in ports.items()}
+            paired = Paired(scenario, loads, cpu_us if database is not None else None, means)
             figures = ", ".join(f"{name} {paired.rps(name):,.0f} req/s" for name in sides)
             print(f"bench: {scenario}: {figures} (medians of {rounds} alternating rounds)", file=sys.stderr)
             results.append(paired)

@@ -307,11 +307,23 @@ def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path
             database=asyncio.run(cpu.backends(db.url)),
         )
     spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
-    with_events, without = outbox.measure_sql(
-        db.url, spread, workdir, clients=args.connections, seconds=args.duration, settle=settle
+    sql = outbox.measure_sql(
+        db.url,
+        spread,
+        workdir,
+        clients=args.connections,
+        seconds=args.duration,
+        settle=settle,
+        database=asyncio.run(cpu.backends(db.url)),
+        batch=outbox.formed_batch(service),
     )
-    cost = outbox.OutboxCost(service, with_events, without)
-    print(f"bench: outbox cost {cost.cost:.1%} (the SQL alone {cost.sql_cost:.1%})", file=sys.stderr)
+    cost = outbox.OutboxCost(service, sql)
+    print(
+        f"bench: outbox cost {cost.cost:.1%} (throughput {cost.throughput_cost:.1%}; the SQL alone "
+        + ", ".join(f"{pair.script} {pair.cost:.1%}" for pair in sql)
+        + ")",
+        file=sys.stderr,
+    )
     return cost
 
 
@@ -361,7 +373,7 @@ def _measure(
             rows = []
             meter_seconds = meter_wall = 0.0
             for scenario in scenarios(keys, run.admin_key):
-                if not (scenario.client or first):
+                if not (scenario.client or first) or args.only == "outbox":
                     continue
                 requests = load.write_requests(
                     scenario.requests, f"127.0.0.1:{run.port}", workdir / "requests.bin"
@@ -444,6 +456,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the history and statement reads with and without it in alternating rounds",
     )
     parser.add_argument(
+        "--only",
+        choices=["all", "outbox"],
+        default="all",
+        help="outbox: seed the wallets, then measure only the outbox's cost (one CLIENT_AUTH mode)",
+    )
+    parser.add_argument(
         "--large-ledger", type=int, default=0, metavar="N", help="also compare 10 vs N ledger entries"
     )
     return parser.parse_args(argv)
@@ -481,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
             runs = [
                 measure_service(args, kind, db, workdir, auth, first=i == 0)
                 for i, auth in enumerate(auth_modes(args.client_auth))
+                if i == 0 or args.only == "all"
             ]
             cost = outbox_cost(args, kind, db, workdir)
             reads = compare_reads(args, kind, db, workdir) if db.read_url else []
