@@ -10,12 +10,13 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import coredis
 import httpx
 from prometheus_client import REGISTRY
 from starlette.types import Scope
 
 from tests.builders import Provider, start_service
-from wallet.ratelimit import client_ip
+from wallet.ratelimit import CLIENT_NAME, client_ip
 
 
 def fresh_ip() -> str:
@@ -140,6 +141,30 @@ async def test_instances_share_counts_through_redis(
             assert statuses == [404, 404, 404, 404, 429, 429]
         else:
             assert statuses == [404] * 6
+
+
+async def test_a_stopped_service_leaves_no_counting_connection(
+    database_url: str, provider: Provider, redis_url: str | None
+) -> None:
+    """The counts' Redis connections are closed with the service, not left to the process's end."""
+    ip = fresh_ip()
+
+    async def named() -> int:
+        if redis_url is None:
+            return 0
+        client = coredis.Redis.from_url(redis_url)
+        try:
+            return sum(1 for c in await client.client_list() if c.get("name") == CLIENT_NAME)
+        finally:
+            client.connection_pool.disconnect()
+
+    before = await named()
+    async with start_service(database_url, provider.url, **limiter(redis_url, "5/minute")) as api:
+        response = await api.http.get("/wallet/balance", headers={"client-id": "n", **behind_proxy(ip)})
+        assert response.headers["RateLimit-Remaining"] == "4"
+        during = await named()
+    assert await named() == before
+    assert during == (before + 1 if redis_url else 0)
 
 
 async def test_redis_down_fails_open(database_url: str, provider: Provider) -> None:

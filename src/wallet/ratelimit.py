@@ -90,13 +90,21 @@ class MemoryCounts:
         previous = self._windows.get(index - 1, Counter())
         return {ip: (previous[ip], current[ip]) for ip in hits}
 
+    def close(self) -> None:
+        """Nothing to release: the counts live in this process."""
+
+
+CLIENT_NAME = "wallet-rate-limit"  # how the counts' connections appear in Redis's CLIENT LIST
+
 
 class RedisCounts:
     """Counts shared by every process through Redis: one pipelined round trip per batch."""
 
     def __init__(self, url: str) -> None:
         # coredis: the Redis client the `limits` library already brings.
-        self.client: coredis.Redis[bytes] = coredis.Redis.from_url(url, stream_timeout=2, connect_timeout=2)
+        self.client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            url, stream_timeout=2, connect_timeout=2, client_name=CLIENT_NAME
+        )
 
     async def add(self, hits: Counter[str], index: int, window_ms: int) -> dict[str, tuple[int, int]]:
         async with await self.client.pipeline(transaction=False) as pipe:
@@ -107,6 +115,10 @@ class RedisCounts:
                 pipe.get(f"wallet-rl:{ip}:{index - 1}")
             replies = await pipe.execute()
         return {ip: (int(replies[3 * i + 2] or 0), int(replies[3 * i])) for i, ip in enumerate(hits)}
+
+    def close(self) -> None:
+        """Drop the pooled connections (at shutdown: nothing is left for the loop to close)."""
+        self.client.connection_pool.disconnect()
 
 
 class SlidingWindow:
@@ -120,6 +132,9 @@ class SlidingWindow:
 
     async def hit(self, ip: str) -> Verdict:
         return await self.batcher.submit(ip)
+
+    def close(self) -> None:
+        self.counts.close()
 
     async def _count(self, ips: Sequence[str]) -> list[Verdict]:
         now_ms = int(time.time() * 1000)

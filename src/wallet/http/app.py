@@ -53,9 +53,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     # The console's login limit; the API's own counts are the RateLimit's (both in Redis when set).
     app.state.limiter_storage = make_storage(settings.redis_url)
+    # Made here, with the middleware; the lifespan closes it on shutdown.
+    app.state.rate_counter = make_counter(settings.rate_limit_item, settings.redis_url)
     app.add_middleware(
         RateLimit,
-        counter=make_counter(settings.rate_limit_item, settings.redis_url),
+        counter=app.state.rate_counter,
         trusted_proxies=settings.trusted_proxies,
     )
     app.add_middleware(CatchAll, production=settings.production)

@@ -102,6 +102,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.close()
         await webhook_http.close()
         await engine.dispose()
+        if app.state.rate_counter is not None:
+            app.state.rate_counter.close()
         if replica is not None:
             await replica.dispose()
         untrack_pool(settings.db_pool_size)
