@@ -222,6 +222,33 @@ async def test_expired_keys_are_purged_and_then_free(database_url: str, provider
         assert await api.balance("C1") == Decimal(20)
 
 
+async def test_an_order_key_whose_answer_was_never_stored_is_purged_too(
+    database_url: str, provider: Provider
+) -> None:
+    """A refund stores its answer after it commits; if that store fails, the key keeps only its
+    order. A replay is answered from the order, and past its expiry the key is purged like any."""
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 100)
+        placed = await api.order("C1", 30, headers=key("lost-answer"))
+        assert placed.status_code == 201
+        conn = await asyncpg.connect(plain_url(database_url))
+        try:
+            await conn.execute("UPDATE idempotency_keys SET response_status = NULL, response_body = NULL")
+            replay = await api.order("C1", 30, headers=key("lost-answer"))
+            assert replay.status_code == 201
+            assert replay.json()["data"]["orderId"] == placed.json()["data"]["orderId"]
+            await conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+            engine = create_engine(database_url, pool_size=1)
+            try:
+                assert await idempotency.purge_expired(engine) == 1
+            finally:
+                await engine.dispose()
+            assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+        finally:
+            await conn.close()
+        assert await api.balance("C1") == Decimal(70)
+
+
 async def test_unpurged_expired_key_counts_as_new(database_url: str, provider: Provider) -> None:
     async with start_service(database_url, provider.url) as api:
         assert (await credit_with_key(api, "C1", 10, "stale")).status_code == 200

@@ -106,11 +106,13 @@ _ATTACH_ORDER = text("""
 UPDATE idempotency_keys SET order_id = :order_id WHERE tenant = :tenant AND caller = :caller AND key = :key
 """)
 # By key, not by ctid: once the table is distributed the batch is picked across shards, and a
-# ctid names a row only within one shard (docs/scaling.md).
+# ctid names a row only within one shard (docs/scaling.md). A record is finished once it holds
+# an answer or an order (whose answer, if it was never stored, is rendered from the order): only
+# a claim still in its request's transaction has neither, and that one is never past its expiry.
 _PURGE = text("""
 DELETE FROM idempotency_keys WHERE (tenant, caller, key) IN (
     SELECT tenant, caller, key FROM idempotency_keys
-    WHERE expires_at < now() AND response_status IS NOT NULL
+    WHERE expires_at < now() AND (response_status IS NOT NULL OR order_id IS NOT NULL)
     LIMIT :batch)
 """)
 
