@@ -319,9 +319,8 @@ def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path
     )
     cost = outbox.OutboxCost(service, sql)
     print(
-        f"bench: outbox cost {cost.cost:.1%} (throughput {cost.throughput_cost:.1%}; the SQL alone "
-        + ", ".join(f"{pair.script} {pair.cost:.1%}" for pair in sql)
-        + ")",
+        f"bench: outbox cost {cost.cost:.1%} (the events' SQL: {outbox.percent(cost.share)} of an order;"
+        " the SQL alone " + ", ".join(f"{pair.script} {pair.cost:.1%}" for pair in sql) + ")",
         file=sys.stderr,
     )
     return cost
