@@ -12,11 +12,12 @@ from typing import Any
 
 import coredis
 import httpx
+from limits import parse
 from prometheus_client import REGISTRY
 from starlette.types import Scope
 
 from tests.builders import Provider, start_service
-from wallet.ratelimit import CLIENT_NAME, client_ip
+from wallet.ratelimit import CLIENT_NAME, MemoryCounts, RedisCounts, SlidingWindow, client_ip
 
 
 def fresh_ip() -> str:
@@ -86,6 +87,24 @@ async def test_a_concurrent_burst_is_cut_at_exactly_the_limit(
     assert counted == 30
     if redis_url:  # requests arriving during a round trip wait for the next batch, together
         assert batches < 30
+
+
+async def test_the_count_carries_over_a_window_boundary(redis_url: str | None) -> None:
+    """Requests just before and just after a fixed window's end count down as one sequence: the
+    previous window's hits still (almost) all fall inside the sliding window."""
+    now = [1_800_000.0 - 0.002]  # 2 ms before a 60 s window ends
+    counts = RedisCounts(redis_url) if redis_url else MemoryCounts()
+    window = SlidingWindow(parse("5/minute"), counts, clock=lambda: now[0])
+    ip = fresh_ip()
+    try:
+        remaining = [(await window.hit(ip)).remaining for _ in range(2)]
+        now[0] += 0.004  # 2 ms into the next window
+        remaining += [(await window.hit(ip)).remaining for _ in range(4)]
+        allowed = (await window.hit(ip)).allowed
+    finally:
+        window.close()
+    assert remaining == [4, 3, 2, 1, 0, 0]
+    assert not allowed
 
 
 async def test_refused_requests_move_no_money(

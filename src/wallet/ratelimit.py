@@ -2,7 +2,9 @@
 every worker and host shares one count.
 
 The count is a sliding-window counter: the hits of the current fixed window plus the previous
-window's, weighted by how much of it the sliding window still covers. Every request counts,
+window's, weighted by how much of it the sliding window still covers, that weighted share
+rounded up (rounded down, a request just past a window's end would find one earlier request
+forgotten and get one more than the limit). Every request counts,
 refused ones too. The requests of one event-loop pass are counted together (`batching.Batcher`):
 one Redis round trip (a pipeline of INCRBY/PEXPIRE/GET per IP) serves them all, each request
 still getting its own place in its IP's count, so a burst is cut at exactly the limit. Measured
@@ -18,7 +20,7 @@ import ipaddress
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import coredis
@@ -124,10 +126,13 @@ class RedisCounts:
 class SlidingWindow:
     """`hit(ip)`: this request's verdict, counted with the other requests of its pass."""
 
-    def __init__(self, item: RateLimitItem, counts: MemoryCounts | RedisCounts) -> None:
+    def __init__(
+        self, item: RateLimitItem, counts: MemoryCounts | RedisCounts, clock: Callable[[], float] = time.time
+    ) -> None:
         self.limit = item.amount
         self.window_ms = item.get_expiry() * 1000
         self.counts = counts
+        self.clock = clock
         self.batcher: Batcher[str, Verdict] = Batcher("rate_limit", self._count, limit=1024)
 
     async def hit(self, ip: str) -> Verdict:
@@ -137,7 +142,7 @@ class SlidingWindow:
         self.counts.close()
 
     async def _count(self, ips: Sequence[str]) -> list[Verdict]:
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock() * 1000)
         index, into = divmod(now_ms, self.window_ms)
         hits = Counter(ips)
         counts = await self.counts.add(hits, index, self.window_ms)
@@ -148,7 +153,7 @@ class SlidingWindow:
         for ip in ips:  # each request's place in its IP's count, in arrival order
             seen[ip] += 1
             previous, current = counts[ip]
-            used = math.floor(previous * weight) + current - hits[ip] + seen[ip]
+            used = math.ceil(previous * weight) + current - hits[ip] + seen[ip]
             verdicts.append(Verdict(used <= self.limit, max(0, self.limit - used), reset))
         return verdicts
 
