@@ -202,20 +202,23 @@ async def test_failed_order_replays_its_502_without_a_second_refund(
         assert await ledger_count(database_url, "C1") == 3  # credit, deduction, refund
 
 
+async def expire_and_purge(database_url: str) -> tuple[int, int]:
+    """Every key past its expiry, then the purge job: (keys it purged, keys left)."""
+    conn = await asyncpg.connect(plain_url(database_url))
+    engine = create_engine(database_url, pool_size=1)
+    try:
+        await conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+        purged = await idempotency.purge_expired(engine)
+        return purged, await conn.fetchval("SELECT count(*) FROM idempotency_keys")
+    finally:
+        await engine.dispose()
+        await conn.close()
+
+
 async def test_expired_keys_are_purged_and_then_free(database_url: str, provider: Provider) -> None:
     async with start_service(database_url, provider.url) as api:
         assert (await credit_with_key(api, "C1", 10, "old")).status_code == 200
-        conn = await asyncpg.connect(plain_url(database_url))
-        try:
-            await conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
-            engine = create_engine(database_url, pool_size=1)
-            try:
-                assert await idempotency.purge_expired(engine) == 1
-            finally:
-                await engine.dispose()
-            assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
-        finally:
-            await conn.close()
+        assert await expire_and_purge(database_url) == (1, 0)
         again = await credit_with_key(api, "C1", 10, "old")
         assert again.status_code == 200
         assert "Idempotent-Replayed" not in again.headers
@@ -234,18 +237,12 @@ async def test_an_order_key_whose_answer_was_never_stored_is_purged_too(
         conn = await asyncpg.connect(plain_url(database_url))
         try:
             await conn.execute("UPDATE idempotency_keys SET response_status = NULL, response_body = NULL")
-            replay = await api.order("C1", 30, headers=key("lost-answer"))
-            assert replay.status_code == 201
-            assert replay.json()["data"]["orderId"] == placed.json()["data"]["orderId"]
-            await conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
-            engine = create_engine(database_url, pool_size=1)
-            try:
-                assert await idempotency.purge_expired(engine) == 1
-            finally:
-                await engine.dispose()
-            assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
         finally:
             await conn.close()
+        replay = await api.order("C1", 30, headers=key("lost-answer"))
+        assert replay.status_code == 201
+        assert replay.json()["data"]["orderId"] == placed.json()["data"]["orderId"]
+        assert await expire_and_purge(database_url) == (1, 0)
         assert await api.balance("C1") == Decimal(70)
 
 
