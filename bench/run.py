@@ -290,6 +290,7 @@ def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path
     keys = asyncio.run(seed.api_keys(db.url, client_ids)) if auth == "api_key" else {}
     orders = [(s.name, s.requests) for s in scenarios(keys, admin_key) if s.orders]
     redis_url = os.environ.get("REDIS_URL")
+    database = asyncio.run(cpu.backends(db.url))  # PostgreSQL's processes, metered on both measures
 
     def env_for(port: int) -> dict[str, str]:
         return service_env(db.url, provider_port, port, admin_key, auth, redis_url)
@@ -304,7 +305,7 @@ def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path
             kind=kind,
             seconds=args.duration,
             connections=args.connections,
-            database=asyncio.run(cpu.backends(db.url)),
+            database=database,
         )
     spread = (FIRST_WALLET, FIRST_WALLET + WALLETS - 1)
     sql = outbox.measure_sql(
@@ -314,7 +315,7 @@ def outbox_cost(args: argparse.Namespace, kind: str, db: Database, workdir: Path
         clients=args.connections,
         seconds=args.duration,
         settle=settle,
-        database=asyncio.run(cpu.backends(db.url)),
+        database=database,
         batch=outbox.formed_batch(service),
     )
     cost = outbox.OutboxCost(service, sql)
