@@ -1,9 +1,9 @@
 """What the events outbox costs the order path, measured twice:
 
-- the service: the orders scenario served by `wallet serve` as it is, and by the same service
-  whose statements have every events CTE taken out (`app_without_outbox`, a worker factory only
-  the bench uses). This is the issue's measure: what an order costs a client, group commit and
-  all;
+- the service: the order scenarios served by one `wallet serve` whose workers switch, round by
+  round, between their statements as they are and the same statements with every events CTE
+  taken out (`app_switching_outbox`, a worker factory only the bench uses). This is the issue's
+  measure: what an order costs a client, group commit and all;
 - the database alone: the ceiling's order script (the service's single-order place and complete
   statements) run by pgbench as it is and without its events CTEs: what the outbox adds to one
   order's SQL with nothing amortised, the figure to watch when the events schema changes.
@@ -17,16 +17,21 @@ over both.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import re
+import signal
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from fastapi import FastAPI
 from sqlalchemy import TextClause, text
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bench import ceiling, cpu, paired
 from bench.load import Request
@@ -66,36 +71,98 @@ def without_outbox(sql: str) -> str:
     return sql
 
 
-def strip_outbox() -> int:
-    """Take the events CTEs out of every statement the service's modules hold; the number changed.
-    A statement that is nothing but an event insert (an endpoint disabled) is not on the order
-    path and stays."""
+WITH, WITHOUT = "with events", "without events"
+ACKS_ENV = "BENCH_OUTBOX_ACKS"  # a directory where each worker of the switching service says its arm
+SWITCH_SIGNALS = {WITH: signal.SIGUSR2, WITHOUT: signal.SIGUSR1}
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A statement of the service's that writes events, as it is and without its events CTEs."""
+
+    module: ModuleType
+    name: str
+    with_events: TextClause
+    without: TextClause
+
+    def use(self, arm: str) -> None:
+        setattr(self.module, self.name, self.with_events if arm == WITH else self.without)
+
+
+def outbox_statements() -> list[Statement]:
+    """Every statement the service's modules hold with an events CTE. A statement that is nothing
+    but an event insert (an endpoint disabled) is not on the order path and is left out."""
     import wallet.http.app  # noqa: F401 - every module the service runs is imported from here
 
-    changed = 0
+    found = []
     for name, module in list(sys.modules.items()):
         if not name.startswith("wallet."):
             continue
         for attr, value in list(vars(module).items()):
             if isinstance(value, TextClause) and _EVENTS_CTE.search(value.text):
-                setattr(module, attr, text(without_outbox(value.text)))
-                changed += 1
-    return changed
-
-
-def app_without_outbox() -> FastAPI:
-    """The service's worker factory with the outbox taken out: for `measure_service` only."""
-    if not strip_outbox():
+                found.append(Statement(module, attr, value, text(without_outbox(value.text))))
+    if not found:
         raise RuntimeError("no events CTE found in the service's statements: update bench/outbox.py")
+    return found
+
+
+def app_switching_outbox() -> ASGIApp:
+    """The service's worker factory, for `measure_service` only: the worker serves its statements
+    as they are until SIGUSR1 takes their events CTEs out (SIGUSR2 puts them back), and writes the
+    arm it is in to a file named by its pid under $BENCH_OUTBOX_ACKS, so the bench knows when
+    every worker has switched. The functions that run the statements read them from their
+    modules at each call, so a switch takes effect from the next statement on."""
+    statements = outbox_statements()
     from wallet.http.app import app_from_env
 
-    return app_from_env()
+    app = app_from_env()
+    ack = Path(os.environ[ACKS_ENV]) / str(os.getpid())
+
+    def switch(arm: str) -> None:
+        for statement in statements:
+            statement.use(arm)
+        ack.write_text(arm)
+
+    async def switching(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # once, at start, in the worker's event loop
+            loop = asyncio.get_running_loop()
+            for arm, signum in SWITCH_SIGNALS.items():
+                loop.add_signal_handler(signum, switch, arm)
+            switch(WITH)  # says the worker is ready to be switched
+        await app(scope, receive, send)
+
+    return switching
 
 
-SERVE_WITHOUT_OUTBOX = "import wallet.cli; wallet.cli.serve('bench.outbox:app_without_outbox')"
+SERVE_SWITCHING = "import wallet.cli; wallet.cli.serve('bench.outbox:app_switching_outbox')"
 
 
-WITH, WITHOUT = "with events", "without events"
+@dataclass(frozen=True)
+class Switch:
+    """Puts every worker of the switching service into one arm, and waits until each says so."""
+
+    acks: Path
+    workers: int
+    timeout: float = 30.0
+
+    def arms(self) -> list[str]:
+        """The arm each worker last said it is in."""
+        return [ack.read_text() for ack in sorted(self.acks.iterdir())]
+
+    def _wait(self, done: Callable[[list[str]], bool], what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not done(self.arms()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service's workers did not {what} within {self.timeout:.0f} s")
+            time.sleep(0.01)
+
+    def __call__(self, arm: str) -> None:
+        self._wait(lambda arms: len(arms) == self.workers, "all start")
+        for ack in self.acks.iterdir():
+            os.kill(int(ack.name), SWITCH_SIGNALS[arm])
+        self._wait(lambda arms: arms == [arm] * self.workers, f"switch to {arm}")
+
+
 BATCH = 16  # orders per statement in the SQL measure of group commit, when the service's is unknown
 
 
@@ -361,26 +428,29 @@ def measure_service(
     connections: int,
     database: cpu.Select | None,
 ) -> list[Paired]:
-    """`orders`: (scenario, requests) already seeded; both services serve the same database,
-    whose processes `database` selects (None: no CPU figures)."""
+    """`orders`: (scenario, requests) already seeded. One service serves both arms, switched
+    between them before each round (`app_switching_outbox`): two services started alike still
+    differed by up to 12 % for a whole run here, which is more than the cost being measured."""
     here = str(Path(__file__).resolve().parent.parent)
+    acks = workdir / "outbox-acks"
+    acks.mkdir()
+    workers = os.cpu_count() or 1  # the production default, said explicitly so the switch knows
 
-    def bare_env(port: int) -> dict[str, str]:
+    def switching_env(port: int) -> dict[str, str]:
         env = env_for(port)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        env.update({ACKS_ENV: str(acks), "WORKERS": str(workers)})
         return env
 
-    sides = {
-        WITH: Side(paired.SERVE, env_for),
-        WITHOUT: Side([sys.executable, "-c", SERVE_WITHOUT_OUTBOX], bare_env),
-    }
+    switch = Switch(acks, workers)
     return paired.compare(
         orders,
-        sides,
+        {"service": Side([sys.executable, "-c", SERVE_SWITCHING], switching_env)},
         workdir,
         kind=kind,
         seconds=seconds,
         connections=connections,
         rounds=SERVICE_ROUNDS,
         database=database,
+        arms={arm: paired.Arm("service", functools.partial(switch, arm)) for arm in (WITH, WITHOUT)},
     )

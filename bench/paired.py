@@ -1,8 +1,9 @@
 """Two services measured against each other so that a shared machine's changing load does not
 decide the answer: both are up for the whole comparison, and each scenario is driven through
 one, then the other, round after round, so each pair of measurements sees about the same
-background load. `--replica` (with and without DATABASE_READ_URL) and the outbox's cost (with
-and without the events CTEs) are both such comparisons.
+background load. `--replica` (with and without DATABASE_READ_URL) is such a comparison. The
+outbox's cost (with and without the events CTEs) goes further: one service switches between its
+two arms before each round, so nothing about a process weighs on one arm only.
 """
 
 from __future__ import annotations
@@ -78,14 +79,20 @@ def batch_totals(port: int) -> dict[str, tuple[float, float]]:
     return {kind: (t.get("sum", 0.0), t.get("count", 0.0)) for kind, t in totals.items()}
 
 
-def _means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
-    means = {}
+def _add(
+    totals: dict[str, tuple[float, float]],
+    before: dict[str, tuple[float, float]],
+    after: dict[str, tuple[float, float]],
+) -> None:
+    """Add what a round counted (`after` - `before`) to an arm's `totals`."""
     for kind, (calls, statements) in after.items():
-        calls -= before.get(kind, (0.0, 0.0))[0]
-        statements -= before.get(kind, (0.0, 0.0))[1]
-        if statements:
-            means[kind] = calls / statements
-    return means
+        earlier = before.get(kind, (0.0, 0.0))
+        sums = totals.get(kind, (0.0, 0.0))
+        totals[kind] = (sums[0] + calls - earlier[0], sums[1] + statements - earlier[1])
+
+
+def _means(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {kind: calls / statements for kind, (calls, statements) in totals.items() if statements}
 
 
 @contextlib.contextmanager
@@ -94,6 +101,17 @@ def _service(name: str, side: Side, port: int, workdir: Path) -> Iterator[cpu.Se
     with stack.process(name, side.command, env=side.env_for(port), workdir=workdir) as child:
         stack.wait_http(f"http://127.0.0.1:{port}/ready", child, workdir / f"{name}.log")
         yield functools.partial(cpu.tree, child.pid)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What one side of a comparison is measured through: a running service (a key of the
+    `sides` started), put into this arm's state by `enter` before each of its rounds. Two arms
+    may share a service that switches between them, so that nothing about a process (its
+    connections, where it runs) weighs on one arm only."""
+
+    service: str
+    enter: Callable[[], None] = lambda: None
 
 
 def compare(
@@ -106,9 +124,12 @@ def compare(
     connections: int,
     rounds: int,
     database: cpu.Select | None = None,
+    arms: Mapping[str, Arm] | None = None,
 ) -> list[Paired]:
     """`scenarios`: (name, requests) already seeded; every side serves the same database, whose
-    processes `database` selects (bench/cpu.py; None: no CPU figures)."""
+    processes `database` selects (bench/cpu.py; None: no CPU figures). `arms`: what is compared,
+    by name (default: each side as it is)."""
+    arms = arms or {name: Arm(name) for name in sides}
     ports = {name: stack.free_port() for name in sides}
     with contextlib.ExitStack() as services:
         trees = {
@@ -117,23 +138,27 @@ def compare(
         }
         results = []
         for scenario, requests in scenarios:
-            loads: dict[str, list[Load]] = {name: [] for name in sides}
-            cpu_us: dict[str, list[float]] = {name: [] for name in sides}
-            before = {name: batch_totals(port) for name, port in ports.items()}
+            loads: dict[str, list[Load]] = {name: [] for name in arms}
+            cpu_us: dict[str, list[float]] = {name: [] for name in arms}
+            batches: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in arms}
             for round_no in range(rounds):
-                # ABBA: the sides swap places every round, so a drift of the machine (or of the
-                # database: a table that grows, an autovacuum one side set off) falls on both.
-                order = list(ports.items())
-                for name, port in order if round_no % 2 == 0 else reversed(order):
+                # ABBA: the arms swap places every round, so a drift of the machine (or of the
+                # database: a table that grows, an autovacuum one arm set off) falls on both.
+                order = list(arms.items())
+                for name, arm in order if round_no % 2 == 0 else reversed(order):
+                    arm.enter()
+                    port = ports[arm.service]
                     prepared = load.write_requests(requests, f"127.0.0.1:{port}", workdir / "requests.bin")
-                    with cpu.Meter({"service": trees[name], "database": database}) as meter:
+                    before = batch_totals(port)
+                    with cpu.Meter({"service": trees[arm.service], "database": database}) as meter:
                         served = load.run(kind, port, prepared, seconds=seconds, connections=connections)
+                    _add(batches[name], before, batch_totals(port))
                     loads[name].append(served)
                     spent = meter.seconds.get("service", 0.0) + meter.seconds.get("database", 0.0)
                     cpu_us[name].append(spent / max(served.requests, 1) * 1e6)
-            means = {name: _means(before[name], batch_totals(port)) for name, port in ports.items()}
+            means = {name: _means(totals) for name, totals in batches.items()}
             paired = Paired(scenario, loads, cpu_us if database is not None else None, means)
-            figures = ", ".join(f"{name} {paired.rps(name):,.0f} req/s" for name in sides)
+            figures = ", ".join(f"{name} {paired.rps(name):,.0f} req/s" for name in arms)
             print(f"bench: {scenario}: {figures} (medians of {rounds} alternating rounds)", file=sys.stderr)
             results.append(paired)
         return results

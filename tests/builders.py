@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -291,17 +291,20 @@ class ServerProcess:
 
 
 @contextlib.asynccontextmanager
-async def spawn_service(env: dict[str, str], *, unset: tuple[str, ...] = ()) -> AsyncIterator[ServerProcess]:
-    """Start `wallet serve` with `env` (plus PORT, minus `unset`) and wait until it accepts
-    requests."""
+async def spawn_service(
+    env: dict[str, str],
+    *,
+    unset: tuple[str, ...] = (),
+    command: Sequence[str] = ("-m", "wallet.cli", "serve"),
+) -> AsyncIterator[ServerProcess]:
+    """Start `wallet serve` (`command`: the interpreter's arguments) with `env` (plus PORT, minus
+    `unset`) and wait until it accepts requests."""
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if k not in unset}
     full_env = {"LEDGER_KEY": LEDGER_KEY, **inherited, **env, "PORT": str(port), "HOST": "127.0.0.1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "wallet.cli",
-        "serve",
+        *command,
         env=full_env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
