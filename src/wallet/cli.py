@@ -50,6 +50,9 @@ def database(settings: Settings) -> Iterator[str]:
 def serve(app: str = "wallet.http.app:app_from_env") -> None:
     """`app`: the worker's app factory, as uvicorn imports it (the bench passes a variant)."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    from wallet import workers as several
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_renderer)
@@ -83,7 +86,7 @@ def serve(app: str = "wallet.http.app:app_from_env") -> None:
         # previous handler in place. Make that handler an orderly exit, so the `with` above
         # still stops the embedded PostgreSQL instead of the process dying by the signal.
         signal.signal(signal.SIGTERM, _exit_cleanly)
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             factory=True,
             host=settings.host,
@@ -100,6 +103,13 @@ def serve(app: str = "wallet.http.app:app_from_env") -> None:
             proxy_headers=False,
             timeout_graceful_shutdown=int(settings.order_lease_seconds),
         )
+        if workers > 1:
+            several.run(config)  # each worker on its own socket
+            return
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise SystemExit(STARTUP_FAILURE)
 
 
 def _log_connections(settings: Settings, url: str) -> None:
