@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Request
 from pydantic import WithJsonSchema
 from sqlalchemy import text
+from starlette.requests import Request
 from starlette.responses import Response
 
 from wallet.database import Connector

@@ -10,10 +10,11 @@ HTML pages with the operation's status, never a 500.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -21,11 +22,10 @@ from typing import Any, get_args
 from urllib.parse import quote
 
 import structlog
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
@@ -49,6 +49,7 @@ PER_PAGE = 25
 HERE = Path(__file__).parent
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
 _AMOUNT = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+_INT = TypeAdapter(int)
 
 templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -100,31 +101,39 @@ def error_page(request: Request, status: int, message: str) -> Response:
     return page(request, "error.html", status=status, code=status, message=message)
 
 
-class ConsoleRoute(APIRoute):
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def console_route(handler: Handler) -> Handler:
     """Console errors are HTML pages, not the API's JSON envelope."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+    @functools.wraps(handler)
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Denied as denied:
+            return denied.response
+        except WalletError as exc:  # a bad query parameter too (query_int)
+            return error_page(request, exc.status, exc.message)
+        except Exception as exc:  # the API's handlers would answer JSON; an operator reads HTML
+            if is_unavailable(exc):
+                return error_page(request, 503, "The database is unavailable: try again shortly.")
+            log.exception("console page failed", path=request.url.path)
+            return error_page(request, 500, "Something went wrong; it has been logged.")
 
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Denied as denied:
-                return denied.response
-            except WalletError as exc:
-                return error_page(request, exc.status, exc.message)
-            except RequestValidationError:
-                return error_page(request, 400, "That request was not understood: check the address.")
-            except Exception as exc:  # the API's handlers would answer JSON; an operator reads HTML
-                if is_unavailable(exc):
-                    return error_page(request, 503, "The database is unavailable: try again shortly.")
-                log.exception("console page failed", path=request.url.path)
-                return error_page(request, 500, "Something went wrong; it has been logged.")
-
-        return handle
+    return handle
 
 
-router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)
+def query_int(request: Request, name: str, default: int) -> int:
+    """An integer query parameter by pydantic's lax rules ("12", " 12 ", "1_000" and "1.0" are
+    numbers; "abc", "1.5" and "" are a 400); absent, the default. Ranges are the page's to check."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return _INT.validate_python(raw)
+    except ValidationError:
+        raise BadRequest("That request was not understood: check the address.") from None
 
 
 def _svc(request: Request) -> Services:
@@ -196,14 +205,14 @@ def _description(note: str) -> str | None:
 # --- login ------------------------------------------------------------------------------------
 
 
-@router.get("/login")
+@console_route
 async def login_form(request: Request) -> Response:
     if await _session(request) is not None:
         return RedirectResponse("/console", status_code=303)
     return page(request, "login.html")
 
 
-@router.post("/login")
+@console_route
 async def login(request: Request) -> Response:
     settings = _svc(request).settings
     if not await _sessions(request).login_allowed(client_ip(request.scope, settings.trusted_proxies)):
@@ -228,7 +237,7 @@ async def login(request: Request) -> Response:
     return response
 
 
-@router.post("/logout")
+@console_route
 async def logout(request: Request) -> Response:
     session, _ = await actor(request)
     await _sessions(request).close(session.secret)
@@ -240,7 +249,7 @@ async def logout(request: Request) -> Response:
 # --- pages ------------------------------------------------------------------------------------
 
 
-@router.get("")
+@console_route
 async def overview(request: Request) -> Response:
     await viewer(request)
     now = datetime.now(UTC)
@@ -269,8 +278,10 @@ def _chart(data: queries.Overview) -> dict[str, Any]:
     return {"bars": bars, "peak": peak, "colours": colours, "totals": totals}
 
 
-@router.get("/clients")
-async def clients(request: Request, q: str = "", sort: str = "id", page_no: int = 1) -> Response:
+@console_route
+async def clients(request: Request) -> Response:
+    q, sort = request.query_params.get("q", ""), request.query_params.get("sort", "id")
+    page_no = query_int(request, "page_no", 1)
     await viewer(request)
     if sort not in queries.CLIENT_SORTS or not 1 <= page_no <= 100_000 or len(q) > 200 or "\x00" in q:
         raise BadRequest("Unknown sort, page or search")
@@ -287,10 +298,11 @@ async def clients(request: Request, q: str = "", sort: str = "id", page_no: int 
     )
 
 
-@router.get("/clients/{client_id}")
-async def client(
-    request: Request, client_id: str, ledger_before: int = queries.LAST, orders_before: int = queries.LAST
-) -> Response:
+@console_route
+async def client(request: Request) -> Response:
+    client_id: str = request.path_params["client_id"]
+    ledger_before = query_int(request, "ledger_before", queries.LAST)
+    orders_before = query_int(request, "orders_before", queries.LAST)
     await viewer(request)
     valid_client_id(client_id, field="client id")
     if not 1 <= ledger_before <= queries.LAST or not 1 <= orders_before <= queries.LAST:
@@ -326,9 +338,11 @@ async def _client_page(
     )
 
 
-@router.post("/clients/{client_id}/{kind}")
-async def move_money(request: Request, client_id: str, kind: str) -> Response:
+@console_route
+async def move_money(request: Request) -> Response:
     """Credit or debit: the first submit shows a confirmation, the confirmed one moves money."""
+    client_id: str = request.path_params["client_id"]
+    kind: str = request.path_params["kind"]
     _, form = await actor(request)
     if kind not in ("credit", "debit"):
         raise NotFound("No such action")
@@ -364,16 +378,19 @@ def _quote(value: str) -> str:
     return quote(value, safe="")
 
 
-@router.post("/clients/{client_id}/keys/new")
-async def issue_key(request: Request, client_id: str) -> Response:
+@console_route
+async def issue_key(request: Request) -> Response:
+    client_id: str = request.path_params["client_id"]
     await actor(request)
     valid_client_id(client_id, field="client id")
     issued = await _svc(request).clients.issue(client_id)
     return await _client_page(request, client_id, issued=issued)
 
 
-@router.post("/clients/{client_id}/keys/{key_id}/revoke")
-async def revoke_key(request: Request, client_id: str, key_id: str) -> Response:
+@console_route
+async def revoke_key(request: Request) -> Response:
+    client_id: str = request.path_params["client_id"]
+    key_id: str = request.path_params["key_id"]
     await actor(request)
     valid_client_id(client_id, field="client id")
     if not re.fullmatch(r"key_[0-9a-f]{16}", key_id):
@@ -382,8 +399,9 @@ async def revoke_key(request: Request, client_id: str, key_id: str) -> Response:
     return RedirectResponse(f"/console/clients/{client_id}?done={_quote('Key ' + key_id + ' revoked.')}", 303)
 
 
-@router.get("/clients/{client_id}/statement")
-async def statement(request: Request, client_id: str) -> Response:
+@console_route
+async def statement(request: Request) -> Response:
+    client_id: str = request.path_params["client_id"]
     await viewer(request)
     valid_client_id(client_id, field="client id")
     params = request.query_params
@@ -393,10 +411,10 @@ async def statement(request: Request, client_id: str) -> Response:
     return statements.statement_response(st, params.get("format", "csv") == "csv")
 
 
-@router.get("/orders")
-async def orders(
-    request: Request, status: str = "", review: str = "", before: int = queries.LAST
-) -> Response:
+@console_route
+async def orders(request: Request) -> Response:
+    status, review = request.query_params.get("status", ""), request.query_params.get("review", "")
+    before = query_int(request, "before", queries.LAST)
     await viewer(request)
     if (status and status not in set(get_args(OrderStatus))) or not 1 <= before <= queries.LAST:
         raise BadRequest("Unknown status or page")
@@ -413,8 +431,9 @@ async def orders(
     )
 
 
-@router.post("/orders/{order_id}/resolve")
-async def resolve(request: Request, order_id: str) -> Response:
+@console_route
+async def resolve(request: Request) -> Response:
+    order_id: str = request.path_params["order_id"]
     _, form = await actor(request)
     if not ORDER_ID.fullmatch(order_id):
         raise NotFound("Order not found")
@@ -436,7 +455,7 @@ async def resolve(request: Request, order_id: str) -> Response:
     return RedirectResponse(f"/console/orders?review=1&done={_quote(done)}", status_code=303)
 
 
-@router.get("/ledger")
+@console_route
 async def ledger(request: Request) -> Response:
     await viewer(request)
     async with _svc(request).wallets.single.connect() as conn:
@@ -444,7 +463,7 @@ async def ledger(request: Request) -> Response:
     return page(request, "ledger.html", check=check)
 
 
-@router.post("/ledger/verify")
+@console_route
 async def run_verify(request: Request) -> Response:
     await actor(request)
     svc = _svc(request)
@@ -455,7 +474,7 @@ async def run_verify(request: Request) -> Response:
     return page(request, "ledger.html", check=check, verdict=verdict.as_json())
 
 
-@router.get("/ledger/digest")
+@console_route
 async def digest(request: Request) -> Response:
     """The digest's `data`, as `wallet verify --digest FILE` reads it."""
     await viewer(request)
@@ -469,10 +488,28 @@ async def digest(request: Request) -> Response:
     )
 
 
-def install(app: FastAPI) -> None:
+PAGES = [
+    Route("/console/login", login_form, methods=["GET"]),
+    Route("/console/login", login, methods=["POST"]),
+    Route("/console/logout", logout, methods=["POST"]),
+    Route("/console", overview, methods=["GET"]),
+    Route("/console/clients", clients, methods=["GET"]),
+    Route("/console/clients/{client_id}", client, methods=["GET"]),
+    Route("/console/clients/{client_id}/{kind}", move_money, methods=["POST"]),
+    Route("/console/clients/{client_id}/keys/new", issue_key, methods=["POST"]),
+    Route("/console/clients/{client_id}/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
+    Route("/console/clients/{client_id}/statement", statement, methods=["GET"]),
+    Route("/console/orders", orders, methods=["GET"]),
+    Route("/console/orders/{order_id}/resolve", resolve, methods=["POST"]),
+    Route("/console/ledger", ledger, methods=["GET"]),
+    Route("/console/ledger/verify", run_verify, methods=["POST"]),
+    Route("/console/ledger/digest", digest, methods=["GET"]),
+]
+
+
+def routes() -> list[BaseRoute]:
     """The pages, and their static files. Sessions are built in the app's lifespan."""
     from wallet.console import webhooks  # its routes build on this module's
 
-    app.include_router(router)
-    app.include_router(webhooks.router)
-    app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
+    static = StaticFiles(directory=HERE / "static")
+    return [*PAGES, *webhooks.PAGES, Mount("/console/static", static, name="console-static")]

@@ -12,16 +12,26 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
 
 from wallet.console import queries
-from wallet.console.routes import PER_PAGE, ConsoleRoute, _quote, _svc, _validated, actor, page, viewer
+from wallet.console.routes import (
+    PER_PAGE,
+    _quote,
+    _svc,
+    _validated,
+    actor,
+    console_route,
+    page,
+    query_int,
+    viewer,
+)
 from wallet.errors import BadRequest
 from wallet.http.webhooks import ReplayEvent, ReplaySince, _endpoint_id, _time
 from wallet.wire import iso
 
-router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)
 DEFAULT_SINCE = timedelta(days=1)  # the replay form's suggestion
 
 
@@ -31,10 +41,11 @@ def _key(raw: int) -> int:
     return raw
 
 
-@router.get("/webhooks")
-async def webhooks(
-    request: Request, endpoint: str = "", before: int = queries.LAST, endpoints_before: int = queries.LAST
-) -> Response:
+@console_route
+async def webhooks(request: Request) -> Response:
+    endpoint = request.query_params.get("endpoint", "")
+    before = query_int(request, "before", queries.LAST)
+    endpoints_before = query_int(request, "endpoints_before", queries.LAST)
     await viewer(request)
     only = _endpoint_id(endpoint) if endpoint else None
     async with _svc(request).wallets.single.connect() as conn:
@@ -52,9 +63,10 @@ async def webhooks(
     )
 
 
-@router.post("/webhooks/{endpoint_id}/enabled")
-async def set_enabled(request: Request, endpoint_id: str) -> Response:
+@console_route
+async def set_enabled(request: Request) -> Response:
     """Enable (failures forgotten, deliveries resume) or disable an endpoint."""
+    endpoint_id: str = request.path_params["endpoint_id"]
     _, form = await actor(request)
     enabled = form.get("enabled") == "yes"
     await _svc(request).webhooks.set_enabled(_endpoint_id(endpoint_id), None, enabled)
@@ -62,12 +74,12 @@ async def set_enabled(request: Request, endpoint_id: str) -> Response:
     return RedirectResponse(f"/console/webhooks?done={_quote(done)}", status_code=303)
 
 
-@router.post("/webhooks/{endpoint_id}/replay")
-async def replay(request: Request, endpoint_id: str) -> Response:
+@console_route
+async def replay(request: Request) -> Response:
     """One event (`event_id`) or every failed one since a time (`since`): the first submit shows
     what will be sent again, the confirmed one schedules it."""
     _, form = await actor(request)
-    endpoint_id = _endpoint_id(endpoint_id)
+    endpoint_id = _endpoint_id(request.path_params["endpoint_id"])
     event_id, since = form.get("event_id", "").strip(), form.get("since", "").strip()
     what: dict[str, Any] = {}
     if event_id:
@@ -90,3 +102,10 @@ async def replay(request: Request, endpoint_id: str) -> Response:
     )
     done = f"Replay scheduled: {count} deliver{'y' if count == 1 else 'ies'} to {endpoint_id}."
     return RedirectResponse(f"/console/webhooks?endpoint={endpoint_id}&done={_quote(done)}", status_code=303)
+
+
+PAGES = [
+    Route("/console/webhooks", webhooks, methods=["GET"]),
+    Route("/console/webhooks/{endpoint_id}/enabled", set_enabled, methods=["POST"]),
+    Route("/console/webhooks/{endpoint_id}/replay", replay, methods=["POST"]),
+]

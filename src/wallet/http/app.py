@@ -1,11 +1,14 @@
-"""The ASGI application: the factory that stacks middleware, error handlers and the routers."""
+"""The ASGI application: the factory that stacks middleware, error handlers and the routes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
-from starlette.responses import Response
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 
 from wallet.console import routes as console
 from wallet.http import (
@@ -24,51 +27,77 @@ from wallet.http import (
 )
 from wallet.http.lifespan import lifespan
 from wallet.http.middleware import BodyLimit, CatchAll
+from wallet.http.routing import Endpoint, starlette_routes
 from wallet.observability import RequestContext, configure_logging
 from wallet.ratelimit import RateLimit, make_counter, make_storage
 from wallet.settings import Settings
 from wallet.simulator import Simulator
+from wallet.wire import JSONBytes, dumps
+
+# Every API operation, in the order the OpenAPI document lists them.
+ENDPOINTS: list[Endpoint] = (
+    [
+        endpoint
+        for module in (movements, orders, wallets, clients, audit, statements, api_keys, review)
+        for endpoint in module.routes.endpoints
+    ]
+    + webhooks.client_routes.endpoints
+    + webhooks.admin_routes.endpoints
+    + operations.routes.endpoints
+)
+
+_DOCS_PAGE = """<!doctype html>
+<html><head><title>Wallet service API</title><meta charset="utf-8">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"})</script>
+</body></html>"""
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> Starlette:
     configure_logging(settings.log_level, settings.log_renderer)
-    app = FastAPI(
-        title="Wallet service",
-        version="0.1.0",
-        description="Prepaid wallets for business clients, orders paid from them, and an append-only ledger.",
+    document = dumps(openapi.document(ENDPOINTS, settings.client_auth_mode))
+
+    async def openapi_json(_: Request) -> Response:
+        return JSONBytes(document)
+
+    async def docs(_: Request) -> Response:
+        return HTMLResponse(_DOCS_PAGE)
+
+    routes: list[BaseRoute] = [
+        *starlette_routes(ENDPOINTS),
+        *console.routes(),
+        Route("/openapi.json", openapi_json, include_in_schema=False),
+        Route("/docs", docs, include_in_schema=False),
+    ]
+    if settings.simulator:
+        routes.append(Mount("/_simulator", Simulator().asgi("/fulfillments")))
+    # The console's login limit; the API's own counts are the RateLimit's (both in Redis when set).
+    storage = make_storage(settings.redis_url)
+    counter = make_counter(settings.rate_limit_item, settings.redis_url)  # the lifespan closes it
+    app = Starlette(
+        routes=routes,
+        # Outermost first: the request id and access log see every answer, the 500 included.
+        middleware=[
+            Middleware(RequestContext),
+            Middleware(CatchAll, production=settings.production),
+            Middleware(RateLimit, counter=counter, trusted_proxies=settings.trusted_proxies),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
+        exception_handlers=errors.handlers(settings.production),
         lifespan=lifespan,
-        default_response_class=Response,
     )
     app.state.settings = settings
-    # The order routes are included in is the order of the OpenAPI document's paths.
-    for routes in (movements, orders, wallets, clients, audit, statements, api_keys, review):
-        app.include_router(routes.router)
-    console.install(app)
-    app.include_router(webhooks.router)
-    app.include_router(operations.router)
-    openapi.install(app, settings.client_auth_mode)
-    errors.install(app, settings.production)
-    if settings.simulator:
-        app.mount("/_simulator", Simulator().asgi("/fulfillments"))
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    # The console's login limit; the API's own counts are the RateLimit's (both in Redis when set).
-    app.state.limiter_storage = make_storage(settings.redis_url)
-    # Made here, with the middleware; the lifespan closes it on shutdown.
-    app.state.rate_counter = make_counter(settings.rate_limit_item, settings.redis_url)
-    app.add_middleware(
-        RateLimit,
-        counter=app.state.rate_counter,
-        trusted_proxies=settings.trusted_proxies,
-    )
-    app.add_middleware(CatchAll, production=settings.production)
-    app.add_middleware(RequestContext)
+    app.state.limiter_storage = storage
+    app.state.rate_counter = counter
     return app
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> Starlette:
     """Factory for uvicorn workers: every setting comes from the environment `wallet serve` set."""
     return create_app(Settings())
 
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
-    return create_app(settings).openapi()
+    return openapi.document(ENDPOINTS, settings.client_auth_mode)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet.errors import NotFound
-from wallet.http.deps import Admin, PathClientId, Svc
-from wallet.http.pages import Cursor, Limit, ledger_page
+from wallet.http.deps import ClientPath
+from wallet.http.pages import Page, ledger_page
+from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import ClientEnvelope, LedgerPage, error_responses
 from wallet.money import from_cents
 from wallet.reads import HELD_SQL
@@ -21,17 +21,20 @@ FROM clients c JOIN wallets w USING (client_id)
 WHERE c.client_id = :client_id
 """)
 
-router = APIRouter()
+routes = Routes(tags=["admin"], auth=Auth.ADMIN)
 
 
-@router.get(
+class ClientPage(ClientPath, Page):
+    pass
+
+
+@routes.get(
     "/admin/clients/{client_id}",
-    tags=["admin"],
-    dependencies=[Admin],
     responses={200: {"model": ClientEnvelope}, **error_responses(400, 401, 403, 404, 429)},
 )
-async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
-    async with svc.reads.connect() as conn:
+async def client_profile(call: Call, params: ClientPath) -> Response:
+    client_id = params.client_id
+    async with call.svc.reads.connect() as conn:
         row = (await conn.execute(_PROFILE, {"client_id": client_id})).first()
     if row is None:
         raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
@@ -50,13 +53,9 @@ async def client_profile(svc: Svc, client_id: PathClientId) -> Response:
     return json_response(200, ok(data))
 
 
-@router.get(
+@routes.get(
     "/admin/clients/{client_id}/ledger",
-    tags=["admin"],
-    dependencies=[Admin],
     responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)},
 )
-async def client_ledger(
-    svc: Svc, client_id: PathClientId, limit: Limit = 20, cursor: Cursor = None
-) -> Response:
-    return await ledger_page(svc.reads, client_id, limit, cursor)
+async def client_ledger(call: Call, params: ClientPage) -> Response:
+    return await ledger_page(call.svc.reads, params.client_id, params.limit, params.cursor)

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 from wallet import delivery, events, idempotency, webhook_send
 from wallet.auth import ClientAuthenticator
@@ -39,7 +39,7 @@ async def _every(seconds: float, job: Callable[[], Awaitable[int]], name: str) -
 
 
 @contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     assert settings.database_url is not None
     engine = create_engine(settings.database_url, pool_size=settings.db_pool_size, pooler=settings.db_pooler)

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
 from pydantic import Field
 from starlette.responses import Response
 
 from wallet import idempotency
-from wallet.http.deps import (
-    Admin,
-    ClientIdField,
-    IdemHeader,
-    Parsed,
-    RequestBody,
-    Svc,
-    Text,
-    body_doc,
-    json_body,
-    reply,
-)
+from wallet.http.deps import ClientIdField, RequestBody, Text, reply
+from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import MovementEnvelope, error_responses
 from wallet.money import Amount
 
@@ -40,56 +29,36 @@ class DebitRequest(RequestBody):
     description: Text | None = None
 
 
-router = APIRouter()
+routes = Routes(tags=["admin"], auth=Auth.ADMIN)
 
 
-@router.post(
+@routes.post(
     "/admin/wallet/credit",
-    tags=["admin"],
-    dependencies=[Admin],
-    openapi_extra=body_doc(CreditRequest),
-    responses={
-        200: {"model": MovementEnvelope},
-        **error_responses(400, 401, 403, 409, 413, 422, 429),
-    },
+    idempotent=True,
+    responses={200: {"model": MovementEnvelope}, **error_responses(400, 401, 403, 409, 413, 422, 429)},
 )
-async def credit_wallet(
-    svc: Svc,
-    body: Annotated[Parsed[CreditRequest], Depends(json_body(CreditRequest))],
-    idempotency_key: IdemHeader = None,
-) -> Response:
-    req = body.model
-    result = await svc.wallets.credit(
-        req.client_id,
-        req.amount,
-        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, idempotency_key, "credit", req),
-        description=req.description,
-        name=req.name,
-        email=req.email,
+async def credit_wallet(call: Call, body: CreditRequest) -> Response:
+    result = await call.svc.wallets.credit(
+        body.client_id,
+        body.amount,
+        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, call.idempotency_key, "credit", body),
+        description=body.description,
+        name=body.name,
+        email=body.email,
     )
     return reply(result)
 
 
-@router.post(
+@routes.post(
     "/admin/wallet/debit",
-    tags=["admin"],
-    dependencies=[Admin],
-    openapi_extra=body_doc(DebitRequest),
-    responses={
-        200: {"model": MovementEnvelope},
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
-    },
+    idempotent=True,
+    responses={200: {"model": MovementEnvelope}, **error_responses(400, 401, 403, 404, 409, 413, 422, 429)},
 )
-async def debit_wallet(
-    svc: Svc,
-    body: Annotated[Parsed[DebitRequest], Depends(json_body(DebitRequest))],
-    idempotency_key: IdemHeader = None,
-) -> Response:
-    req = body.model
-    result = await svc.wallets.debit(
-        req.client_id,
-        req.amount,
-        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, idempotency_key, "debit", req),
-        description=req.description,
+async def debit_wallet(call: Call, body: DebitRequest) -> Response:
+    result = await call.svc.wallets.debit(
+        body.client_id,
+        body.amount,
+        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, call.idempotency_key, "debit", body),
+        description=body.description,
     )
     return reply(result)

@@ -1,20 +1,22 @@
-"""The OpenAPI document, made to say what the service really does.
-
-FastAPI's generated document is close, but some of it is not what happens on the wire: a 422
-"Validation Error" we never send (bad input is 400), headers that may be `null`, no security
-schemes' effect depending on CLIENT_AUTH, and no mention of the headers every response carries.
-`document` starts from the generated one and corrects every operation by the same rules, so
-routes added later are described correctly too."""
+"""The OpenAPI document, written from the routes' declarations (`http/routing.py`): the models
+that validate a request are the schemas it documents, so the two cannot disagree. Every
+operation also gets what is true of every route: the headers each response carries, the
+refusals of an oversized request head, rate limiting and an unavailable database."""
 
 from __future__ import annotations
 
+import inspect
+import types
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from wallet.auth import CLIENT_ID
-from wallet.http.schemas import error_responses
+from wallet.http.deps import Params
+from wallet.http.routing import Auth, Endpoint
+from wallet.http.schemas import ErrorEnvelope, error_responses
 from wallet.ratelimit import EXEMPT_PATHS
 from wallet.settings import ClientAuth
 
@@ -38,26 +40,8 @@ _RATE_HEADERS = {
 _RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
 
 
-def _fix_parameters(operation: dict[str, Any]) -> None:
-    """Headers are strings or absent, never null; ours have the rules the code enforces."""
-    for parameter in operation.get("parameters", []):
-        if parameter["in"] != "header":
-            continue
-        schema = parameter["schema"]
-        described = {k: schema[k] for k in ("description", "examples") if k in schema}
-        if parameter["name"] in _STRING_HEADERS:
-            parameter["schema"] = {**_STRING_HEADERS[parameter["name"]], **described}
-        elif "anyOf" in schema:
-            parameter["schema"] = {**next(s for s in schema["anyOf"] if s.get("type") != "null"), **described}
-        if parameter["name"] == "client-id":
-            parameter["required"] = True
-
-
 def _fix_responses(operation: dict[str, Any], extra: dict[int | str, dict[str, Any]], limited: bool) -> None:
     responses: dict[str, Any] = operation["responses"]
-    default_422 = responses.get("422", {})
-    if "HTTPValidationError" in str(default_422):
-        del responses["422"]  # invalid input is a 400 here
     for status, response in extra.items():
         responses.setdefault(str(status), {"description": response["description"]})
         responses[str(status)].setdefault(
@@ -73,37 +57,146 @@ def _fix_responses(operation: dict[str, Any], extra: dict[int | str, dict[str, A
                 headers["Retry-After"] = {**_RETRY_AFTER, "required": True}
 
 
-def document(app: FastAPI, client_auth: ClientAuth) -> dict[str, Any]:
-    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    components = doc.setdefault("components", {})
-    schemas = components.setdefault("schemas", {})
-    schemas.pop("HTTPValidationError", None)
-    schemas.pop("ValidationError", None)
-    if client_auth is ClientAuth.HEADER:  # the client key is not asked for, so not documented
-        components.get("securitySchemes", {}).pop("ClientKey", None)
-    for path, operations in doc["paths"].items():
-        limited = path not in EXEMPT_PATHS
+TITLE = "Wallet service"
+VERSION = "0.1.0"
+DESCRIPTION = "Prepaid wallets for business clients, orders paid from them, and an append-only ledger."
+_SECURITY_SCHEMES = {
+    "AdminKey": {"type": "http", "scheme": "bearer", "description": "`ADMIN_API_KEY`"},
+    "ClientKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A key from `POST /admin/clients/{client_id}/api-keys`, sent with the `client-id` "
+        "it belongs to. Required when CLIENT_AUTH=api_key (the production default).",
+    },
+}
+_CLIENT_HEADER = {
+    "name": "client-id",
+    "in": "header",
+    "required": True,
+    "description": "The calling client's id",
+    "schema": {**_STRING_HEADERS["client-id"], "examples": ["CLIENT123"]},
+}
+_IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes a retried request safe: same key and body, same answer, money moved once.",
+    "schema": _STRING_HEADERS["Idempotency-Key"],
+}
+
+
+def _models(spec: dict[str, Any]) -> list[type[BaseModel]]:
+    model = spec.get("model")
+    if model is None:
+        return []
+    return list(model.__args__) if isinstance(model, types.UnionType) else [model]
+
+
+class _Schemas:
+    """Every model the routes name, as components: parameters and bodies as they are validated,
+    responses as they are sent."""
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(ErrorEnvelope, "serialization"): None}
+        for endpoint in endpoints:
+            for part in (endpoint.params, endpoint.body):
+                if part is not None:
+                    wanted[(part, "validation")] = None
+            for spec in endpoint.responses.values():
+                wanted.update({(model, "serialization"): None for model in _models(spec)})
+        self.refs, defs = models_json_schema(list(wanted), ref_template="#/components/schemas/{model}")
+        self.components: dict[str, Any] = defs.get("$defs", {})
+        # Parameters are documented one by one, not as a schema.
+        self._params = {
+            model: self.components.pop(self.ref(model, mode)["$ref"].rsplit("/", 1)[1])
+            for model, mode in wanted
+            if issubclass(model, Params)
+        }
+
+    def ref(self, model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return dict(self.refs[(model, mode)])
+
+    def response(self, spec: dict[str, Any]) -> dict[str, Any]:
+        refs = [self.ref(model, "serialization") for model in _models(spec)]
+        return refs[0] if len(refs) == 1 else {"anyOf": refs}
+
+    def parameters(self, endpoint: Endpoint) -> list[dict[str, Any]]:
+        """Each field of the params model, in the path if the path names it, else in the query."""
+        if endpoint.params is None:
+            return []
+        schema = self._params[endpoint.params]
+        required = set(schema.get("required", []))
+        found = []
+        for field, prop in schema["properties"].items():
+            where = "path" if field in endpoint.path_names else "query"
+            parameter = {"name": field, "in": where, "required": where == "path" or field in required}
+            if "description" in prop:
+                parameter["description"] = prop["description"]
+            found.append({**parameter, "schema": prop})
+        return found
+
+
+def _operation(endpoint: Endpoint, schemas: _Schemas, client_auth: ClientAuth) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "tags": endpoint.tags,
+        "summary": endpoint.handler.__name__.replace("_", " ").title(),
+        "operationId": endpoint.operation_id,
+    }
+    if endpoint.handler.__doc__:
+        operation["description"] = inspect.cleandoc(endpoint.handler.__doc__)
+    parameters = schemas.parameters(endpoint)
+    if endpoint.auth is Auth.CLIENT:
+        parameters.append(_CLIENT_HEADER)
+    if endpoint.idempotent:
+        parameters.append(_IDEMPOTENCY_HEADER)
+    if parameters:
+        operation["parameters"] = parameters
+    if endpoint.body is not None:
+        body_schema = schemas.ref(endpoint.body, "validation")
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body_schema}},
+        }
+    responses: dict[str, Any] = {}
+    for status, spec in endpoint.responses.items():
+        response: dict[str, Any] = {"description": spec.get("description", "Successful Response")}
+        content = {"application/json": {"schema": schemas.response(spec)}} if "model" in spec else {}
+        content.update(spec.get("content", {}))
+        if content:
+            response["content"] = content
+        if "headers" in spec:
+            response["headers"] = dict(spec["headers"])
+        responses[str(status)] = response
+    operation["responses"] = responses
+    if endpoint.auth is Auth.ADMIN:
+        operation["security"] = [{"AdminKey": []}]
+    elif endpoint.auth is Auth.CLIENT and client_auth is ClientAuth.API_KEY:
+        operation["security"] = [{"ClientKey": []}]
+    elif endpoint.auth is Auth.CLIENT:  # the client-id header alone identifies the caller
+        responses.pop("401", None)
+        responses.pop("403", None)
+    return operation
+
+
+def document(endpoints: Sequence[Endpoint], client_auth: ClientAuth) -> dict[str, Any]:
+    schemas = _Schemas(endpoints)
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        operation = _operation(endpoint, schemas, client_auth)
+        limited = endpoint.path not in EXEMPT_PATHS
         # Any route can fail unexpectedly, or refuse an oversized request head (http/protocol.py);
         # any route that reads the database can find it gone.
         extra = error_responses(414, 431, 500)
         if limited:
             extra.update(error_responses(429, 503))
-        for operation in operations.values():
-            if client_auth is ClientAuth.HEADER and {"ClientKey": []} in operation.get("security", []):
-                del operation["security"]  # the client-id header alone identifies the caller
-                operation["responses"].pop("401", None)
-                operation["responses"].pop("403", None)
-            _fix_parameters(operation)
-            _fix_responses(operation, extra, limited)
-    return doc
-
-
-def install(app: FastAPI, client_auth: ClientAuth) -> None:
-    """Serve the corrected document at /openapi.json (and so in /docs)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = document(app, client_auth)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+        _fix_responses(operation, extra, limited)
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+    security = dict(_SECURITY_SCHEMES)
+    if client_auth is ClientAuth.HEADER:  # the client key is not asked for, so not documented
+        del security["ClientKey"]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": TITLE, "description": DESCRIPTION, "version": VERSION},
+        "paths": paths,
+        "components": {"schemas": schemas.components, "securitySchemes": security},
+    }

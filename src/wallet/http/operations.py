@@ -7,13 +7,13 @@ import os
 from typing import Any
 
 import structlog
-from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet.database import single
 from wallet.errors import ServiceUnavailable
+from wallet.http.routing import Call, Routes
 from wallet.http.schemas import StatusEnvelope, error_responses
 from wallet.wire import json_response, ok
 
@@ -28,28 +28,28 @@ SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL
 """)
 
 
-router = APIRouter()
+routes = Routes(tags=["operations"])
 
 
-@router.get("/health", tags=["operations"], responses={200: {"model": StatusEnvelope}})
-async def health() -> Response:
+@routes.get("/health", responses={200: {"model": StatusEnvelope}})
+async def health(call: Call) -> Response:
     """The process is alive and answering (liveness)."""
     return json_response(200, ok({"status": "ok"}))
 
 
-@router.get("/ready", tags=["operations"], responses={200: {"model": StatusEnvelope}, **error_responses(503)})
-async def ready(request: Request) -> Response:
+@routes.get("/ready", responses={200: {"model": StatusEnvelope}, **error_responses(503)})
+async def ready(call: Call) -> Response:
     """The primary answers (readiness): 503 when it does not. A replica is reported (`ok` with
     its replay lag in seconds, or `unreachable`) but never makes the service unready: reads
     then go to the primary, and every instance shares the replica, so taking instances out of
     the load balancer for it would turn a degraded read path into an outage."""
     try:
-        async with asyncio.timeout(2), single(request.app.state.engine).connect() as conn:
+        async with asyncio.timeout(2), single(call.request.app.state.engine).connect() as conn:
             await conn.execute(text("SELECT 1"))
     except Exception as exc:
         raise ServiceUnavailable("Database unreachable", code="NOT_READY") from exc
     data: dict[str, Any] = {"status": "ready", "primary": "ok"}
-    replica = request.app.state.replica
+    replica = call.request.app.state.replica
     if replica is not None:
         try:
             async with asyncio.timeout(2), single(replica).connect() as conn:
@@ -61,13 +61,11 @@ async def ready(request: Request) -> Response:
     return json_response(200, ok(data))
 
 
-@router.get(
+@routes.get(
     "/metrics",
-    tags=["operations"],
-    response_class=Response,
     responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {}}}},
 )
-async def metrics() -> Response:
+async def metrics(call: Call) -> Response:
     """Prometheus metrics of all workers of this server."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()

@@ -11,15 +11,16 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Query
+from pydantic import Field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
+from wallet.http.deps import Params
 from wallet.orders import admin_order_json, order_json
 from wallet.reads import ORDER_COLUMNS, OrderRow
 from wallet.statements import entry_json
@@ -27,11 +28,14 @@ from wallet.wire import json_response
 
 _CURSOR = re.compile(r"^c1:([1-9][0-9]{0,18})$")
 
-Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1-100")]
-Cursor = Annotated[
-    str | None,
-    Query(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="`nextCursor` of the previous page (opaque)"),
-]
+
+class Page(Params):
+    """Which page of a list: the query parameters every list takes."""
+
+    limit: int = Field(20, ge=1, le=100, description="Page size, 1-100")
+    cursor: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="`nextCursor` of the previous page (opaque)"
+    )
 
 
 def encode_cursor(key: int) -> str:

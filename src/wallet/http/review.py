@@ -9,24 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
 from pydantic import Field, RootModel
 from starlette.responses import Response
 
 from wallet import idempotency
-from wallet.http.deps import (
-    Admin,
-    ClientIdField,
-    IdemHeader,
-    Parsed,
-    RequestBody,
-    Svc,
-    body_doc,
-    json_body,
-    order_id_or_404,
-    reply,
-)
-from wallet.http.pages import Cursor, Limit, order_page
+from wallet.http.deps import ClientIdField, OrderPath, RequestBody, order_id_or_404, reply
+from wallet.http.pages import Page, order_page
+from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
 from wallet.orders import OrderStatus, admin_order_json
 from wallet.wire import json_response, ok
@@ -34,7 +23,6 @@ from wallet.wire import json_response, ok
 OPERATOR = "admin"  # the only operator principal today: the holder of ADMIN_API_KEY
 
 PRINTABLE = r"^[\x21-\x7e]+$"
-PathOrderId = Annotated[str, Path(max_length=64, examples=["ORD-1703251234567-a1b2c3d4"])]
 
 
 Note = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]*$", description="Why")]
@@ -61,57 +49,57 @@ class ResolveRequest(
     pass
 
 
-router = APIRouter(tags=["admin"], dependencies=[Admin])
+class AnyOrderFilter(Page):
+    status: OrderStatus | None = None
+    needs_review: bool | None = Field(None, alias="needsReview")
+    client_id: ClientIdField | None = Field(None, alias="clientId")
 
 
-@router.get(
-    "/admin/orders",
-    responses={200: {"model": AdminOrderPage}, **error_responses(400, 401, 403, 429)},
+routes = Routes(tags=["admin"], auth=Auth.ADMIN)
+
+
+@routes.get(
+    "/admin/orders", responses={200: {"model": AdminOrderPage}, **error_responses(400, 401, 403, 429)}
 )
-async def list_orders(
-    svc: Svc,
-    status: Annotated[OrderStatus | None, Query()] = None,
-    needs_review: Annotated[bool | None, Query(alias="needsReview")] = None,
-    client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None,
-    limit: Limit = 20,
-    cursor: Cursor = None,
-) -> Response:
+async def list_orders(call: Call, params: AnyOrderFilter) -> Response:
     """Every client's orders, newest first; `needsReview=true` is the review queue."""
-    async with svc.reads.connect() as conn:
+    async with call.svc.reads.connect() as conn:
         return await order_page(
-            conn, limit, cursor, admin=True, client_id=client_id, status=status, needs_review=needs_review
+            conn,
+            params.limit,
+            params.cursor,
+            admin=True,
+            client_id=params.client_id,
+            status=params.status,
+            needs_review=params.needs_review,
         )
 
 
-@router.get(
+@routes.get(
     "/admin/orders/{order_id}",
     responses={200: {"model": AdminOrderEnvelope}, **error_responses(400, 401, 403, 404, 429)},
 )
-async def get_order(svc: Svc, order_id: PathOrderId) -> Response:
-    return json_response(200, ok(admin_order_json(await svc.orders.get_any(order_id_or_404(order_id)))))
+async def get_order(call: Call, params: OrderPath) -> Response:
+    order = await call.svc.orders.get_any(order_id_or_404(params.order_id))
+    return json_response(200, ok(admin_order_json(order)))
 
 
-@router.post(
+@routes.post(
     "/admin/orders/{order_id}/resolve",
-    openapi_extra=body_doc(ResolveRequest),
+    idempotent=True,
     responses={200: {"model": AdminOrderEnvelope}, **error_responses(400, 401, 403, 404, 409, 413, 422, 429)},
 )
-async def resolve_order(
-    svc: Svc,
-    order_id: PathOrderId,
-    body: Annotated[Parsed[ResolveRequest], Depends(json_body(ResolveRequest))],
-    idempotency_key: IdemHeader = None,
-) -> Response:
+async def resolve_order(call: Call, params: OrderPath, body: ResolveRequest) -> Response:
     """Finish a PENDING order whose outcome the provider never gave: `fulfilled` with the
     provider's id, or `failed` (its money goes back to the wallet). 409 with the order if it is
     already final (the resolver may have just finished it)."""
-    order_id = order_id_or_404(order_id)
-    req = body.model.root
-    result = await svc.orders.resolve(
+    order_id = order_id_or_404(params.order_id)
+    req = body.root
+    result = await call.svc.orders.resolve(
         order_id,
         fulfillment_id=req.fulfillmentId if isinstance(req, ResolvedFulfilled) else None,
         note=req.note,
         by=OPERATOR,
-        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, idempotency_key, f"resolve {order_id}", body.model),
+        idem=idempotency.key_for(idempotency.ADMIN_SCOPE, call.idempotency_key, f"resolve {order_id}", body),
     )
     return reply(result)

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from pydantic import Field
 from starlette.responses import Response
 
 from wallet import statements
-from wallet.http.deps import ClientId, Svc
-from wallet.http.pages import Cursor, Limit, ledger_page
+from wallet.http.deps import Params
+from wallet.http.pages import Page, ledger_page
+from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import BalanceAtEnvelope, BalanceEnvelope, LedgerPage, error_responses
 from wallet.money import from_cents
 from wallet.wire import iso, json_response, ok
 
-router = APIRouter()
+
+class BalanceWhen(Params):
+    at: statements.TimeText | None = Field(
+        None,
+        max_length=64,
+        description="ISO 8601 time with a zone: the balance after every entry written before it "
+        "(0 before the first; a future time gives the balance now)",
+    )
 
 
-@router.get(
+routes = Routes(tags=["client"], auth=Auth.CLIENT)
+
+
+@routes.get(
     "/wallet/balance",
-    tags=["client"],
     responses={
         200: {
             "model": BalanceEnvelope | BalanceAtEnvelope,
@@ -28,19 +36,9 @@ router = APIRouter()
         **error_responses(400, 401, 403, 404, 429),
     },
 )
-async def get_balance(
-    svc: Svc,
-    client_id: ClientId,
-    at: Annotated[
-        statements.TimeText | None,
-        Query(
-            max_length=64,
-            description="ISO 8601 time with a zone: the balance after every entry written before it "
-            "(0 before the first; a future time gives the balance now)",
-        ),
-    ] = None,
-) -> Response:
-    moment = statements.parse_time(at, "at")
+async def get_balance(call: Call, params: BalanceWhen) -> Response:
+    svc, client_id = call.svc, call.client_id
+    moment = statements.parse_time(params.at, "at")
     if moment is not None:
         cents = await statements.balance_at(svc.reads, svc.wallets.single, client_id, moment)
         data_at = {"clientId": client_id, "balance": from_cents(cents), "at": iso(moment)}
@@ -55,12 +53,8 @@ async def get_balance(
     return json_response(200, ok(data))
 
 
-@router.get(
-    "/wallet/transactions",
-    tags=["client"],
-    responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)},
+@routes.get(
+    "/wallet/transactions", responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)}
 )
-async def own_transactions(
-    svc: Svc, client_id: ClientId, limit: Limit = 20, cursor: Cursor = None
-) -> Response:
-    return await ledger_page(svc.reads, client_id, limit, cursor)
+async def own_transactions(call: Call, params: Page) -> Response:
+    return await ledger_page(call.svc.reads, call.client_id, params.limit, params.cursor)

@@ -1,15 +1,13 @@
 """HTTP routes for events and webhooks: the event feed, endpoints (a client's own at
 /webhook-endpoints, any client's and global ones at /admin/webhook-endpoints), their delivery
-log and replay, and the per-client low-balance threshold that balance.low events follow.
+log and replay, and the per-client low-balance threshold that balance.low events follow."""
 
-No `from __future__ import annotations` here: the endpoint routes are built in a function for
-both callers, and FastAPI must see their local annotations evaluated."""
+from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
 from pydantic import Field, RootModel
 from sqlalchemy import text
 from starlette.responses import Response
@@ -17,19 +15,9 @@ from starlette.responses import Response
 from wallet import events
 from wallet.errors import BadRequest, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
-from wallet.http.deps import (
-    Admin,
-    ClientId,
-    ClientIdField,
-    Parsed,
-    PathClientId,
-    RequestBody,
-    Svc,
-    Text,
-    body_doc,
-    json_body,
-)
-from wallet.http.pages import Cursor, Limit, decode_cursor, page_response
+from wallet.http.deps import ClientIdField, ClientPath, Params, RequestBody, Text
+from wallet.http.pages import Page, decode_cursor, page_response
+from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import (
     AttemptPage,
     DeletedEnvelope,
@@ -45,16 +33,32 @@ from wallet.webhooks import ENDPOINT_ID_PATTERN
 from wallet.wire import json_response, ok
 
 _ENDPOINT_ID = re.compile(ENDPOINT_ID_PATTERN)
-PathEndpointId = Annotated[str, Path(max_length=64, examples=["we_0123456789abcdef01234567"])]
-After = Annotated[
-    str | None,
-    Query(
+
+
+class EventFilter(Page):
+    type: EventType | None = None
+    after: str | None = Field(
+        None,
         max_length=40,
         description="Only events created after this time (ISO 8601)",
         json_schema_extra={"format": "date-time"},
-    ),
-]
-TypeFilter = Annotated[EventType | None, Query(alias="type")]
+    )
+
+
+class AnyEventFilter(EventFilter):
+    client_id: ClientIdField | None = Field(None, alias="clientId")
+
+
+class EndpointPath(Params):
+    endpoint_id: str = Field(max_length=64, examples=["we_0123456789abcdef01234567"])
+
+
+class EndpointPage(EndpointPath, Page):
+    pass
+
+
+class EndpointFilter(Page):
+    client_id: ClientIdField | None = Field(None, alias="clientId")
 
 
 class EndpointRequest(RequestBody):
@@ -116,172 +120,127 @@ def _time(raw: str | None, name: str) -> datetime | None:
         return datetime.min.replace(tzinfo=UTC) if moment.year == 1 else datetime.max.replace(tzinfo=UTC)
 
 
-router = APIRouter()
 _ENDPOINT_ERRORS = error_responses(400, 401, 403, 404, 429)
 _BODY_ERRORS = error_responses(400, 401, 403, 404, 413, 429)
+client_routes = Routes(tags=["client"], auth=Auth.CLIENT)
+admin_routes = Routes(tags=["admin"], auth=Auth.ADMIN)
 
 
-async def _events(
-    svc: Svc,
-    client_id: str | None,
-    type_: EventType | None,
-    after: str | None,
-    limit: int,
-    cursor: str | None,
-) -> Response:
+def _owner(call: Call) -> str | None:
+    """Whose endpoints a call may see and change: a client its own; the admin (None) any."""
+    return call.client_id or None
+
+
+async def _events(call: Call, client_id: str | None, params: EventFilter) -> Response:
     """A page of events, newest first: the client's list and the admin's alike."""
-    before_key, since = decode_cursor(cursor), _time(after, "after")
-    async with svc.wallets.single.connect() as conn:
+    before_key, since = decode_cursor(params.cursor), _time(params.after, "after")
+    async with call.svc.wallets.single.connect() as conn:
         items, next_key = await events.page(
-            conn, limit=limit, before_key=before_key, client_id=client_id, type_=type_, after=since
+            conn,
+            limit=params.limit,
+            before_key=before_key,
+            client_id=client_id,
+            type_=params.type,
+            after=since,
         )
     return page_response(items, next_key)
 
 
-@router.get("/events", tags=["client"], responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
-async def own_events(
-    svc: Svc,
-    client_id: ClientId,
-    type: TypeFilter = None,
-    after: After = None,
-    limit: Limit = 20,
-    cursor: Cursor = None,
-) -> Response:
+@client_routes.get("/events", responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
+async def own_events(call: Call, params: EventFilter) -> Response:
     """The caller's events, newest first."""
-    return await _events(svc, client_id, type, after, limit, cursor)
+    return await _events(call, call.client_id, params)
 
 
-@router.get(
-    "/admin/events",
-    tags=["admin"],
-    dependencies=[Admin],
-    responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS},
-)
-async def all_events(
-    svc: Svc,
-    client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None,
-    type: TypeFilter = None,
-    after: After = None,
-    limit: Limit = 20,
-    cursor: Cursor = None,
-) -> Response:
-    return await _events(svc, client_id, type, after, limit, cursor)
+@admin_routes.get("/admin/events", responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
+async def all_events(call: Call, params: AnyEventFilter) -> Response:
+    return await _events(call, params.client_id, params)
 
 
-def _endpoint_routes(prefix: str, tag: str, *, admin: bool) -> APIRouter:
-    """The same operations for a client (owner: the caller) and for the admin (owner: None)."""
-    sub = APIRouter(tags=[tag], dependencies=[Admin] if admin else [])
-
-    Owner = Annotated[str | None, Depends(_caller(admin))]
-    create_model = AdminEndpointRequest if admin else EndpointRequest
-
-    @sub.post(
-        prefix,
-        status_code=201,
-        openapi_extra=body_doc(create_model),
-        responses={201: {"model": WebhookEndpointEnvelope}, **_BODY_ERRORS},
+async def _create(call: Call, client_id: str | None, req: EndpointRequest) -> Response:
+    data = await call.svc.webhooks.create(
+        client_id, req.url, list(req.eventTypes or []) or None, req.description
     )
-    async def create_endpoint(
-        svc: Svc, who: Owner, body: Annotated[Parsed[EndpointRequest], Depends(json_body(create_model))]
-    ) -> Response:
-        """The `whsec_…` secret is in this answer only."""
-        req = body.model
-        client = req.clientId if isinstance(req, AdminEndpointRequest) else who
-        data = await svc.webhooks.create(client, req.url, list(req.eventTypes or []) or None, req.description)
-        return json_response(201, ok(data, "Webhook endpoint created"))
+    return json_response(201, ok(data, "Webhook endpoint created"))
 
-    @sub.get(prefix, responses={200: {"model": WebhookEndpointList}, **_ENDPOINT_ERRORS})
-    async def list_endpoints(
-        svc: Svc,
-        who: Owner,
-        client_id: Annotated[ClientIdField | None, Query(alias="clientId")] = None,
-        limit: Limit = 20,
-        cursor: Cursor = None,
-    ) -> Response:
-        """Newest first. Clients see their own; the admin every one, or one client's with `clientId`."""
-        owner = who if who is not None else client_id
-        return page_response(*await svc.webhooks.page(owner, limit, decode_cursor(cursor)))
 
-    @sub.get(
-        prefix + "/{endpoint_id}", responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS}
+_CREATED = {201: {"model": WebhookEndpointEnvelope}, **_BODY_ERRORS}
+
+
+@client_routes.post("/webhook-endpoints", responses=_CREATED)
+async def create_endpoint(call: Call, body: EndpointRequest) -> Response:
+    """The `whsec_…` secret is in this answer only."""
+    return await _create(call, call.client_id, body)
+
+
+@admin_routes.post("/admin/webhook-endpoints", responses=_CREATED)
+async def create_any_endpoint(call: Call, body: AdminEndpointRequest) -> Response:
+    """The `whsec_…` secret is in this answer only. Without `clientId`, a global endpoint."""
+    return await _create(call, body.clientId, body)
+
+
+async def list_endpoints(call: Call, params: EndpointFilter) -> Response:
+    """Newest first. Clients see their own; the admin every one, or one client's with `clientId`."""
+    owner = _owner(call) or params.client_id
+    return page_response(*await call.svc.webhooks.page(owner, params.limit, decode_cursor(params.cursor)))
+
+
+async def get_endpoint(call: Call, params: EndpointPath) -> Response:
+    return json_response(200, ok(await call.svc.webhooks.get(_endpoint_id(params.endpoint_id), _owner(call))))
+
+
+async def delete_endpoint(call: Call, params: EndpointPath) -> Response:
+    """Removes the endpoint with its pending deliveries and its delivery log."""
+    await call.svc.webhooks.delete(_endpoint_id(params.endpoint_id), _owner(call))
+    return json_response(200, ok({"id": params.endpoint_id, "deleted": True}, "Webhook endpoint deleted"))
+
+
+async def patch_endpoint(call: Call, params: EndpointPath, body: EndpointPatch) -> Response:
+    """Enable or disable; enabling again forgets past failures."""
+    data = await call.svc.webhooks.set_enabled(_endpoint_id(params.endpoint_id), _owner(call), body.enabled)
+    return json_response(200, ok(data, "Webhook endpoint updated"))
+
+
+async def rotate_secret(call: Call, params: EndpointPath) -> Response:
+    """A new secret (in this answer only); the old one keeps signing beside it for 24 hours."""
+    data = await call.svc.webhooks.rotate(_endpoint_id(params.endpoint_id), _owner(call))
+    return json_response(200, ok(data, "Webhook secret rotated"))
+
+
+async def delivery_log(call: Call, params: EndpointPage) -> Response:
+    """Every delivery attempt, newest first."""
+    endpoint_id, key = _endpoint_id(params.endpoint_id), decode_cursor(params.cursor)
+    return page_response(*await call.svc.webhooks.attempts(endpoint_id, _owner(call), params.limit, key))
+
+
+async def replay(call: Call, params: EndpointPath, body: ReplayRequest) -> Response:
+    """Deliver one event again (`eventId`), or every event whose delivery failed since a time."""
+    req = body.root
+    event_id = req.eventId if isinstance(req, ReplayEvent) else None
+    since = _time(req.since, "since") if isinstance(req, ReplaySince) else None
+    count = await call.svc.webhooks.replay(
+        _endpoint_id(params.endpoint_id), _owner(call), event_id=event_id, since=since
     )
-    async def get_endpoint(svc: Svc, who: Owner, endpoint_id: PathEndpointId) -> Response:
-        return json_response(200, ok(await svc.webhooks.get(_endpoint_id(endpoint_id), who)))
+    return json_response(200, ok({"replayed": count}, "Deliveries scheduled"))
 
-    @sub.delete(prefix + "/{endpoint_id}", responses={200: {"model": DeletedEnvelope}, **_ENDPOINT_ERRORS})
-    async def delete_endpoint(svc: Svc, who: Owner, endpoint_id: PathEndpointId) -> Response:
-        """Removes the endpoint with its pending deliveries and its delivery log."""
-        await svc.webhooks.delete(_endpoint_id(endpoint_id), who)
-        return json_response(200, ok({"id": endpoint_id, "deleted": True}, "Webhook endpoint deleted"))
 
-    @sub.patch(
-        prefix + "/{endpoint_id}",
-        openapi_extra=body_doc(EndpointPatch),
-        responses={200: {"model": WebhookEndpointEnvelope}, **_BODY_ERRORS},
+# The same operations for a client (on its own endpoints) and for the admin (on any).
+for _routes, _prefix in ((client_routes, "/webhook-endpoints"), (admin_routes, "/admin/webhook-endpoints")):
+    _one = _prefix + "/{endpoint_id}"
+    _routes.get(_prefix, responses={200: {"model": WebhookEndpointList}, **_ENDPOINT_ERRORS})(list_endpoints)
+    _routes.get(_one, responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS})(get_endpoint)
+    _routes.delete(_one, responses={200: {"model": DeletedEnvelope}, **_ENDPOINT_ERRORS})(delete_endpoint)
+    _routes.patch(_one, responses={200: {"model": WebhookEndpointEnvelope}, **_BODY_ERRORS})(patch_endpoint)
+    _routes.post(
+        _one + "/rotate-secret", responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS}
+    )(rotate_secret)
+    _routes.get(_one + "/deliveries", responses={200: {"model": AttemptPage}, **_ENDPOINT_ERRORS})(
+        delivery_log
     )
-    async def patch_endpoint(
-        svc: Svc,
-        who: Owner,
-        endpoint_id: PathEndpointId,
-        body: Annotated[Parsed[EndpointPatch], Depends(json_body(EndpointPatch))],
-    ) -> Response:
-        """Enable or disable; enabling again forgets past failures."""
-        data = await svc.webhooks.set_enabled(_endpoint_id(endpoint_id), who, body.model.enabled)
-        return json_response(200, ok(data, "Webhook endpoint updated"))
-
-    @sub.post(
-        prefix + "/{endpoint_id}/rotate-secret",
-        responses={200: {"model": WebhookEndpointEnvelope}, **_ENDPOINT_ERRORS},
-    )
-    async def rotate_secret(svc: Svc, who: Owner, endpoint_id: PathEndpointId) -> Response:
-        """A new secret (in this answer only); the old one keeps signing beside it for 24 hours."""
-        data = await svc.webhooks.rotate(_endpoint_id(endpoint_id), who)
-        return json_response(200, ok(data, "Webhook secret rotated"))
-
-    @sub.get(
-        prefix + "/{endpoint_id}/deliveries", responses={200: {"model": AttemptPage}, **_ENDPOINT_ERRORS}
-    )
-    async def delivery_log(
-        svc: Svc, who: Owner, endpoint_id: PathEndpointId, limit: Limit = 20, cursor: Cursor = None
-    ) -> Response:
-        """Every delivery attempt, newest first."""
-        return page_response(
-            *await svc.webhooks.attempts(_endpoint_id(endpoint_id), who, limit, decode_cursor(cursor))
-        )
-
-    @sub.post(
-        prefix + "/{endpoint_id}/replay",
-        openapi_extra=body_doc(ReplayRequest),
+    _routes.post(
+        _one + "/replay",
         responses={200: {"model": ReplayEnvelope}, **error_responses(400, 401, 403, 404, 409, 413, 429)},
-    )
-    async def replay(
-        svc: Svc,
-        who: Owner,
-        endpoint_id: PathEndpointId,
-        body: Annotated[Parsed[ReplayRequest], Depends(json_body(ReplayRequest))],
-    ) -> Response:
-        """Deliver one event again (`eventId`), or every event whose delivery failed since a time."""
-        req = body.model.root
-        event_id = req.eventId if isinstance(req, ReplayEvent) else None
-        since = _time(req.since, "since") if isinstance(req, ReplaySince) else None
-        count = await svc.webhooks.replay(_endpoint_id(endpoint_id), who, event_id=event_id, since=since)
-        return json_response(200, ok({"replayed": count}, "Deliveries scheduled"))
-
-    return sub
-
-
-def _caller(admin: bool) -> Any:
-    async def admin_scope() -> str | None:
-        return None
-
-    async def client_scope(client_id: ClientId) -> str | None:
-        return client_id
-
-    return admin_scope if admin else client_scope
-
-
-router.include_router(_endpoint_routes("/webhook-endpoints", "client", admin=False))
-router.include_router(_endpoint_routes("/admin/webhook-endpoints", "admin", admin=True))
+    )(replay)
 
 
 _SET_THRESHOLD = text("""
@@ -290,24 +249,16 @@ WHERE client_id = :client_id RETURNING low_balance_threshold
 """)
 
 
-@router.put(
+@admin_routes.put(
     "/admin/clients/{client_id}/low-balance-threshold",
-    tags=["admin"],
-    dependencies=[Admin],
-    openapi_extra=body_doc(ThresholdRequest),
     responses={200: {"model": ThresholdEnvelope}, **_BODY_ERRORS},
 )
-async def set_low_balance_threshold(
-    svc: Svc,
-    client_id: PathClientId,
-    body: Annotated[Parsed[ThresholdRequest], Depends(json_body(ThresholdRequest))],
-) -> Response:
+async def set_low_balance_threshold(call: Call, params: ClientPath, body: ThresholdRequest) -> Response:
     """balance.low is sent when a debit or an order takes the balance from at least this amount to
     below it; null removes it."""
-    async with svc.wallets.single.connect() as conn:
-        found = (
-            await conn.execute(_SET_THRESHOLD, {"client_id": client_id, "amount": body.model.amount})
-        ).first()
+    client_id = params.client_id
+    async with call.svc.wallets.single.connect() as conn:
+        found = (await conn.execute(_SET_THRESHOLD, {"client_id": client_id, "amount": body.amount})).first()
     if found is None:
         raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
     amount = found.low_balance_threshold
