@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import TextClause
 
 from wallet import chain, ledger, orders, reads, statements
+from wallet.database import Statement
 from wallet.http import pages
 from wallet.reads import OrderRow
 
@@ -49,9 +50,9 @@ FROM ledger_entries WHERE client_id = :client_id AND entry_no < :before
 ORDER BY entry_no DESC LIMIT 20"""
 
 
-def to_pgbench(statement: TextClause | str, binds: Mapping[str, str]) -> str:
+def to_pgbench(statement: TextClause | Statement | str, binds: Mapping[str, str]) -> str:
     """The statement with each `:name` replaced by `binds[name]` (`::type` casts are kept)."""
-    sql = statement.text if isinstance(statement, TextClause) else statement
+    sql = statement if isinstance(statement, str) else statement.text
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1)

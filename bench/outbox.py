@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bench import ceiling, cpu, paired
 from bench.load import Request
 from bench.paired import Paired, Side
+from wallet import database
 from wallet.events import INSERT_EVENT
 
 TARGET = 0.10  # issue 12: the outbox costs the order path under 10%
@@ -82,8 +83,8 @@ class Statement:
 
     module: ModuleType
     name: str
-    with_events: TextClause
-    without: TextClause
+    with_events: TextClause | database.Statement
+    without: TextClause | database.Statement
 
     def use(self, arm: str) -> None:
         setattr(self.module, self.name, self.with_events if arm == WITH else self.without)
@@ -99,8 +100,10 @@ def outbox_statements() -> list[Statement]:
         if not name.startswith("wallet."):
             continue
         for attr, value in list(vars(module).items()):
-            if isinstance(value, TextClause) and _EVENTS_CTE.search(value.text):
-                found.append(Statement(module, attr, value, text(without_outbox(value.text))))
+            if isinstance(value, TextClause | database.Statement) and _EVENTS_CTE.search(value.text):
+                without = text(without_outbox(value.text))
+                bare = database.Statement.of(without) if isinstance(value, database.Statement) else without
+                found.append(Statement(module, attr, value, bare))
     if not found:
         raise RuntimeError("no events CTE found in the service's statements: update bench/outbox.py")
     return found

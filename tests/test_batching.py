@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from tests.builders import Provider, ledger_key, settings_env
 from wallet import idempotency, ledger, reads
-from wallet.database import create_engine, plain_url
+from wallet.database import create_engine, is_unavailable, plain_url
 from wallet.errors import Conflict, InsufficientFunds, NotFound
 from wallet.fulfillment import Provider as FulfillmentProvider
 from wallet.fulfillment import new_http_client
@@ -309,3 +309,30 @@ async def test_balance_reads_of_one_pass_share_one_query(database_url: str, prov
             ("a", 380, 120),
         ]
         assert isinstance(read[2], NotFound)
+
+
+async def test_a_connection_the_database_dropped_is_not_handed_out_again(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """The batched statements run on asyncpg beneath the pool, out of SQLAlchemy's sight: a
+    connection that fails as gone must still leave the pool, or every batch handed it fails."""
+    async with service(database_url, provider) as (orders, wallets):
+        await credit(orders, "a", 500)
+        await asyncio.gather(*(wallets.balance("a") for _ in range(3)), pay(orders, "a", 1))
+        killed = await fetch(
+            direct_database_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        assert killed
+        outcomes: list[object] = []
+        while len(outcomes) <= len(killed) and not (outcomes and isinstance(outcomes[-1], reads.Balance)):
+            try:
+                outcomes.append(await wallets.balance("a"))
+            except Exception as exc:
+                outcomes.append(exc)
+        *failed, last = outcomes
+        assert isinstance(last, reads.Balance), outcomes  # each dead connection failed once at most
+        assert all(isinstance(exc, Exception) and is_unavailable(exc) for exc in failed), failed
+        for _ in range(12):  # more reads than the pool has connections: none fails again
+            assert (await wallets.balance("a")).balance == 499

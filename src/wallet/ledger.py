@@ -31,6 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.chain import LedgerKey
+from wallet.database import Direct, Statement
 from wallet.errors import BalanceCapExceeded, InsufficientFunds, WalletError
 from wallet.events import (
     INSERT_EVENT,
@@ -172,7 +173,8 @@ SELECT {ORDER_COLUMNS} FROM placed
 # the shapes the single statement writes them. Each input row comes back, in arrival order, with
 # its outcome: placed (the order's columns), refused (the balance that refused it), no_wallet,
 # or claimed (its Idempotency-Key is already taken: nothing happened).
-_PLACE_ORDERS = text(f"""
+_PLACE_ORDERS = Statement.of(
+    text(f"""
 WITH moved AS (
     SELECT r.ord, r.outcome, r.balance_before AS before, r.balance_after AS after, (r.placed).*
     FROM ledger_place_orders(
@@ -190,6 +192,7 @@ WITH moved AS (
 )
 SELECT ord, outcome, before, {ORDER_COLUMNS} FROM moved ORDER BY ord
 """)
+)
 
 _REFUND_ORDER = text(f"""
 WITH failed AS (
@@ -340,7 +343,7 @@ KEY_TAKEN = None
 
 
 async def place_orders(
-    conn: AsyncConnection,
+    conn: Direct,
     payments: Sequence[OrderPayment],
     *,
     lease_seconds: float,
@@ -364,12 +367,12 @@ async def place_orders(
         **key.sql_params(),
     }
     results: list[OrderRow | WalletError | None] = []
-    for payment, row in zip(payments, (await conn.execute(_PLACE_ORDERS, params)).all(), strict=True):
-        if row.outcome == "placed":
+    for payment, row in zip(payments, await conn.fetch(_PLACE_ORDERS, params), strict=True):
+        if row["outcome"] == "placed":
             results.append(OrderRow.of(row))
-        elif row.outcome == "refused":
-            results.append(_insufficient(row.before, payment.amount))
-        elif row.outcome == "no_wallet":
+        elif row["outcome"] == "refused":
+            results.append(_insufficient(row["before"], payment.amount))
+        elif row["outcome"] == "no_wallet":
             results.append(no_wallet(payment.client_id))
         else:
             results.append(KEY_TAKEN)

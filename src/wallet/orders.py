@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
 from wallet.batching import Batcher
-from wallet.database import is_unavailable, single
+from wallet.database import Statement, direct, is_unavailable, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
@@ -151,12 +151,14 @@ _COMPLETE = text(
     )
 )
 # The completions of one event-loop pass (`Orders._complete_batch`): one UPDATE for all.
-_COMPLETE_MANY = text(
-    _complete_sql(
-        "SELECT a.*, NULL::text AS resolved_by, NULL::text AS note"
-        " FROM unnest(CAST(:order_ids AS text[]), CAST(:fulfillment_ids AS text[]),"
-        " CAST(:attempts AS integer[]), CAST(:bodies AS bytea[]))"
-        " AS a(order_id, fulfillment_id, attempts, body)"
+_COMPLETE_MANY = Statement.of(
+    text(
+        _complete_sql(
+            "SELECT a.*, NULL::text AS resolved_by, NULL::text AS note"
+            " FROM unnest(CAST(:order_ids AS text[]), CAST(:fulfillment_ids AS text[]),"
+            " CAST(:attempts AS integer[]), CAST(:bodies AS bytea[]))"
+            " AS a(order_id, fulfillment_id, attempts, body)"
+        )
     )
 )
 # Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
@@ -266,7 +268,7 @@ class Orders:
         unavailability, nothing committed: every payment is tried again alone. If the database
         became unavailable the batch may have committed: each caller looks for its order."""
         try:
-            async with self.single.connect() as conn:
+            async with direct(self.engine) as conn:
                 return await ledger.place_orders(
                     conn,
                     payments,
@@ -384,12 +386,12 @@ class Orders:
         }
         batched = True
         try:
-            async with self.single.connect() as conn:
-                rows = (await conn.execute(_COMPLETE_MANY, params)).all()
+            async with direct(self.engine) as conn:
+                rows = await conn.fetch(_COMPLETE_MANY, params)
         except Exception as exc:
             _batch_failed("completion", len(batch), exc)
             batched, rows = False, []
-        finished = {row.order_id: OrderRow.of(row) for row in rows}
+        finished = {row["order_id"]: OrderRow.of(row) for row in rows}
         answers: list[OrderRow | None] = []
         for i, c in enumerate(batch):
             if batched and first[c.order_id] == i:

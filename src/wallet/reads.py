@@ -10,8 +10,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from wallet.database import Direct, Statement
 from wallet.errors import NotFound
 
 # Money out of the wallet for orders whose outcome is not known yet (orders_pending_client).
@@ -51,7 +51,9 @@ class OrderRow:
 
     @classmethod
     def of(cls, row: Any) -> OrderRow:
-        return cls(*(getattr(row, name) for name in cls.__slots__))
+        """From a SQLAlchemy row, or an asyncpg record (the group-commit statements)."""
+        values = row._mapping if hasattr(row, "_mapping") else row
+        return cls(*(values[name] for name in cls.__slots__))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +70,20 @@ _BALANCE_COLUMNS = f"balance, updated_at, {HELD_SQL.format(client='wallets.clien
 # One wallet's read, as the bench's raw-SQL ceiling runs it; the service reads in batches:
 # every balance read of one event-loop pass in one query (`balances`).
 BALANCE_HELD = text(f"SELECT {_BALANCE_COLUMNS} FROM wallets WHERE client_id = :client_id")
-_BALANCES = text(f"SELECT {_BALANCE_COLUMNS} FROM wallets WHERE client_id = ANY(CAST(:client_ids AS text[]))")
+_BALANCES = Statement.of(
+    text(f"SELECT {_BALANCE_COLUMNS} FROM wallets WHERE client_id = ANY(CAST(:client_ids AS text[]))")
+)
 
 
 def no_wallet(client_id: str) -> NotFound:
     return NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
 
 
-async def balances(conn: AsyncConnection, client_ids: Sequence[str]) -> list[Balance | NotFound]:
+async def balances(conn: Direct, client_ids: Sequence[str]) -> list[Balance | NotFound]:
     """Each wallet's balance and held money, in the order asked, from one query."""
-    rows = (await conn.execute(_BALANCES, {"client_ids": list(set(client_ids))})).all()
-    found = {row.client_id: Balance(row.client_id, row.balance, row.updated_at, row.held) for row in rows}
+    rows = await conn.fetch(_BALANCES, {"client_ids": list(set(client_ids))})
+    found = {
+        row["client_id"]: Balance(row["client_id"], row["balance"], row["updated_at"], row["held"])
+        for row in rows
+    }
     return [found.get(client_id) or no_wallet(client_id) for client_id in client_ids]

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from wallet import idempotency, ledger, reads
 from wallet.batching import Batcher
 from wallet.chain import LedgerKey
-from wallet.database import single
+from wallet.database import direct, single
 from wallet.errors import NotFound
 from wallet.ledger import Movement
 from wallet.money import from_cents
@@ -104,5 +104,5 @@ class Wallets:
         return found
 
     async def _read_balances(self, client_ids: Sequence[str]) -> list[Balance | NotFound]:
-        async with self.single.connect() as conn:
+        async with direct(self.engine) as conn:
             return await reads.balances(conn, client_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import asyncpg
 import sqlalchemy.exc
 import structlog
 from starlette.exceptions import HTTPException
@@ -63,4 +64,8 @@ def handlers(production: bool) -> Mapping[Any, Callable[[Request, Exception], Aw
         sqlalchemy.exc.InterfaceError: _unavailable,
         OSError: _unavailable,
         sqlalchemy.exc.DBAPIError: database_error,
+        # The group-commit statements run on asyncpg itself (database.Direct).
+        asyncpg.InterfaceError: _unavailable,
+        asyncpg.InternalClientError: _unavailable,
+        asyncpg.PostgresError: database_error,
     }
