@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from starlette.applications import Starlette
@@ -30,7 +31,7 @@ from wallet.http.middleware import BodyLimit, CatchAll
 from wallet.http.routing import Endpoint, starlette_routes
 from wallet.observability import RequestContext, configure_logging
 from wallet.ratelimit import RateLimit, make_counter, make_storage
-from wallet.settings import Settings
+from wallet.settings import ClientAuth, Settings
 from wallet.simulator import Simulator
 from wallet.wire import JSONBytes, dumps
 
@@ -57,10 +58,9 @@ _DOCS_PAGE = """<!doctype html>
 
 def create_app(settings: Settings) -> Starlette:
     configure_logging(settings.log_level, settings.log_renderer)
-    document = dumps(openapi.document(ENDPOINTS, settings.client_auth_mode))
 
     async def openapi_json(_: Request) -> Response:
-        return JSONBytes(document)
+        return JSONBytes(_document(settings.client_auth_mode))
 
     async def docs(_: Request) -> Response:
         return HTMLResponse(_DOCS_PAGE)
@@ -101,3 +101,10 @@ def app_from_env() -> Starlette:
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
     return openapi.document(ENDPOINTS, settings.client_auth_mode)
+
+
+@functools.cache
+def _document(mode: ClientAuth) -> bytes:
+    """Written when first asked for, once per process and mode: building it took about 60 ms,
+    which every worker's start (and every test's app) paid whether or not anyone read it."""
+    return dumps(openapi.document(ENDPOINTS, mode))
