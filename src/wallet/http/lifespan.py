@@ -96,7 +96,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         jobs.append(asyncio.create_task(Listener(key_cache, listen_url).run()))
     # What is built by now (modules, schemas, the OpenAPI document, pools) lives as long as the
     # worker. Left in the collector's view, every full collection walked it all: a pause of
-    # about 80 ms that was the 99th percentile of balance reads (README, "Latency tail").
+    # about 80 ms that was the 99th percentile of balance reads (README, Benchmark results).
     gc.freeze()
     try:
         yield
