@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from tests.builders import Provider, ledger_key, settings_env
 from wallet import idempotency, ledger, reads
 from wallet.database import create_engine, is_unavailable, plain_url
-from wallet.errors import Conflict, InsufficientFunds, NotFound
+from wallet.errors import Conflict, InsufficientFunds, NotFound, ServiceUnavailable
 from wallet.fulfillment import Provider as FulfillmentProvider
 from wallet.fulfillment import new_http_client
 from wallet.orders import Orders, new_order_id, order_json
@@ -35,9 +35,13 @@ from wallet.wallets import Wallets
 
 
 @contextlib.asynccontextmanager
-async def service(database_url: str, provider: Provider) -> AsyncIterator[tuple[Orders, Wallets]]:
+async def service(
+    database_url: str, provider: Provider, *, pool_size: int = 10, pool_timeout: float = 10
+) -> AsyncIterator[tuple[Orders, Wallets]]:
     settings = Settings(**settings_env(database_url, provider.url))
-    engine = create_engine(database_url, pool_size=10, pooler=settings.db_pooler)
+    engine = create_engine(
+        database_url, pool_size=pool_size, pool_timeout=pool_timeout, pooler=settings.db_pooler
+    )
     try:
         async with new_http_client(settings) as http:
             wallets = Wallets(engine, key=ledger_key(), idempotency_ttl_hours=settings.idempotency_ttl_hours)
@@ -336,3 +340,31 @@ async def test_a_connection_the_database_dropped_is_not_handed_out_again(
         assert all(isinstance(exc, Exception) and is_unavailable(exc) for exc in failed), failed
         for _ in range(12):  # more reads than the pool has connections: none fails again
             assert (await wallets.balance("a")).balance == 499
+
+
+async def test_orders_that_get_no_connection_say_no_money_moved(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """Every pooled connection busy past the pool's timeout: no statement was sent, so the answer
+    says at once that no money moved, rather than that the order's fate is unknown."""
+    async with service(database_url, provider, pool_size=1, pool_timeout=0.2) as (orders, _):
+        await credit(orders, "a", 500)
+        async with orders.engine.connect():  # the pool's one connection, held
+            answers = await asyncio.gather(
+                orders.place("a", 10, None, None),
+                orders.place(
+                    "a",
+                    10,
+                    idempotency.IdempotencyKey(idempotency.client_scope("a"), "k1", b"fingerprint"),
+                    None,
+                ),
+                return_exceptions=True,
+            )
+        for answer in answers:
+            assert isinstance(answer, ServiceUnavailable), answer
+            assert (answer.error_code, answer.message) == (
+                "SERVICE_UNAVAILABLE",
+                "Service temporarily unavailable; no money moved",
+            )
+    assert await fetch(direct_database_url, "SELECT order_id FROM orders") == []
+    assert await fetch(direct_database_url, "SELECT balance FROM wallets") == [(500,)]

@@ -63,9 +63,20 @@ async def test_ready_is_503_when_the_database_is_gone(
         assert not_ready.status_code == 503
         assert not_ready.json()["code"] == "NOT_READY"
         assert (await api.http.get("/health")).status_code == 200
-        balance = await api.http.get("/wallet/balance", headers={"client-id": "ACME"})
-        assert balance.status_code == 503
-        assert balance.json()["success"] is False
+        # Every way a route reaches the database answers alike: a balance (batched, on asyncpg
+        # itself), a history page (SQLAlchemy), an order (batched placement), which can also say
+        # that no money moved, since no connection was had.
+        client = {"client-id": "ACME"}
+        answers = [
+            await api.http.get("/wallet/balance", headers=client),
+            await api.http.get("/wallet/transactions", headers=client),
+            await api.http.post("/orders", headers=client, json={"amount": 1}),
+        ]
+        assert [(answer.status_code, answer.json()) for answer in answers] == [
+            (503, {"success": False, "error": error, "code": "SERVICE_UNAVAILABLE"})
+            for error in ["Service temporarily unavailable"] * 2
+            + ["Service temporarily unavailable; no money moved"]
+        ]
 
 
 async def test_ready_is_503_when_nothing_listens_at_the_database_address(provider: Provider) -> None:

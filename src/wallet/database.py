@@ -48,11 +48,17 @@ log = structlog.get_logger(__name__)
 _UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
 
 
+class Unreachable(Exception):
+    """No connection could be had (refused, gone, or none free in the pool in time), so no
+    statement was sent: whatever it was to do did not happen. Raised by `reached`."""
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """The database is gone, refusing us or shutting down: unavailability, not a bug."""
     if isinstance(
         exc,
-        sqlalchemy.exc.TimeoutError
+        Unreachable
+        | sqlalchemy.exc.TimeoutError
         | sqlalchemy.exc.InterfaceError
         | sqlalchemy.exc.OperationalError
         # From `Direct`: "connection is closed", or a connection the server dropped found in a
@@ -87,7 +93,7 @@ def _unnamed() -> str:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 20, pooler: Pooler = Pooler.NONE, **kwargs: Any
+    url: str, *, pool_size: int = 20, pool_timeout: float = 10, pooler: Pooler = Pooler.NONE, **kwargs: Any
 ) -> AsyncEngine:
     """A fixed-size pool: overflow connections would be opened and closed under every burst.
     Requests wait up to `pool_timeout` for a connection, then get 503.
@@ -111,7 +117,7 @@ def create_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,
-        pool_timeout=10,
+        pool_timeout=pool_timeout,
         pool_pre_ping=False,
         connect_args=connect_args,
         execution_options={_POOLER_OPTION: pooler.value},
@@ -191,10 +197,26 @@ class Direct:
 
 
 @contextlib.asynccontextmanager
+async def reached(connect: AbstractAsyncContextManager[AsyncConnection]) -> AsyncIterator[AsyncConnection]:
+    """`async with connect` (a connection, a transaction), with a failure to get the connection
+    raised as `Unreachable`: a caller whose statement moves money can then tell "nothing ran"
+    from "it may have run" (a failure once a statement was sent)."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            conn = await stack.enter_async_context(connect)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise Unreachable(str(exc) or type(exc).__name__) from exc
+            raise
+        yield conn
+
+
+@contextlib.asynccontextmanager
 async def direct(engine: AsyncEngine) -> AsyncIterator[Direct]:
-    """A pooled connection as `Direct`. A connection the database dropped is discarded: the
-    pool cannot tell, since the error never passed through SQLAlchemy."""
-    async with engine.connect() as conn:
+    """A pooled connection as `Direct` (`Unreachable` if none can be had). A connection the
+    database dropped is discarded: the pool cannot tell, since the error never passed through
+    SQLAlchemy."""
+    async with reached(engine.connect()) as conn:
         pooled = await conn.get_raw_connection()
         try:
             yield Direct(pooled.driver_connection, transactional=pooler_of(engine) is Pooler.TRANSACTION)
@@ -218,10 +240,8 @@ class ReadRouter:
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
         async with contextlib.AsyncExitStack() as stack:
             try:
-                conn = await stack.enter_async_context(self.replica.connect())
-            except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
+                conn = await stack.enter_async_context(reached(self.replica.connect()))
+            except Unreachable as exc:
                 log.warning("read replica unreachable; reading from the primary", error=str(exc))
                 conn = await stack.enter_async_context(self.primary.connect())
             yield conn

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
 from wallet.batching import Batcher
-from wallet.database import Statement, direct, is_unavailable, single
+from wallet.database import Statement, Unreachable, direct, is_unavailable, reached, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
@@ -237,6 +237,8 @@ class Orders:
         order_id = new_order_id()
         try:
             placed = await self._pay(ledger.OrderPayment(client_id, order_id, amount, request_id, idem))
+        except Unreachable as exc:  # no statement was sent
+            raise _nothing_moved(exc) from exc
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -292,9 +294,9 @@ class Orders:
             "key": self.key,
         }
         if idem is None:
-            async with self.single.connect() as conn:
+            async with reached(self.single.connect()) as conn:
                 return await ledger.place_order(conn, **params)
-        async with self.engine.begin() as conn:
+        async with reached(self.engine.begin()) as conn:
             stored = await idempotency.claim(conn, idem, self.settings.idempotency_ttl_hours)
             if stored is not None:
                 return await self._replay(conn, stored)
@@ -317,7 +319,7 @@ class Orders:
                 await asyncio.sleep(0.1 * 2**attempt)
                 continue
             if row is None:
-                raise ServiceUnavailable("Service temporarily unavailable; no money moved") from exc
+                raise _nothing_moved(exc) from exc
             return OrderRow.of(row)
         raise ServiceUnavailable(
             "The database failed while the order was being placed; it may have been placed."
@@ -603,6 +605,12 @@ class _Completion:
     fulfillment_id: str
     attempts: int
     body: bytes
+
+
+def _nothing_moved(exc: Exception) -> ServiceUnavailable:
+    """The 5xx that names no order: the database failed and the order is known not to exist."""
+    log.warning("database unavailable; order not placed", error=str(exc))
+    return ServiceUnavailable("Service temporarily unavailable; no money moved")
 
 
 def _batch_failed(kind: str, size: int, exc: Exception) -> None:

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from wallet.database import is_unavailable
+from wallet.database import Unreachable, is_unavailable
 from wallet.errors import ServiceUnavailable, WalletError
 from wallet.wire import json_response
 
@@ -41,31 +41,26 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return json_response(exc.status_code, body, dict(exc.headers or {}))
 
 
-async def _unavailable(_: Request, exc: Exception) -> Response:
-    log.error("database unavailable", error=str(exc))
-    return json_response(503, ServiceUnavailable("Service temporarily unavailable").body())
-
-
 def handlers(production: bool) -> Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]]:
-    """Core errors, routing errors and an unavailable database. Anything else is a 500, answered
-    by `middleware.CatchAll`, inside the request's context."""
+    """Core errors, routing errors and database errors. Anything else is a 500, answered by
+    `middleware.CatchAll`, inside the request's context."""
 
-    async def database_error(request: Request, exc: Exception) -> Response:
-        """A database that is gone, refusing us or shutting down is unavailability, not a bug."""
-        if is_unavailable(exc):
-            return await _unavailable(request, exc)
-        return internal_error_response(exc, production)
+    async def database_error(_: Request, exc: Exception) -> Response:
+        """A database that is gone, refusing us or shutting down is unavailability (503), not a
+        bug; `database.is_unavailable` is the one rule that tells them apart."""
+        if not is_unavailable(exc):
+            return internal_error_response(exc, production)
+        log.error("database unavailable", error=str(exc))
+        return json_response(503, ServiceUnavailable("Service temporarily unavailable").body())
 
-    return {
-        WalletError: _wallet_error,
-        HTTPException: _http_error,
-        sqlalchemy.exc.TimeoutError: _unavailable,
-        sqlalchemy.exc.OperationalError: _unavailable,
-        sqlalchemy.exc.InterfaceError: _unavailable,
-        OSError: _unavailable,
-        sqlalchemy.exc.DBAPIError: database_error,
-        # The group-commit statements run on asyncpg itself (database.Direct).
-        asyncpg.InterfaceError: _unavailable,
-        asyncpg.InternalClientError: _unavailable,
-        asyncpg.PostgresError: database_error,
-    }
+    # Every family a database error can come from: SQLAlchemy's, asyncpg's own (the group-commit
+    # statements run on asyncpg, database.Direct), and the socket's.
+    database = (
+        sqlalchemy.exc.SQLAlchemyError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        OSError,
+        Unreachable,
+    )
+    return {WalletError: _wallet_error, HTTPException: _http_error, **dict.fromkeys(database, database_error)}
