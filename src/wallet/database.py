@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import sqlalchemy.exc
@@ -29,6 +29,7 @@ MIGRATION_LOCK = 0x57A11E7  # pg_advisory_xact_lock key shared by every process 
 # a table lock for DDL) before it gives up with an error instead of hanging its start.
 MIGRATION_LOCK_TIMEOUT = "120s"
 _POOLER_OPTION = "wallet_pooler"  # engine execution option naming the pooler mode
+T = TypeVar("T")
 
 
 class Pooler(StrEnum):
@@ -189,7 +190,8 @@ class Direct:
         args = [params[name] for name in statement.names]
         rows: list[asyncpg.Record]
         if self._transactional:
-            async with self._connection.transaction():
+            # Behind PgBouncer a database that is gone is first seen here, at BEGIN: nothing ran.
+            async with reached(self._connection.transaction()):
                 rows = await self._connection.fetch(statement.sql, *args)
         else:
             rows = await self._connection.fetch(statement.sql, *args)
@@ -197,10 +199,10 @@ class Direct:
 
 
 @contextlib.asynccontextmanager
-async def reached(connect: AbstractAsyncContextManager[AsyncConnection]) -> AsyncIterator[AsyncConnection]:
-    """`async with connect` (a connection, a transaction), with a failure to get the connection
-    raised as `Unreachable`: a caller whose statement moves money can then tell "nothing ran"
-    from "it may have run" (a failure once a statement was sent)."""
+async def reached(connect: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    """`async with connect` (a connection, a transaction), with a failure to get the connection or
+    to begin raised as `Unreachable`: a caller whose statement moves money can then tell "nothing
+    ran" from "it may have run" (a failure once its statement was sent)."""
     async with contextlib.AsyncExitStack() as stack:
         try:
             conn = await stack.enter_async_context(connect)
