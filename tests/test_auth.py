@@ -17,9 +17,12 @@ import httpx
 
 from tests.builders import ADMIN_KEY, Api, Provider, ServerProcess, spawn_service, start_service
 from tests.servers import relay
+from tests.test_batching import batch_sizes
 from tests.test_workers import metric
-from wallet.database import plain_url
+from wallet.auth import ClientAuthenticator
+from wallet.database import create_engine, plain_url
 from wallet.keycache import APPLICATION_NAME
+from wallet.settings import ClientAuth
 
 
 async def issue_key(api: Api, client_id: str) -> dict[str, Any]:
@@ -132,6 +135,44 @@ async def test_a_revoked_key_is_refused(database_url: str, provider: Provider) -
         again = await revoke(api, "ACME", key["keyId"])
         assert again.status_code == 200
         assert again.json()["data"]["revokedAt"] == body["data"]["revokedAt"]
+
+
+async def test_keys_checked_in_one_pass_are_looked_up_in_one_query(
+    database_url: str, provider: Provider
+) -> None:
+    """Keys no cache knows (a cold start, a cleared cache) are asked for together: one query
+    answers every check of an event-loop pass, each with its own verdict."""
+    async with start_service(database_url, provider.url, client_auth="api_key") as api:
+        for client_id in ("ALICE", "BOB"):
+            await api.credit(client_id, 10)
+        alice, bob, gone = [await issue_key(api, client) for client in ("ALICE", "BOB", "BOB")]
+        assert (await revoke(api, "BOB", gone["keyId"])).status_code == 200
+    engine = create_engine(database_url, pool_size=2)
+    try:
+        clients = ClientAuthenticator(engine, ClientAuth.API_KEY)
+        asked = [
+            ("ALICE", alice["apiKey"]),
+            ("BOB", bob["apiKey"]),
+            ("BOB", alice["apiKey"]),  # someone else's key
+            ("BOB", gone["apiKey"]),  # revoked
+            ("ALICE", "wk_no-such-key"),
+            ("ALICE", alice["apiKey"]),
+        ]
+        batches = batch_sizes("api_key")
+        answers = await asyncio.gather(
+            *(clients.authenticate(c, k) for c, k in asked), return_exceptions=True
+        )
+        assert batch_sizes("api_key") == (batches[0] + 1, batches[1] + len(asked))
+        assert [a if isinstance(a, str) else getattr(a, "error_code", a) for a in answers] == [
+            "ALICE",
+            "BOB",
+            "INVALID_API_KEY",
+            "INVALID_API_KEY",
+            "INVALID_API_KEY",
+            "ALICE",
+        ]
+    finally:
+        await engine.dispose()
 
 
 async def test_rotation_old_and_new_keys_both_work_until_the_old_is_revoked(

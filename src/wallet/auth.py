@@ -9,13 +9,15 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from wallet.database import single
+from wallet.batching import Batcher
+from wallet.database import Statement, direct
 from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from wallet.events import INSERT_EVENT, time_sql
 from wallet.keycache import KeyCache
@@ -45,7 +47,13 @@ def check_admin(token: str | None, admin_key_digest: bytes) -> None:
         raise Forbidden("Invalid admin API key", code="INVALID_API_KEY")
 
 
-_KEY_OWNER = text("SELECT client_id FROM api_keys WHERE key_hash = :hash AND revoked_at IS NULL")
+# The keys a cache could not answer for, asked in one query per event-loop pass (batching.py).
+_KEY_OWNERS = Statement.of(
+    text(
+        "SELECT key_hash, client_id FROM api_keys"
+        " WHERE key_hash = ANY(CAST(:hashes AS bytea[])) AND revoked_at IS NULL"
+    )
+)
 # Issuing and revoking write their event (never the secret) in the same statement; revoking
 # again changes nothing, so it writes nothing. Revoking also tells every process's KeyCache, by
 # the NOTIFY of api_keys' trigger (migration 0011), delivered when this transaction commits.
@@ -89,9 +97,9 @@ class IssuedKey:
 class ClientAuthenticator:
     def __init__(self, engine: AsyncEngine, mode: ClientAuth, cache: KeyCache | None = None) -> None:
         self.engine = engine
-        self.single = single(engine)
         self.mode = mode
         self.cache = cache
+        self._lookups = Batcher("api_key", self._owners)
 
     async def authenticate(self, client_id_header: str | None, token: str | None) -> str:
         if client_id_header is None:
@@ -102,18 +110,20 @@ class ClientAuthenticator:
         if not token:
             raise Unauthorized("Client authentication required: Authorization: Bearer <API key>")
         hashed = digest(token)
-        owner = await (self.cache.owner(hashed, self._owner) if self.cache else self._owner(hashed))
+        lookup = self._lookups.submit
+        owner = await (self.cache.owner(hashed, lookup) if self.cache else lookup(hashed))
         # The lookup is by digest, so timing says nothing about the key (nor does a cache hit:
         # a dict lookup by digest); the owner check is a comparison of public ids.
         if owner != client_id:
             raise Forbidden("API key is not valid for this client", code="INVALID_API_KEY")
         return client_id
 
-    async def _owner(self, key_digest: bytes) -> str | None:
-        """The client whose valid (unrevoked) key has this digest, if any."""
-        async with self.single.connect() as conn:
-            owner = (await conn.execute(_KEY_OWNER, {"hash": key_digest})).scalar()
-        return None if owner is None else str(owner)
+    async def _owners(self, key_digests: Sequence[bytes]) -> list[str | None]:
+        """For each digest, the client whose valid (unrevoked) key it is, if any."""
+        async with direct(self.engine) as conn:
+            rows = await conn.fetch(_KEY_OWNERS, {"hashes": list(set(key_digests))})
+        owners = {bytes(row["key_hash"]): str(row["client_id"]) for row in rows}
+        return [owners.get(key_digest) for key_digest in key_digests]
 
     async def issue(self, client_id: str) -> IssuedKey:
         key_id = f"key_{secrets.token_hex(8)}"
