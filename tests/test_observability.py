@@ -250,7 +250,7 @@ async def test_production_logs_are_json_lines_with_the_request_id(
                 "code": "INTERNAL_ERROR",
             }
             assert broken.headers["x-request-id"] == failing
-            await server.wait_for('"event": "request"', count=3)
+            await server.wait_for('"event":"request"', count=3)
 
     errors = [entry for entry in json_lines(server.lines) if entry.get("request_id") == failing]
     assert [entry["event"] for entry in errors] == ["unhandled error", "request"]

@@ -77,7 +77,7 @@ async def test_workers_share_the_rate_limit_through_redis(database_url: str, red
     async with spawn_service(env) as server:
         await server.wait_for("Application startup complete", count=2)
         sent = await send_requests(server, client_ip)
-        await server.wait_for('"event": "request"', count=REQUESTS)
+        await server.wait_for('"event":"request"', count=REQUESTS)
         async with httpx.AsyncClient(base_url=server.url) as http:
             metrics = (await http.get("/metrics")).text
 
@@ -150,7 +150,7 @@ async def test_connections_are_spread_over_the_workers(database_url: str) -> Non
             batches.append(ids)
         # Every line, however the workers' writes interleave (a line run into another is lost).
         async with asyncio.timeout(30):
-            await server.wait_for('"event": "request"', count=connections * rounds)
+            await server.wait_for('"event":"request"', count=connections * rounds)
     served_by = {rid: entry["pid"] for rid, entry in access_log(server).items()}
     for ids in batches:
         per_worker = collections.Counter(served_by[rid] for rid in ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -9,7 +10,9 @@ import sys
 import time
 import uuid
 from contextvars import ContextVar
+from typing import Any
 
+import orjson
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import event
@@ -130,6 +133,16 @@ def _add_pid(_: object, __: str, event_dict: structlog.types.EventDict) -> struc
     return event_dict
 
 
+def _json_line(event_dict: Any, **_: Any) -> str:
+    """A log line as JSON, by orjson: a third of an access line's cost went to the stdlib's
+    encoder. What orjson refuses (an integer past 64 bits) falls back to the stdlib, so logging
+    never fails a request."""
+    try:
+        return orjson.dumps(event_dict, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(event_dict, default=repr)
+
+
 def configure_logging(level: str, renderer: str) -> None:
     """structlog for our events; the stdlib loggers (uvicorn, alembic) go through the same
     renderer, so every line on stderr has one format (JSON in production)."""
@@ -140,7 +153,7 @@ def configure_logging(level: str, renderer: str) -> None:
         _add_pid,
     ]
     render: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if renderer == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
