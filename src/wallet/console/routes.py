@@ -35,7 +35,7 @@ from wallet.console import queries
 from wallet.console.sessions import COOKIE, Session, Sessions
 from wallet.database import is_unavailable
 from wallet.errors import BadRequest, NotFound, WalletError
-from wallet.http.deps import Services
+from wallet.http.deps import Services, invalid
 from wallet.http.movements import CreditRequest, DebitRequest
 from wallet.http.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
 from wallet.orders import ORDER_ID_PATTERN, OrderStatus
@@ -178,12 +178,11 @@ def _nonce_key(form: dict[str, str], route: str, model: Any) -> idempotency.Idem
 
 
 def _validated(model: Any, values: dict[str, Any]) -> Any:
+    """A form's fields through the API's own request model, refused as the API refuses them."""
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "form"
-        raise BadRequest(f"{field}: {first['msg']}") from None
+        raise invalid(exc) from None
 
 
 def parse_amount(raw: str) -> Decimal:
