@@ -245,6 +245,13 @@ class Relay:
     url: str  # the database of the URL the relay was made for, reached through the relay
     accepting: bool = True
     flowing: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: data waits in the relay
+    links: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    def cut(self) -> None:
+        """Close every connection through the relay, both ends, as a network failure or a pooler's
+        restart would: the server notices only when it next reads or writes."""
+        for writer in self.links:
+            writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -281,11 +288,9 @@ async def relay(server_url: str) -> AsyncIterator[Relay]:
         except OSError:
             writer.close()
             return
-        links.update((writer, upstream_writer))
+        state.links.update((writer, upstream_writer))
         await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-        links.difference_update((writer, upstream_writer))
-
-    links: set[asyncio.StreamWriter] = set()
+        state.links.difference_update((writer, upstream_writer))
 
     server = await asyncio.start_server(link, "127.0.0.1", 0)
     relay_port = server.sockets[0].getsockname()[1]
@@ -295,5 +300,4 @@ async def relay(server_url: str) -> AsyncIterator[Relay]:
         try:
             yield state
         finally:
-            for writer in links:
-                writer.close()
+            state.cut()

@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 
 from tests.builders import ADMIN_KEY, Api, Commits, Provider, settings_env, spawn_service, start_service
+from tests.servers import relay
 from tests.test_orders import assert_accepted, assert_held, ledger_types
 from tests.test_workers import metric
 from wallet.database import create_engine, plain_url
@@ -315,3 +316,45 @@ async def test_a_process_killed_during_the_resolvers_call_finishes_the_order_onc
     assert order["status"] == "COMPLETED"
     assert provider.simulator.fulfilled == {order_id: order["fulfillmentId"]}
     assert [t for t, *_ in await ledger_types(database_url, "C1")] == ["CREDIT", "ORDER_DEDUCTION"]
+
+
+WAITING_ON_A_LOCK = """SELECT count(*) FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = 'wallet' AND wait_event_type = 'Lock'"""
+WATCHING_WHAT_RUNS = """SELECT count(*) FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = 'wallet'
+      AND query LIKE '%FROM pg_stat_activity a%'"""
+
+
+async def test_an_order_whose_connection_was_cut_mid_statement_is_looked_for_once_that_ended(
+    database_url: str, provider: Provider
+) -> None:
+    """The network to the database fails while the order's statement waits on the server (here
+    for a lock the test holds). The server does not notice: it runs the statement and commits.
+    So the service must not look for the order, and answer "no money moved", before that
+    statement has ended: its answer names the order."""
+    async with relay(database_url) as path, start_service(path.url, provider.url) as api:
+        await api.credit("C1", 100)
+        holder = await asyncpg.connect(plain_url(database_url))
+        watcher = await asyncpg.connect(plain_url(database_url))  # each look a transaction of its own
+        try:
+
+            async def seen(query: str) -> bool:
+                return bool(await watcher.fetchval(query))
+
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM wallets WHERE client_id = 'C1' FOR UPDATE")
+                order = asyncio.create_task(api.order("C1", 30))
+                while not await seen(WAITING_ON_A_LOCK):
+                    pass
+                path.cut()
+                # Either the service answers at once, or it watches for the statement it lost.
+                while not order.done() and not await seen(WATCHING_WHAT_RUNS):
+                    pass
+            # The lock is released: the cut-off statement goes on and commits.
+            response = await order
+            placed = [row["order_id"] for row in await watcher.fetch("SELECT order_id FROM orders")]
+        finally:
+            await holder.close()
+            await watcher.close()
+        assert response.status_code in (201, 202), response.text
+        assert placed == [response.json()["data"]["orderId"]]

@@ -29,6 +29,7 @@ MIGRATION_LOCK = 0x57A11E7  # pg_advisory_xact_lock key shared by every process 
 # a table lock for DDL) before it gives up with an error instead of hanging its start.
 MIGRATION_LOCK_TIMEOUT = "120s"
 _POOLER_OPTION = "wallet_pooler"  # engine execution option naming the pooler mode
+APPLICATION_NAME = "wallet"  # the pool's sessions, as pg_stat_activity shows them
 T = TypeVar("T")
 
 
@@ -106,7 +107,7 @@ def create_engine(
     statement is replaced by the next one, so nothing needs deallocating and nothing piles up on a
     server connection (unique names would: the last statement of each transaction is only closed
     at the next prepare, by then on another server connection)."""
-    connect_args: dict[str, Any] = {"server_settings": {"application_name": "wallet"}}
+    connect_args: dict[str, Any] = {"server_settings": {"application_name": APPLICATION_NAME}}
     if pooler is Pooler.TRANSACTION:
         connect_args |= {
             "statement_cache_size": 0,

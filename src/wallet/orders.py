@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
 from wallet.batching import Batcher
-from wallet.database import Statement, Unreachable, direct, is_unavailable, reached, single
+from wallet.database import APPLICATION_NAME, Statement, Unreachable, direct, is_unavailable, reached, single
 from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
@@ -190,6 +190,20 @@ UPDATE idempotency_keys SET response_status = :status, response_body = :body
 WHERE tenant = :client_id AND order_id = :order_id AND response_status IS NULL
 """)
 _GET = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id")
+# Placements, and COMMITs (asyncpg's), that our sessions started before :since and that still
+# run. One whose connection we lost may still commit: the server notices a vanished client only
+# when it next reads or writes, after its COMMIT. `since` is the first look's own start.
+_STILL_RUNNING = text("""
+SELECT coalesce(CAST(:since AS timestamptz), statement_timestamp()) AS since, count(*) FILTER (
+    WHERE a.query_start < coalesce(CAST(:since AS timestamptz), statement_timestamp())
+      AND (a.query = 'COMMIT;' OR EXISTS (
+          SELECT 1 FROM unnest(CAST(:starts AS text[])) AS s (start) WHERE starts_with(a.query, s.start)))
+) AS running
+FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.application_name = :application
+  AND a.state = 'active' AND a.pid <> pg_backend_pid()
+""")
+STILL_RUNNING_WAIT = 5.0  # seconds a lost placement may take to end before its fate is unknown
 _GET_OWN = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id AND client_id = :client_id")
 # Orders due at the start of this pass, claimed for one resolver attempt. The attempt may POST,
 # so `sent_by` moves past its lease; the lookup it makes first is judged by the value before.
@@ -311,6 +325,8 @@ class Orders:
         log.warning("database failed while placing an order", order_id=order_id, error=str(exc))
         for attempt in range(3):
             try:
+                if not await self._lost_statements_ended():
+                    break
                 async with self.single.connect() as conn:
                     row = (await conn.execute(_GET, {"order_id": order_id})).first()
             except Exception as again:
@@ -328,6 +344,27 @@ class Orders:
             details={"orderId": order_id},
             headers=location(order_id),
         ) from exc
+
+    async def _lost_statements_ended(self) -> bool:
+        """Whether every placement (or COMMIT) that was running when we looked first has ended,
+        within STILL_RUNNING_WAIT: only then does an order's absence prove that no money moved.
+        Each look is a transaction of its own, since one transaction sees one snapshot of
+        pg_stat_activity. Others' placements count too: they are short, and cannot be told apart."""
+        params: dict[str, Any] = {
+            "since": None,
+            "starts": list(ledger.PLACEMENT_STARTS),
+            "application": APPLICATION_NAME,
+        }
+        deadline = time.monotonic() + STILL_RUNNING_WAIT
+        while True:
+            async with self.single.connect() as conn:
+                looked = (await conn.execute(_STILL_RUNNING, params)).one()
+            if looked.running == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            params["since"] = looked.since
+            await asyncio.sleep(0.01)
 
     async def _replay(self, conn: AsyncConnection, stored: idempotency.StoredResponse) -> Reply:
         if stored.order_id is None:
