@@ -349,7 +349,8 @@ class Orders:
         """Whether every placement (or COMMIT) that was running when we looked first has ended,
         within STILL_RUNNING_WAIT: only then does an order's absence prove that no money moved.
         Each look is a transaction of its own, since one transaction sees one snapshot of
-        pg_stat_activity. Others' placements count too: they are short, and cannot be told apart."""
+        pg_stat_activity. Other sessions' placements (and credits and debits, which start alike)
+        count too: a lost one cannot be told from them, and they are short."""
         params: dict[str, Any] = {
             "since": None,
             "starts": list(ledger.PLACEMENT_STARTS),
