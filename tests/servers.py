@@ -236,6 +236,16 @@ def primary_and_replica(*, with_replica: bool = True) -> Iterator[Replicated]:
                     _pg_ctl("-D", str(data), "-m", "immediate", "stop")
 
 
+@dataclass(eq=False)
+class _Link:
+    """One connection through the relay: the service's end of it and the server's."""
+
+    service: asyncio.StreamWriter
+    server: asyncio.StreamWriter
+    server_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    stranded: bool = False
+
+
 @dataclass
 class Relay:
     """A TCP relay on a loopback port to a PostgreSQL server: the network between a service and
@@ -245,13 +255,31 @@ class Relay:
     url: str  # the database of the URL the relay was made for, reached through the relay
     accepting: bool = True
     flowing: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: data waits in the relay
-    links: set[asyncio.StreamWriter] = field(default_factory=set)
+    links: set[_Link] = field(default_factory=set)
+    marker: bytes | None = None  # see `strand`
+    stranded: asyncio.Event = field(default_factory=asyncio.Event)
+    delivering: asyncio.Event = field(default_factory=asyncio.Event)
 
     def cut(self) -> None:
         """Close every connection through the relay, both ends, as a network failure or a pooler's
         restart would: the server notices only when it next reads or writes."""
-        for writer in self.links:
-            writer.close()
+        for link in self.links:
+            link.service.close()
+            link.server.close()
+
+    def strand(self, marker: bytes) -> None:
+        """The next bytes from the service that contain `marker` stay in the network: the
+        service's end of their connection closes at once (`stranded` is set), and they reach the
+        server only at `deliver`, as bytes still in flight when a connection breaks do."""
+        self.marker = marker
+
+    async def deliver(self) -> None:
+        """Pass the stranded bytes on, then close toward the server, and wait until the server
+        has closed its end: it has run them (and exited on reading the end), or it had already
+        gone."""
+        self.delivering.set()
+        for link in [link for link in self.links if link.stranded]:
+            await link.server_closed.wait()
 
 
 @contextlib.asynccontextmanager
@@ -268,16 +296,41 @@ async def relay(server_url: str) -> AsyncIterator[Relay]:
             return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
         return await asyncio.open_connection(host, port)
 
-    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def to_server(source: asyncio.StreamReader, link: _Link) -> None:
         try:
             while data := await source.read(65536):
                 await state.flowing.wait()
-                sink.write(data)
-                await sink.drain()
+                if state.marker is not None and state.marker in data:
+                    state.marker = None
+                    link.stranded = True
+                    link.service.close()
+                    state.stranded.set()
+                    await state.delivering.wait()
+                    link.server.write(data)
+                    link.server.write_eof()
+                    await link.server.drain()
+                    return
+                link.server.write(data)
+                await link.server.drain()
         except OSError:
             pass
         finally:
-            sink.close()
+            if not link.stranded:
+                link.server.close()
+
+    async def to_service(source: asyncio.StreamReader, link: _Link) -> None:
+        try:
+            while data := await source.read(65536):
+                await state.flowing.wait()
+                if not link.stranded:
+                    link.service.write(data)
+                    await link.service.drain()
+        except OSError:
+            pass
+        finally:
+            link.server_closed.set()
+            link.service.close()
+            link.server.close()
 
     async def link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not state.accepting:
@@ -288,9 +341,10 @@ async def relay(server_url: str) -> AsyncIterator[Relay]:
         except OSError:
             writer.close()
             return
-        state.links.update((writer, upstream_writer))
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-        state.links.difference_update((writer, upstream_writer))
+        joined = _Link(writer, upstream_writer)
+        state.links.add(joined)
+        await asyncio.gather(to_server(reader, joined), to_service(upstream_reader, joined))
+        state.links.discard(joined)
 
     server = await asyncio.start_server(link, "127.0.0.1", 0)
     relay_port = server.sockets[0].getsockname()[1]

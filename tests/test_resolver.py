@@ -325,13 +325,26 @@ WATCHING_WHAT_RUNS = """SELECT count(*) FROM pg_stat_activity
       AND query LIKE '%FROM pg_stat_activity a%'"""
 
 
-async def test_an_order_whose_connection_was_cut_mid_statement_is_looked_for_once_that_ended(
+def assert_answer_agrees(response: httpx.Response, placed: list[str]) -> None:
+    """An answer that names an order: that order, and only it, exists. One that names none:
+    no order exists, so no money moved."""
+    body = response.json()
+    named = (body.get("data") or {}).get("orderId") or (body.get("details") or {}).get("orderId")
+    if named is None:
+        assert response.status_code == 503, response.text
+        assert body["error"] == "Service temporarily unavailable; no money moved", body
+        assert placed == []
+    else:
+        assert placed == [named], (response.text, placed)
+
+
+async def test_an_order_whose_connection_was_cut_mid_statement_is_answered_as_it_ended(
     database_url: str, provider: Provider
 ) -> None:
     """The network to the database fails while the order's statement waits on the server (here
-    for a lock the test holds). The server does not notice: it runs the statement and commits.
-    So the service must not look for the order, and answer "no money moved", before that
-    statement has ended: its answer names the order."""
+    for a lock the test holds). The server does not notice, and would run the statement and
+    commit once the lock is free. So the service must not look for the order before that
+    statement has ended one way or the other: its answer agrees with what is stored."""
     async with relay(database_url) as path, start_service(path.url, provider.url) as api:
         await api.credit("C1", 100)
         holder = await asyncpg.connect(plain_url(database_url))
@@ -347,14 +360,37 @@ async def test_an_order_whose_connection_was_cut_mid_statement_is_looked_for_onc
                 while not await seen(WAITING_ON_A_LOCK):
                     pass
                 path.cut()
-                # Either the service answers at once, or it watches for the statement it lost.
+                # Either the service answers (having ended the statement), or it waits for it.
                 while not order.done() and not await seen(WATCHING_WHAT_RUNS):
                     pass
-            # The lock is released: the cut-off statement goes on and commits.
+            # The lock is released: a statement still alive goes on and commits.
             response = await order
             placed = [row["order_id"] for row in await watcher.fetch("SELECT order_id FROM orders")]
         finally:
             await holder.close()
             await watcher.close()
-        assert response.status_code in (201, 202), response.text
-        assert placed == [response.json()["data"]["orderId"]]
+        assert_answer_agrees(response, placed)
+        if not placed:
+            await assert_held(api, "C1", 100, 0)
+
+
+async def test_an_order_whose_statement_was_still_in_flight_when_the_connection_broke_never_lands_late(
+    database_url: str, provider: Provider
+) -> None:
+    """The connection breaks while the placement's bytes are still in the network: the server
+    has not read them, so it shows nothing running, and they may still arrive once the service
+    has looked. The service must make sure they never run before it says no money moved."""
+    async with relay(database_url) as path, start_service(path.url, provider.url) as api:
+        await api.credit("C1", 100)
+        path.strand(b"ORD-")  # the placement carries the new order's id; nothing before it does
+        response = await api.order("C1", 30)
+        assert path.stranded.is_set()
+        await path.deliver()  # the stranded bytes arrive: they must find nothing to run on
+        conn = await asyncpg.connect(plain_url(database_url))
+        try:
+            placed = [row["order_id"] for row in await conn.fetch("SELECT order_id FROM orders")]
+        finally:
+            await conn.close()
+        assert_answer_agrees(response, placed)
+        assert placed == []
+        await assert_held(api, "C1", 100, 0)

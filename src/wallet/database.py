@@ -10,6 +10,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -19,7 +20,7 @@ import sqlalchemy.exc
 import structlog
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, TextClause, text
+from sqlalchemy import Connection, TextClause, event, text
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -50,16 +51,39 @@ log = structlog.get_logger(__name__)
 _UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
 
 
-class Unreachable(Exception):
+class Unavailable(Exception):
+    """The database failed us; the subclass says whether a statement could have run."""
+
+
+class Unreachable(Unavailable):
     """No connection could be had (refused, gone, or none free in the pool in time), so no
     statement was sent: whatever it was to do did not happen. Raised by `reached`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The server process behind one pooled connection. Its pid alone could be a later
+    process's; with its start time it is this one."""
+
+    pid: int
+    started: datetime
+
+
+class Lost(Unavailable):
+    """The connection failed once a statement was sent: it may have run, and the server may not
+    have noticed yet, so it may still run and commit on `backend` (None where that process
+    cannot be named: behind a transaction pooler). Raised by `sending`."""
+
+    def __init__(self, backend: Backend | None, cause: BaseException) -> None:
+        super().__init__(str(cause) or type(cause).__name__)
+        self.backend = backend
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """The database is gone, refusing us or shutting down: unavailability, not a bug."""
     if isinstance(
         exc,
-        Unreachable
+        Unavailable
         | sqlalchemy.exc.TimeoutError
         | sqlalchemy.exc.InterfaceError
         | sqlalchemy.exc.OperationalError
@@ -115,7 +139,7 @@ def create_engine(
             "prepared_statement_name_func": _unnamed,
         }
     connect_args |= kwargs.pop("connect_args", {})
-    return create_async_engine(
+    engine = create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,
@@ -125,6 +149,20 @@ def create_engine(
         execution_options={_POOLER_OPTION: pooler.value},
         **kwargs,
     )
+    if pooler is Pooler.NONE:  # behind a transaction pooler the server process changes per transaction
+        event.listen(engine.sync_engine, "connect", _name_backend)
+    return engine
+
+
+_BACKEND_INFO = "wallet_backend"  # the key of a connection's `Backend` in its pool record's info
+_WHO_AM_I = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+
+
+def _name_backend(dbapi_connection: Any, record: Any) -> None:
+    """Once per new connection: which server process serves it, so that a statement lost with
+    it can be fenced (`Lost`). On asyncpg itself: the DBAPI cursor would begin a transaction."""
+    pid, started = dbapi_connection.run_async(lambda conn: conn.fetchrow(_WHO_AM_I))
+    record.info[_BACKEND_INFO] = Backend(pid, started)
 
 
 def pooler_of(engine: AsyncEngine) -> Pooler:
@@ -215,11 +253,28 @@ async def reached(connect: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
 
 
 @contextlib.asynccontextmanager
+async def sending(connect: AbstractAsyncContextManager[AsyncConnection]) -> AsyncIterator[AsyncConnection]:
+    """`reached`, and then a failure of the connection (its COMMIT included) raised as `Lost`,
+    naming the server process that may still be running what was sent."""
+    backend: Backend | None = None
+    try:
+        async with reached(connect) as conn:
+            backend = conn.info.get(_BACKEND_INFO)
+            yield conn
+    except Unavailable:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise Lost(backend, exc) from exc
+        raise
+
+
+@contextlib.asynccontextmanager
 async def direct(engine: AsyncEngine) -> AsyncIterator[Direct]:
-    """A pooled connection as `Direct` (`Unreachable` if none can be had). A connection the
-    database dropped is discarded: the pool cannot tell, since the error never passed through
-    SQLAlchemy."""
-    async with reached(engine.connect()) as conn:
+    """A pooled connection as `Direct` (`Unreachable` if none can be had, `Lost` if it failed
+    once a statement was sent). A connection the database dropped is discarded: the pool cannot
+    tell, since the error never passed through SQLAlchemy."""
+    async with sending(engine.connect()) as conn:
         pooled = await conn.get_raw_connection()
         try:
             yield Direct(pooled.driver_connection, transactional=pooler_of(engine) is Pooler.TRANSACTION)

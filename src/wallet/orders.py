@@ -33,7 +33,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet import idempotency, ledger, observability
 from wallet.batching import Batcher
-from wallet.database import APPLICATION_NAME, Statement, Unreachable, direct, is_unavailable, reached, single
+from wallet.database import (
+    APPLICATION_NAME,
+    Backend,
+    Lost,
+    Statement,
+    Unreachable,
+    direct,
+    is_unavailable,
+    sending,
+    single,
+)
 from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
@@ -203,6 +213,11 @@ FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.application_name = :application
   AND a.state = 'active' AND a.pid <> pg_backend_pid()
 """)
+# pg_terminate_backend waits for the exit, and answers false (with a warning) past the wait.
+_END_BACKEND = text("""
+SELECT pg_terminate_backend(pid, :wait_ms) AS ended
+FROM pg_stat_activity WHERE pid = :pid AND backend_start = :started
+""")
 STILL_RUNNING_WAIT = 5.0  # seconds a lost placement may take to end before its fate is unknown
 _GET_OWN = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id AND client_id = :client_id")
 # Orders due at the start of this pass, claimed for one resolver attempt. The attempt may POST,
@@ -308,9 +323,9 @@ class Orders:
             "key": self.key,
         }
         if idem is None:
-            async with reached(self.single.connect()) as conn:
+            async with sending(self.single.connect()) as conn:
                 return await ledger.place_order(conn, **params)
-        async with reached(self.engine.begin()) as conn:
+        async with sending(self.engine.begin()) as conn:
             stored = await idempotency.claim(conn, idem, self.settings.idempotency_ttl_hours)
             if stored is not None:
                 return await self._replay(conn, stored)
@@ -320,12 +335,15 @@ class Orders:
 
     async def _placed_despite(self, exc: Exception, order_id: str) -> OrderRow:
         """The database failed while the order was being paid for: the money may or may not
-        have moved (a lost COMMIT answer). Look before answering, since a 5xx that names no
-        order must mean that no money moved."""
+        have moved (a lost COMMIT answer), and the statement may even still be on its way or
+        running. End it first, then look: a 5xx that names no order must mean that no money
+        moved."""
         log.warning("database failed while placing an order", order_id=order_id, error=str(exc))
+        backend = exc.backend if isinstance(exc, Lost) else None
         for attempt in range(3):
             try:
-                if not await self._lost_statements_ended():
+                ended = await (self._ended(backend) if backend else self._lost_statements_ended())
+                if not ended:
                     break
                 async with self.single.connect() as conn:
                     row = (await conn.execute(_GET, {"order_id": order_id})).first()
@@ -345,8 +363,18 @@ class Orders:
             headers=location(order_id),
         ) from exc
 
+    async def _ended(self, backend: Backend) -> bool:
+        """Terminate the server process the placement was sent to, and wait (up to
+        STILL_RUNNING_WAIT) until it has exited: whatever it received, even bytes it had not yet
+        read, has then committed or never will. A process already gone is ended."""
+        params = {"pid": backend.pid, "started": backend.started, "wait_ms": int(STILL_RUNNING_WAIT * 1000)}
+        async with self.single.connect() as conn:
+            row = (await conn.execute(_END_BACKEND, params)).first()
+        return row is None or bool(row.ended)
+
     async def _lost_statements_ended(self) -> bool:
-        """Whether every placement (or COMMIT) that was running when we looked first has ended,
+        """Behind a transaction pooler, where the server process cannot be named: whether every
+        placement (or COMMIT) that was running when we looked first has ended,
         within STILL_RUNNING_WAIT: only then does an order's absence prove that no money moved.
         Each look is a transaction of its own, since one transaction sees one snapshot of
         pg_stat_activity. Other sessions' placements (and credits and debits, which start alike)

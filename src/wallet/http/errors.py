@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from wallet.database import Unreachable, is_unavailable
+from wallet.database import Unavailable, is_unavailable
 from wallet.errors import ServiceUnavailable, WalletError
 from wallet.wire import json_response
 
@@ -61,6 +61,6 @@ def handlers(production: bool) -> Mapping[Any, Callable[[Request, Exception], Aw
         asyncpg.InterfaceError,
         asyncpg.InternalClientError,
         OSError,
-        Unreachable,
+        Unavailable,
     )
     return {WalletError: _wallet_error, HTTPException: _http_error, **dict.fromkeys(database, database_error)}
