@@ -18,8 +18,9 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, spawn_service, watch_commits
-from tests.servers import pgbouncer, primary_and_replica
+from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, spawn_service, start_service, watch_commits
+from tests.servers import pgbouncer, primary_and_replica, relay
+from tests.test_resolver import WAITING_ON_A_LOCK, WATCHING_WHAT_RUNS
 from wallet.database import MIGRATION_LOCK, migrate_url, plain_url
 
 CLIENTS = [f"pool-{n}" for n in range(16)]
@@ -220,3 +221,50 @@ async def test_migrations_through_pgbouncer_twice_and_together(
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# A COMMIT that inserted an order waits for advisory lock 4242 (a deferred trigger of this
+# test's own database), so a test can hold a placement's COMMIT on the server.
+HOLD_COMMITS = """
+CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON orders
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold_commit();
+"""
+
+
+async def test_an_order_whose_commit_was_cut_off_behind_pgbouncer_is_answered_once_it_ended(
+    own_database: str, pooled_url: str, provider: Provider
+) -> None:
+    """Behind a transaction pooler every statement runs between BEGIN and COMMIT, and the server
+    process cannot be named, so the service cannot end it. When the network fails during the
+    COMMIT, the server goes on and commits: the service must wait for that before it looks, and
+    answer with the order."""
+    holder = await asyncpg.connect(plain_url(own_database))
+    watcher = await asyncpg.connect(plain_url(own_database))  # each look a transaction of its own
+    try:
+        await holder.execute(HOLD_COMMITS)
+
+        async def seen(query: str) -> bool:
+            return bool(await watcher.fetchval(query))
+
+        async with (
+            relay(pooled_url) as path,
+            start_service(path.url, provider.url, db_pooler="transaction") as api,
+        ):
+            await api.credit("C1", 100)
+            await holder.execute("SELECT pg_advisory_lock(4242)")
+            order = asyncio.create_task(api.order("C1", 30))
+            while not await seen(WAITING_ON_A_LOCK):
+                pass
+            path.cut()
+            while not order.done() and not await seen(WATCHING_WHAT_RUNS):
+                pass
+            await holder.execute("SELECT pg_advisory_unlock(4242)")  # the COMMIT goes on
+            response = await order
+            placed = [row["order_id"] for row in await watcher.fetch("SELECT order_id FROM orders")]
+    finally:
+        await holder.close()
+        await watcher.close()
+    assert response.status_code in (201, 202), response.text
+    assert placed == [response.json()["data"]["orderId"]]

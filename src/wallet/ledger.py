@@ -194,10 +194,6 @@ SELECT ord, outcome, before, {ORDER_COLUMNS} FROM moved ORDER BY ord
 """)
 )
 
-# How a placement starts, as pg_stat_activity shows it while it runs (its first characters,
-# before any parameter): `orders` waits for one its lost connection may have left running.
-PLACEMENT_STARTS = (Statement.of(_PLACE_ORDER).sql[:40], _PLACE_ORDERS.sql[:40])
-
 _REFUND_ORDER = text(f"""
 WITH failed AS (
     UPDATE orders

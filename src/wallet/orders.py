@@ -200,18 +200,16 @@ UPDATE idempotency_keys SET response_status = :status, response_body = :body
 WHERE tenant = :client_id AND order_id = :order_id AND response_status IS NULL
 """)
 _GET = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id")
-# Placements, and COMMITs (asyncpg's), that our sessions started before :since and that still
-# run. One whose connection we lost may still commit: the server notices a vanished client only
-# when it next reads or writes, after its COMMIT. `since` is the first look's own start.
+# COMMITs (asyncpg's) that our sessions started before :since and that still run. One whose
+# connection we lost may still commit: the server notices a vanished client only when it next
+# reads or writes, after its COMMIT. `since` is the first look's own start.
 _STILL_RUNNING = text("""
 SELECT coalesce(CAST(:since AS timestamptz), statement_timestamp()) AS since, count(*) FILTER (
     WHERE a.query_start < coalesce(CAST(:since AS timestamptz), statement_timestamp())
-      AND (a.query = 'COMMIT;' OR EXISTS (
-          SELECT 1 FROM unnest(CAST(:starts AS text[])) AS s (start) WHERE starts_with(a.query, s.start)))
 ) AS running
 FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.application_name = :application
-  AND a.state = 'active' AND a.pid <> pg_backend_pid()
+  AND a.state = 'active' AND a.query = 'COMMIT;' AND a.pid <> pg_backend_pid()
 """)
 # pg_terminate_backend waits for the exit, and answers false (with a warning) past the wait.
 _END_BACKEND = text("""
@@ -373,17 +371,13 @@ class Orders:
         return row is None or bool(row.ended)
 
     async def _lost_statements_ended(self) -> bool:
-        """Behind a transaction pooler, where the server process cannot be named: whether every
-        placement (or COMMIT) that was running when we looked first has ended,
-        within STILL_RUNNING_WAIT: only then does an order's absence prove that no money moved.
-        Each look is a transaction of its own, since one transaction sees one snapshot of
-        pg_stat_activity. Other sessions' placements (and credits and debits, which start alike)
-        count too: a lost one cannot be told from them, and they are short."""
-        params: dict[str, Any] = {
-            "since": None,
-            "starts": list(ledger.PLACEMENT_STARTS),
-            "application": APPLICATION_NAME,
-        }
+        """Behind a transaction pooler, where the server process cannot be named: every statement
+        runs between BEGIN and COMMIT there, so only a lost COMMIT can still commit. Whether every
+        COMMIT of our sessions that was running when we looked first has ended, within
+        STILL_RUNNING_WAIT: only then does an order's absence prove that no money moved. Each look
+        is a transaction of its own, since one transaction sees one snapshot of pg_stat_activity.
+        Other sessions' COMMITs count too: a lost one cannot be told from them, and they are short."""
+        params: dict[str, Any] = {"since": None, "application": APPLICATION_NAME}
         deadline = time.monotonic() + STILL_RUNNING_WAIT
         while True:
             async with self.single.connect() as conn:
