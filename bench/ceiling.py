@@ -16,7 +16,6 @@ import subprocess
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import TextClause
@@ -24,7 +23,6 @@ from sqlalchemy import TextClause
 from wallet import chain, ledger, orders, reads, statements
 from wallet.database import Statement
 from wallet.http import pages
-from wallet.reads import OrderRow
 
 _BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -75,16 +73,6 @@ def _pick(client_ids: tuple[int, int]) -> str:
     return f"\\set cid {low}\n" if low == high else f"\\set cid random({low}, {high})\n"
 
 
-def _completed_body() -> str:
-    """A reply of the size the service stores with a completed order."""
-    now = datetime.now(UTC)
-    row = OrderRow(
-        "ORD-0000000000000-00000000", "C1", ORDER_CENTS, orders.COMPLETED, "101", None, 1, 0,
-        None, None, None, False, None, None, None, None, now, now,
-    )  # fmt: skip
-    return orders.order_reply(row).body.decode()
-
-
 def order(client_ids: tuple[int, int]) -> Script:
     """orders.Orders.place without the provider call: deduct+insert, then complete."""
     place = to_pgbench(
@@ -105,7 +93,6 @@ def order(client_ids: tuple[int, int]) -> Script:
             "order_id": ":placed_order_id",
             "fulfillment_id": ":fulfillment_id",
             "attempts": ":attempts",
-            "body": ":reply",
             "resolved_by": "NULL",
             "note": "NULL",
         },
@@ -118,7 +105,6 @@ def order(client_ids: tuple[int, int]) -> Script:
         "lease_seconds": "30",
         "request_id": uuid.uuid4().hex,
         "fulfillment_id": "101",
-        "reply": _completed_body(),
     }
     return Script("order", text, defines)
 
@@ -160,7 +146,6 @@ def batch_order(client_ids: tuple[int, int], size: int) -> Script:
             "order_ids": ids,
             "fulfillment_ids": same(":fulfillment_id", "text"),
             "attempts": same("1", "integer"),
-            "bodies": same(":reply", "bytea"),
         },
     )
     ohex = f"\\set ohex random(0, {0xFFFFFFFF - size})\n"
@@ -169,7 +154,6 @@ def batch_order(client_ids: tuple[int, int], size: int) -> Script:
         "lease_seconds": "30",
         "request_id": uuid.uuid4().hex,
         "fulfillment_id": "101",
-        "reply": _completed_body(),
     }
     return Script(f"order batch of {size}", text, defines)
 

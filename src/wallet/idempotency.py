@@ -54,8 +54,8 @@ class IdempotencyKey:
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
-    """What the key's first request left: its answer, and for an order the order itself, whose
-    current state is what a replay answers (the answer may not be written yet)."""
+    """What the key's first request left: a credit's or debit's answer; for an order, the order
+    itself, whose current state is what a replay answers."""
 
     status: int | None
     body: bytes | None
@@ -135,7 +135,9 @@ def _where(idem: IdempotencyKey) -> dict[str, str]:
     return {"tenant": idem.tenant, "caller": idem.caller, "key": idem.key}
 
 
-async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, body: bytes) -> None:
+async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, body: bytes | None) -> None:
+    """The record is finished: `body` is the answer to replay, or None where replays render
+    the domain value the key names (an operator's resolve: the order)."""
     await conn.execute(_COMPLETE, {**_where(idem), "status": status, "body": body})
 
 

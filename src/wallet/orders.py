@@ -50,7 +50,7 @@ from wallet.fulfillment import Failure, Kind, Outcome, Provider
 from wallet.money import from_cents
 from wallet.reads import ORDER_COLUMNS, OrderRow
 from wallet.settings import OnUnknown, Settings
-from wallet.wire import Reply, dumps, iso, ok
+from wallet.wire import iso
 
 log = structlog.get_logger(__name__)
 
@@ -106,28 +106,18 @@ def admin_order_json(order: OrderRow) -> dict[str, Any]:
     }
 
 
-def order_reply(order: OrderRow) -> Reply:
-    """What placing an order answers, from the order's state: the same for the request that
-    placed it and for every idempotent replay, so a client retrying a 202 learns the outcome."""
-    if order.status == COMPLETED:
-        return Reply(201, dumps(ok(order_json(order), "Order created successfully")))
-    if order.status == PENDING:
-        return Reply(202, dumps(ok(order_json(order), ACCEPTED_MESSAGE)), headers=location(order.order_id))
-    unreachable = order.failure == Failure.UNREACHABLE
-    body = {
-        "success": False,
-        "error": "Fulfillment provider could not be reached; the order failed and was refunded"
-        if unreachable
-        else "Fulfillment provider rejected the order; the order failed and was refunded",
-        "code": "FULFILLMENT_FAILED",
-        "data": order_json(order),
-    }
-    return Reply(503 if unreachable else 502, dumps(body))
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """What placing (or resolving) an order came to: the order as it stands, and whether this is
+    a replay of an earlier request with the same Idempotency-Key."""
+
+    order: OrderRow
+    replayed: bool = False
 
 
 def _complete_sql(args: str) -> str:
-    """Completion, and the request's answer stored under its Idempotency-Key, in one statement,
-    for the orders (order_id, fulfillment_id, attempts, body, resolved_by, note) of `args`."""
+    """Completion in one statement, for the orders (order_id, fulfillment_id, attempts,
+    resolved_by, note) of `args`."""
     returning = ", ".join("orders." + c.strip() for c in ORDER_COLUMNS.split(","))
     return f"""
 WITH args AS ({args}), done AS (
@@ -139,12 +129,7 @@ WITH args AS ({args}), done AS (
         resolution_note = args.note, updated_at = clock_timestamp()
     FROM args
     WHERE orders.order_id = args.order_id AND orders.status = 'PENDING'
-    RETURNING {returning}, args.body
-), stored AS (
-    UPDATE idempotency_keys SET response_status = 201, response_body = done.body
-    FROM done
-    WHERE idempotency_keys.tenant = done.client_id AND idempotency_keys.order_id = done.order_id
-      AND idempotency_keys.response_status IS NULL AND done.body IS NOT NULL
+    RETURNING {returning}
 ), emitted AS (
     {INSERT_EVENT}
     {settled_order_events_sql("done", "order.completed")}
@@ -156,7 +141,7 @@ SELECT {ORDER_COLUMNS} FROM done
 _COMPLETE = text(
     _complete_sql(
         "SELECT CAST(:order_id AS text) AS order_id, CAST(:fulfillment_id AS text) AS fulfillment_id,"
-        " CAST(:attempts AS integer) AS attempts, CAST(:body AS bytea) AS body,"
+        " CAST(:attempts AS integer) AS attempts,"
         " CAST(:resolved_by AS text) AS resolved_by, CAST(:note AS text) AS note"
     )
 )
@@ -166,8 +151,8 @@ _COMPLETE_MANY = Statement.of(
         _complete_sql(
             "SELECT a.*, NULL::text AS resolved_by, NULL::text AS note"
             " FROM unnest(CAST(:order_ids AS text[]), CAST(:fulfillment_ids AS text[]),"
-            " CAST(:attempts AS integer[]), CAST(:bodies AS bytea[]))"
-            " AS a(order_id, fulfillment_id, attempts, body)"
+            " CAST(:attempts AS integer[]))"
+            " AS a(order_id, fulfillment_id, attempts)"
         )
     )
 )
@@ -194,10 +179,6 @@ RETURNING {ORDER_COLUMNS}, flagged_at = statement_timestamp() AS newly_flagged
     WHERE kept.newly_flagged
 )
 SELECT * FROM kept
-""")
-_STORE_ANSWER = text("""
-UPDATE idempotency_keys SET response_status = :status, response_body = :body
-WHERE tenant = :client_id AND order_id = :order_id AND response_status IS NULL
 """)
 _GET = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = :order_id")
 # COMMITs (asyncpg's) that our sessions started before :since and that still run. One whose
@@ -260,7 +241,7 @@ class Orders:
         amount: int,
         idem: idempotency.IdempotencyKey | None,
         request_id: str | None,
-    ) -> Reply:
+    ) -> Placed:
         order_id = new_order_id()
         try:
             placed = await self._pay(ledger.OrderPayment(client_id, order_id, amount, request_id, idem))
@@ -270,7 +251,7 @@ class Orders:
             if not is_unavailable(exc):
                 raise
             placed = await self._placed_despite(exc, order_id)
-        if isinstance(placed, Reply):
+        if isinstance(placed, Placed):  # a replay
             return placed
         log.info("order placed; money held", order_id=order_id, amount=amount)
         try:
@@ -278,9 +259,9 @@ class Orders:
         except Exception as exc:  # a bug, not an answer: nothing is proved, so nothing is undone
             log.exception("calling the provider failed", order_id=order_id)
             outcome = Outcome(Kind.UNKNOWN, 0, f"calling the provider failed: {type(exc).__name__}")
-        return await self._settle(placed, outcome, path="request")
+        return Placed(await self._settle(placed, outcome, path="request"))
 
-    async def _pay(self, payment: ledger.OrderPayment) -> OrderRow | Reply:
+    async def _pay(self, payment: ledger.OrderPayment) -> OrderRow | Placed:
         """Step 1, in this pass's batch. A payment the batch did not try (its key was taken, or
         the batch failed and rolled back) takes the single path, which claims or replays."""
         paid = await self._payments.submit(payment)
@@ -309,7 +290,7 @@ class Orders:
             _batch_failed("placement", len(payments), exc)
             return [None] * len(payments)
 
-    async def _pay_alone(self, payment: ledger.OrderPayment) -> OrderRow | Reply:
+    async def _pay_alone(self, payment: ledger.OrderPayment) -> OrderRow | Placed:
         """Step 1 on its own: one statement, or with an Idempotency-Key one transaction."""
         idem = payment.idem
         params: dict[str, Any] = {
@@ -389,26 +370,25 @@ class Orders:
             params["since"] = looked.since
             await asyncio.sleep(0.01)
 
-    async def _replay(self, conn: AsyncConnection, stored: idempotency.StoredResponse) -> Reply:
-        if stored.order_id is None:
-            assert stored.status is not None
-            assert stored.body is not None
-            return Reply(stored.status, stored.body, replayed=True)
+    async def _replay(self, conn: AsyncConnection, stored: idempotency.StoredResponse) -> Placed:
+        """The key's order as it stands now, so a client retrying a 202 learns the outcome; 409
+        while the request that placed it is still making its own attempts (it has recorded none
+        yet, and its lease has not run out)."""
+        assert stored.order_id is not None  # attached in the placement's own transaction
         order = OrderRow.of((await conn.execute(_GET, {"order_id": stored.order_id})).one())
         request_running = (
             order.status == PENDING
-            and stored.status is None
+            and order.attempts == 0
             and order.next_attempt_at is not None
             and order.next_attempt_at > datetime.now(UTC)
         )
         if request_running:
             raise Conflict(f"A request with this {idempotency.HEADER} is still being processed; retry later")
-        reply = order_reply(order)
-        return Reply(reply.status, reply.body, replayed=True, headers=reply.headers)
+        return Placed(order, replayed=True)
 
     # --- settling ------------------------------------------------------------------------
 
-    async def _settle(self, order: OrderRow, outcome: Outcome, *, path: str) -> Reply:
+    async def _settle(self, order: OrderRow, outcome: Outcome, *, path: str) -> OrderRow:
         """Step 3. Whatever fails here, the money already moved: the answer is the order as it
         stands (PENDING, its money held, the resolver to finish it), never an anonymous 5xx."""
         observability.ORDER_OUTCOMES.labels(outcome.kind.value, path).inc()
@@ -422,17 +402,15 @@ class Orders:
             return await self._reschedule(order, outcome, resolver=path == "resolver")
         except Exception:
             log.exception("could not settle an order; it stays PENDING", order_id=order.order_id)
-            return order_reply(order)
+            return order
 
-    async def _complete(self, order: OrderRow, fulfillment_id: str, attempts: int) -> Reply:
-        done = OrderRow(**{**_fields(order), "status": COMPLETED, "fulfillment_id": fulfillment_id})
-        completion = _Completion(order.order_id, fulfillment_id, attempts, order_reply(done).body)
-        finished = await self._completions.submit(completion)
+    async def _complete(self, order: OrderRow, fulfillment_id: str, attempts: int) -> OrderRow:
+        finished = await self._completions.submit(_Completion(order.order_id, fulfillment_id, attempts))
         if finished is None:
             async with self.single.connect() as conn:
                 return await self._settled_elsewhere(conn, order.order_id)
         _log_finished(finished, f"provider gave fulfillment id {fulfillment_id}")
-        return order_reply(finished)
+        return finished
 
     async def _complete_batch(self, batch: Sequence[_Completion]) -> list[OrderRow | None]:
         """One UPDATE for the batch; None for an order no longer PENDING (settled elsewhere).
@@ -444,7 +422,6 @@ class Orders:
             "order_ids": [c.order_id for c in together],
             "fulfillment_ids": [c.fulfillment_id for c in together],
             "attempts": [c.attempts for c in together],
-            "bodies": [c.body for c in together],
         }
         batched = True
         try:
@@ -463,7 +440,6 @@ class Orders:
                 "order_id": c.order_id,
                 "fulfillment_id": c.fulfillment_id,
                 "attempts": c.attempts,
-                "body": c.body,
                 "resolved_by": None,
                 "note": None,
             }
@@ -472,7 +448,7 @@ class Orders:
             answers.append(None if row is None else OrderRow.of(row))
         return answers
 
-    async def _refund(self, order: OrderRow, outcome: Outcome) -> Reply:
+    async def _refund(self, order: OrderRow, outcome: Outcome) -> OrderRow:
         failure = outcome.failure or Failure.PROVIDER_ERROR
         async with self.engine.begin() as conn:
             failed = await ledger.refund_order(
@@ -485,21 +461,10 @@ class Orders:
             )
             if failed is None:
                 return await self._settled_elsewhere(conn, order.order_id)
-        reply = order_reply(failed)
         _log_finished(failed, outcome.detail)
-        # The answer is stored once the refund committed, never while the wallet row is held:
-        # an order batch locks a replayed key's row before it locks wallets (ledger_place_orders),
-        # so waiting for that row with the wallet held would deadlock. A replay answers from the
-        # order itself; the stored answer is what lets the record expire (purge_expired).
-        try:
-            async with self.single.connect() as conn:
-                params = {"client_id": order.client_id, "order_id": order.order_id}
-                await conn.execute(_STORE_ANSWER, {**params, "status": reply.status, "body": reply.body})
-        except Exception:
-            log.exception("could not store a refunded order's answer", order_id=order.order_id)
-        return reply
+        return failed
 
-    async def _reschedule(self, order: OrderRow, outcome: Outcome, *, resolver: bool) -> Reply:
+    async def _reschedule(self, order: OrderRow, outcome: Outcome, *, resolver: bool) -> OrderRow:
         tries = order.resolver_attempts + (1 if resolver else 0)
         base = self.settings.fulfillment_backoff_seconds * 2 ** min(tries, 30)
         delay = min(base * random.uniform(0.5, 1.5), self.settings.fulfillment_retry_max_seconds)
@@ -516,18 +481,6 @@ class Orders:
             row = (await conn.execute(_RESCHEDULE, params)).first()
             if row is None:
                 return await self._settled_elsewhere(conn, order.order_id)
-            pending = OrderRow.of(row)
-            reply = order_reply(pending)
-            if not resolver:
-                await conn.execute(
-                    _STORE_ANSWER,
-                    {
-                        "client_id": order.client_id,
-                        "order_id": order.order_id,
-                        "status": 202,
-                        "body": reply.body,
-                    },
-                )
         log.warning(
             "order outcome unknown; money held",
             order_id=order.order_id,
@@ -537,11 +490,11 @@ class Orders:
         if row.newly_flagged:
             observability.ORDERS_FLAGGED.inc()
             log.error("order flagged for review", order_id=order.order_id, reason=outcome.detail)
-        return reply
+        return OrderRow.of(row)
 
-    async def _settled_elsewhere(self, conn: AsyncConnection, order_id: str) -> Reply:
+    async def _settled_elsewhere(self, conn: AsyncConnection, order_id: str) -> OrderRow:
         """Another process, or an operator, settled the order first: answer with that."""
-        return order_reply(OrderRow.of((await conn.execute(_GET, {"order_id": order_id})).one()))
+        return OrderRow.of((await conn.execute(_GET, {"order_id": order_id})).one())
 
     # --- reading -------------------------------------------------------------------------
 
@@ -610,20 +563,21 @@ class Orders:
         note: str,
         by: str,
         idem: idempotency.IdempotencyKey | None,
-    ) -> Reply:
+    ) -> Placed:
         """Finish a PENDING order by hand: fulfilled (with the provider's id) or failed (money
-        back). Exactly one of this and the resolver wins; a final order answers 409."""
+        back). Exactly one of this and the resolver wins; a final order answers 409. A replay
+        answers with the order, final since the first request and so unchanged (the key's
+        fingerprint names the order)."""
         async with self.engine.begin() as conn:
             if idem is not None:
                 stored = await idempotency.claim(conn, idem, self.settings.idempotency_ttl_hours)
                 if stored is not None:
-                    return await self._replay(conn, stored)
+                    return Placed(OrderRow.of((await conn.execute(_GET, {"order_id": order_id})).one()), True)
             if fulfillment_id is not None:
                 params = {
                     "order_id": order_id,
                     "fulfillment_id": fulfillment_id,
                     "attempts": 0,
-                    "body": None,
                     "resolved_by": by,
                     "note": note,
                 }
@@ -649,22 +603,20 @@ class Orders:
                     code="ORDER_ALREADY_FINAL",
                     data=admin_order_json(final),
                 )
-            reply = Reply(200, dumps(ok(admin_order_json(finished), "Order resolved")))
             if idem is not None:
-                await idempotency.complete(conn, idem, reply.status, reply.body)
+                await idempotency.complete(conn, idem, 200, None)  # no body: replays render the order
         observability.ORDERS_RESOLVED.labels("fulfilled" if fulfillment_id else "failed").inc()
         _log_finished(finished, f"resolved by {by}: {note}")
-        return reply
+        return Placed(finished)
 
 
 @dataclass(frozen=True, slots=True)
 class _Completion:
-    """A fulfilled order to complete, and the answer to store under its Idempotency-Key."""
+    """A fulfilled order to complete."""
 
     order_id: str
     fulfillment_id: str
     attempts: int
-    body: bytes
 
 
 def _nothing_moved(exc: Exception) -> ServiceUnavailable:
@@ -683,10 +635,6 @@ def _batch_failed(kind: str, size: int, exc: Exception) -> None:
         "batch failed; retrying one by one", kind=kind, size=size, error=str(getattr(exc, "orig", exc))
     )
     observability.BATCH_FALLBACKS.labels(kind).inc()
-
-
-def _fields(order: OrderRow) -> dict[str, Any]:
-    return {name: getattr(order, name) for name in OrderRow.__slots__}
 
 
 def _log_finished(order: OrderRow, reason: str) -> None:

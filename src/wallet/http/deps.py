@@ -106,7 +106,13 @@ def invalid(exc: ValidationError, where: Callable[[Any], tuple[str, ...]] = lamb
 
 
 def reply(result: Reply) -> Response:
-    headers = dict(result.headers)
-    if result.replayed:
-        headers[idempotency.REPLAYED_HEADER] = "true"
-    return JSONBytes(result.body, status_code=result.status, headers=headers)
+    return replayed(
+        result.replayed, JSONBytes(result.body, status_code=result.status, headers=result.headers)
+    )
+
+
+def replayed(replay: bool, response: Response) -> Response:
+    """A replay of an idempotent request says so (`Idempotent-Replayed: true`)."""
+    if replay:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+    return response

@@ -5,13 +5,14 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from wallet import idempotency
-from wallet.http.deps import OrderPath, RequestBody, order_id_or_404, reply
+from wallet.fulfillment import Failure
+from wallet.http.deps import OrderPath, RequestBody, order_id_or_404, replayed
 from wallet.http.pages import Page, order_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import OrderEnvelope, OrderPage, error_responses
 from wallet.money import Amount
 from wallet.observability import REQUEST_ID
-from wallet.orders import OrderStatus, order_json
+from wallet.orders import ACCEPTED_MESSAGE, COMPLETED, PENDING, OrderStatus, Placed, location, order_json
 from wallet.wire import json_response, ok
 
 
@@ -44,7 +45,29 @@ routes = Routes(tags=["client"], auth=Auth.CLIENT)
 async def create_order(call: Call, body: OrderRequest) -> Response:
     scope = idempotency.client_scope(call.client_id)
     idem = idempotency.key_for(scope, call.idempotency_key, "order", body)
-    return reply(await call.svc.orders.place(call.client_id, body.amount, idem, REQUEST_ID.get()))
+    return placed_response(await call.svc.orders.place(call.client_id, body.amount, idem, REQUEST_ID.get()))
+
+
+def placed_response(placed: Placed) -> Response:
+    """What placing an order answers, from the order's state: the same for the request that
+    placed it and for every replay, so a client retrying a 202 learns the outcome."""
+    order = placed.order
+    if order.status == COMPLETED:
+        answer = json_response(201, ok(order_json(order), "Order created successfully"))
+    elif order.status == PENDING:
+        answer = json_response(202, ok(order_json(order), ACCEPTED_MESSAGE), location(order.order_id))
+    else:
+        unreachable = order.failure == Failure.UNREACHABLE
+        body = {
+            "success": False,
+            "error": "Fulfillment provider could not be reached; the order failed and was refunded"
+            if unreachable
+            else "Fulfillment provider rejected the order; the order failed and was refunded",
+            "code": "FULFILLMENT_FAILED",
+            "data": order_json(order),
+        }
+        answer = json_response(503 if unreachable else 502, body)
+    return replayed(placed.replayed, answer)
 
 
 @routes.get(

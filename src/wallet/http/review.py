@@ -13,7 +13,7 @@ from pydantic import Field, RootModel
 from starlette.responses import Response
 
 from wallet import idempotency
-from wallet.http.deps import ClientIdField, OrderPath, RequestBody, order_id_or_404, reply
+from wallet.http.deps import ClientIdField, OrderPath, RequestBody, order_id_or_404, replayed
 from wallet.http.pages import Page, order_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import AdminOrderEnvelope, AdminOrderPage, error_responses
@@ -102,4 +102,4 @@ async def resolve_order(call: Call, params: OrderPath, body: ResolveRequest) -> 
         by=OPERATOR,
         idem=idempotency.key_for(idempotency.ADMIN_SCOPE, call.idempotency_key, f"resolve {order_id}", body),
     )
-    return reply(result)
+    return replayed(result.replayed, json_response(200, ok(admin_order_json(result.order), "Order resolved")))
