@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from decimal import Decimal
 
@@ -225,25 +226,69 @@ async def test_expired_keys_are_purged_and_then_free(database_url: str, provider
         assert await api.balance("C1") == Decimal(20)
 
 
-async def test_an_order_key_whose_answer_was_never_stored_is_purged_too(
+async def test_an_order_key_keeps_only_its_order_and_is_purged_too(
     database_url: str, provider: Provider
 ) -> None:
-    """A refund stores its answer after it commits; if that store fails, the key keeps only its
-    order. A replay is answered from the order, and past its expiry the key is purged like any."""
+    """No answer is stored under an order's key: the replay is answered from the order, and past
+    its expiry the key is purged like any."""
     async with start_service(database_url, provider.url) as api:
         await api.credit("C1", 100)
-        placed = await api.order("C1", 30, headers=key("lost-answer"))
+        placed = await api.order("C1", 30, headers=key("only-the-order"))
         assert placed.status_code == 201
         conn = await asyncpg.connect(plain_url(database_url))
         try:
-            await conn.execute("UPDATE idempotency_keys SET response_status = NULL, response_body = NULL")
+            kept = await conn.fetch("SELECT order_id, result, response_status FROM idempotency_keys")
         finally:
             await conn.close()
-        replay = await api.order("C1", 30, headers=key("lost-answer"))
-        assert replay.status_code == 201
-        assert replay.json()["data"]["orderId"] == placed.json()["data"]["orderId"]
+        assert [tuple(row) for row in kept] == [(placed.json()["data"]["orderId"], None, None)]
+        replay = await api.order("C1", 30, headers=key("only-the-order"))
+        assert (replay.status_code, replay.content) == (201, placed.content)
         assert await expire_and_purge(database_url) == (1, 0)
         assert await api.balance("C1") == Decimal(70)
+
+
+async def test_a_movement_is_kept_under_its_key_and_replayed_from_it(
+    database_url: str, provider: Provider
+) -> None:
+    """The record keeps the movement, not the answer's bytes; the replay renders it to the same
+    bytes. A record kept as bytes (before migration 0013) replays those bytes as they are."""
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 100)
+        first = await api.http.post(
+            "/admin/wallet/debit",
+            json={"client_id": "C1", "amount": 12.5},
+            headers={**api.admin_headers, **key("d")},
+        )
+        assert first.status_code == 200, first.text
+        await credit_with_key(api, "C1", 5, "legacy")
+        conn = await asyncpg.connect(plain_url(database_url))
+        try:
+            kept = await conn.fetchval("SELECT result FROM idempotency_keys WHERE key = 'd'")
+            legacy = b'{"success":true,"message":"kept as bytes","data":{}}'
+            await conn.execute(
+                "UPDATE idempotency_keys SET result = NULL, response_status = 200, response_body = $1"
+                " WHERE key = 'legacy'",
+                legacy,
+            )
+        finally:
+            await conn.close()
+        assert {name: value for name, value in json.loads(kept).items() if name != "created_at"} == {
+            "client_id": "C1",
+            "balance_before": 10000,
+            "balance_after": 8750,
+            "amount": 1250,
+        }
+        again = await api.http.post(
+            "/admin/wallet/debit",
+            json={"client_id": "C1", "amount": 12.5},
+            headers={**api.admin_headers, **key("d")},
+        )
+        assert (again.status_code, again.content) == (200, first.content)
+        assert again.headers["Idempotent-Replayed"] == "true"
+        old = await credit_with_key(api, "C1", 5, "legacy")
+        assert (old.status_code, old.content) == (200, legacy)
+        assert old.headers["Idempotent-Replayed"] == "true"
+        assert await api.balance("C1") == Decimal("92.5")
 
 
 async def test_unpurged_expired_key_counts_as_new(database_url: str, provider: Provider) -> None:

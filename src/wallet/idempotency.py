@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from pydantic import BaseModel
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wallet.errors import BadRequest, Conflict, IdempotencyMismatch
@@ -54,12 +56,14 @@ class IdempotencyKey:
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
-    """What the key's first request left: a credit's or debit's answer; for an order, the order
-    itself, whose current state is what a replay answers."""
+    """What the key's first request left, for a replay to render: the domain value it came to
+    (`result`), or for an order the order itself, whose current state a replay answers. Records
+    written before migration 0013 hold the answer's bytes instead (`status`, `body`)."""
 
-    status: int | None
-    body: bytes | None
+    result: dict[str, Any] | None
     order_id: str | None
+    status: int | None = None
+    body: bytes | None = None
 
 
 def validate_key(raw: str | None) -> str | None:
@@ -95,24 +99,23 @@ _CLAIM = text(
     "SELECT idempotency_claim(:tenant, :caller, :key, :fingerprint, CAST(:ttl_hours AS double precision))"
 )
 _EXISTING = text("""
-SELECT fingerprint, response_status, response_body, order_id FROM idempotency_keys
+SELECT fingerprint, result, order_id, response_status, response_body FROM idempotency_keys
 WHERE tenant = :tenant AND caller = :caller AND key = :key
-""")
-_COMPLETE = text("""
-UPDATE idempotency_keys SET response_status = :status, response_body = :body
-WHERE tenant = :tenant AND caller = :caller AND key = :key
-""")
+""").columns(result=JSONB)
+_FINISH = text("""
+UPDATE idempotency_keys SET result = :result WHERE tenant = :tenant AND caller = :caller AND key = :key
+""").bindparams(bindparam("result", type_=JSONB))
 _ATTACH_ORDER = text("""
 UPDATE idempotency_keys SET order_id = :order_id WHERE tenant = :tenant AND caller = :caller AND key = :key
 """)
 # By key, not by ctid: once the table is distributed the batch is picked across shards, and a
-# ctid names a row only within one shard (docs/scaling.md). A record is finished once it holds
-# an answer or an order (whose answer, if it was never stored, is rendered from the order): only
-# a claim still in its request's transaction has neither, and that one is never past its expiry.
+# ctid names a row only within one shard (docs/scaling.md). A record is finished once it holds a
+# result, an order, or (written before migration 0013) an answer: only a claim still in its
+# request's transaction has none of them, and that one is never past its expiry.
 _PURGE = text("""
 DELETE FROM idempotency_keys WHERE (tenant, caller, key) IN (
     SELECT tenant, caller, key FROM idempotency_keys
-    WHERE expires_at < now() AND (response_status IS NOT NULL OR order_id IS NOT NULL)
+    WHERE expires_at < now() AND (result IS NOT NULL OR order_id IS NOT NULL OR response_status IS NOT NULL)
     LIMIT :batch)
 """)
 
@@ -125,9 +128,9 @@ async def claim(conn: AsyncConnection, idem: IdempotencyKey, ttl_hours: float) -
     row = (await conn.execute(_EXISTING, _where(idem))).one()
     if row.fingerprint != idem.fingerprint:
         raise IdempotencyMismatch(f"{HEADER} was already used with a different request body or endpoint")
-    if row.response_status is None and row.order_id is None:
+    if row.result is None and row.order_id is None and row.response_status is None:
         raise Conflict(f"A request with this {HEADER} is still being processed; retry later")
-    return StoredResponse(row.response_status, row.response_body, row.order_id)
+    return StoredResponse(row.result, row.order_id, row.response_status, row.response_body)
 
 
 def _where(idem: IdempotencyKey) -> dict[str, str]:
@@ -135,10 +138,9 @@ def _where(idem: IdempotencyKey) -> dict[str, str]:
     return {"tenant": idem.tenant, "caller": idem.caller, "key": idem.key}
 
 
-async def complete(conn: AsyncConnection, idem: IdempotencyKey, status: int, body: bytes | None) -> None:
-    """The record is finished: `body` is the answer to replay, or None where replays render
-    the domain value the key names (an operator's resolve: the order)."""
-    await conn.execute(_COMPLETE, {**_where(idem), "status": status, "body": body})
+async def finish(conn: AsyncConnection, idem: IdempotencyKey, result: dict[str, Any]) -> None:
+    """The record is finished with `result`, the domain value replays render (JSON-shaped)."""
+    await conn.execute(_FINISH, {**_where(idem), "result": result})
 
 
 async def attach_order(conn: AsyncConnection, idem: IdempotencyKey, order_id: str) -> None:

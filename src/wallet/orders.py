@@ -604,7 +604,7 @@ class Orders:
                     data=admin_order_json(final),
                 )
             if idem is not None:
-                await idempotency.complete(conn, idem, 200, None)  # no body: replays render the order
+                await idempotency.finish(conn, idem, {"order_id": order_id})
         observability.ORDERS_RESOLVED.labels("fulfilled" if fulfillment_id else "failed").inc()
         _log_finished(finished, f"resolved by {by}: {note}")
         return Placed(finished)

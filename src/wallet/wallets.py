@@ -1,12 +1,14 @@
 """Admin credits and debits, and balance reads: each one transaction, owned here (the reads
 of one event-loop pass share one query, `batching`).
 
-The Idempotency-Key is claimed and its response stored inside the same transaction as the
-movement, so a replay can never move money twice and a refused request leaves no record."""
+The Idempotency-Key is claimed, and the movement kept under it, inside the same transaction as
+the movement, so a replay can never move money twice and a refused request leaves no record."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -17,18 +19,31 @@ from wallet.chain import LedgerKey
 from wallet.database import direct, single
 from wallet.errors import NotFound
 from wallet.ledger import Movement
-from wallet.money import from_cents
 from wallet.reads import Balance
-from wallet.wire import Reply, dumps, ok
+from wallet.wire import Reply
 
 
-def _movement_json(movement: Movement, amount_field: str) -> dict[str, Any]:
-    return {
-        "clientId": movement.client_id,
-        "previousBalance": from_cents(movement.balance_before),
-        "newBalance": from_cents(movement.balance_after),
-        amount_field: from_cents(movement.amount),
-    }
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """What a credit or debit came to, and whether this is a replay of an earlier request with
+    the same Idempotency-Key."""
+
+    movement: Movement
+    replayed: bool = False
+
+
+def _as_result(movement: Movement) -> dict[str, Any]:
+    """The movement as its key's record keeps it (JSON-shaped), for replays to render."""
+    return {**asdict(movement), "created_at": movement.created_at.isoformat()}
+
+
+def _replay(stored: idempotency.StoredResponse) -> Moved | Reply:
+    if stored.result is None:  # kept before migration 0013: the answer's bytes, replayed as they are
+        assert stored.status is not None  # credits and debits finish in their own transaction
+        assert stored.body is not None
+        return Reply(stored.status, stored.body, replayed=True)
+    result = stored.result
+    return Moved(Movement(**{**result, "created_at": datetime.fromisoformat(result["created_at"])}), True)
 
 
 class Wallets:
@@ -45,24 +60,21 @@ class Wallets:
         self,
         idem: idempotency.IdempotencyKey | None,
         move: Callable[[AsyncConnection], Awaitable[Movement]],
-        render: Callable[[Movement], dict[str, Any]],
         *,
         single_statement: bool = False,
-    ) -> Reply:
+    ) -> Moved | Reply:
         if idem is None and single_statement:
             async with self.single.connect() as conn:
-                return Reply(200, dumps(render(await move(conn))))
+                return Moved(await move(conn))
         async with self.engine.begin() as conn:
             if idem is not None:
                 stored = await idempotency.claim(conn, idem, self.idempotency_ttl_hours)
                 if stored is not None:
-                    assert stored.status is not None  # credits and debits store it in their own transaction
-                    assert stored.body is not None
-                    return Reply(stored.status, stored.body, replayed=True)
-            reply = Reply(200, dumps(render(await move(conn))))
+                    return _replay(stored)
+            movement = await move(conn)
             if idem is not None:
-                await idempotency.complete(conn, idem, reply.status, reply.body)
-        return reply
+                await idempotency.finish(conn, idem, _as_result(movement))
+        return Moved(movement)
 
     async def credit(
         self,
@@ -73,13 +85,12 @@ class Wallets:
         description: str | None,
         name: str | None,
         email: str | None,
-    ) -> Reply:
+    ) -> Moved | Reply:
         return await self._once(
             idem,
             lambda conn: ledger.credit(
                 conn, client_id, amount, key=self.key, description=description, name=name, email=email
             ),
-            lambda m: ok(_movement_json(m, "amountCredited"), "Wallet credited successfully"),
         )
 
     async def debit(
@@ -89,11 +100,10 @@ class Wallets:
         *,
         idem: idempotency.IdempotencyKey | None,
         description: str | None,
-    ) -> Reply:
+    ) -> Moved | Reply:
         return await self._once(
             idem,
             lambda conn: ledger.debit(conn, client_id, amount, key=self.key, description=description),
-            lambda m: ok(_movement_json(m, "amountDebited"), "Wallet debited successfully"),
             single_statement=True,
         )
 

@@ -3,16 +3,19 @@ debit it, both idempotent with an Idempotency-Key."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 from starlette.responses import Response
 
 from wallet import idempotency
-from wallet.http.deps import ClientIdField, RequestBody, Text, reply
+from wallet.http.deps import ClientIdField, RequestBody, Text, replayed, reply
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import MovementEnvelope, error_responses
-from wallet.money import Amount
+from wallet.ledger import Movement
+from wallet.money import Amount, from_cents
+from wallet.wallets import Moved
+from wallet.wire import Reply, json_response, ok
 
 
 class CreditRequest(RequestBody):
@@ -46,7 +49,7 @@ async def credit_wallet(call: Call, body: CreditRequest) -> Response:
         name=body.name,
         email=body.email,
     )
-    return reply(result)
+    return _answer(result, "amountCredited", "Wallet credited successfully")
 
 
 @routes.post(
@@ -61,4 +64,22 @@ async def debit_wallet(call: Call, body: DebitRequest) -> Response:
         idem=idempotency.key_for(idempotency.ADMIN_SCOPE, call.idempotency_key, "debit", body),
         description=body.description,
     )
-    return reply(result)
+    return _answer(result, "amountDebited", "Wallet debited successfully")
+
+
+def _answer(result: Moved | Reply, amount_field: str, message: str) -> Response:
+    """The movement, the same for the request that made it and for every replay."""
+    if isinstance(result, Reply):  # a replay of a record kept before migration 0013, as stored
+        return reply(result)
+    return replayed(
+        result.replayed, json_response(200, ok(_movement_json(result.movement, amount_field), message))
+    )
+
+
+def _movement_json(movement: Movement, amount_field: str) -> dict[str, Any]:
+    return {
+        "clientId": movement.client_id,
+        "previousBalance": from_cents(movement.balance_before),
+        "newBalance": from_cents(movement.balance_after),
+        amount_field: from_cents(movement.amount),
+    }
