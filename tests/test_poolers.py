@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, spawn_service, start_service, watch_commits
 from tests.servers import pgbouncer, primary_and_replica, relay
-from tests.test_resolver import WAITING_ON_A_LOCK, WATCHING_WHAT_RUNS
+from tests.test_resolver import cut_once_it_waits
 from wallet.database import MIGRATION_LOCK, migrate_url, plain_url
 
 CLIENTS = [f"pool-{n}" for n in range(16)]
@@ -241,13 +241,9 @@ async def test_an_order_whose_commit_was_cut_off_behind_pgbouncer_is_answered_on
     COMMIT, the server goes on and commits: the service must wait for that before it looks, and
     answer with the order."""
     holder = await asyncpg.connect(plain_url(own_database))
-    watcher = await asyncpg.connect(plain_url(own_database))  # each look a transaction of its own
+    watcher = await asyncpg.connect(plain_url(own_database))
     try:
         await holder.execute(HOLD_COMMITS)
-
-        async def seen(query: str) -> bool:
-            return bool(await watcher.fetchval(query))
-
         async with (
             relay(pooled_url) as path,
             start_service(path.url, provider.url, db_pooler="transaction") as api,
@@ -255,11 +251,7 @@ async def test_an_order_whose_commit_was_cut_off_behind_pgbouncer_is_answered_on
             await api.credit("C1", 100)
             await holder.execute("SELECT pg_advisory_lock(4242)")
             order = asyncio.create_task(api.order("C1", 30))
-            while not await seen(WAITING_ON_A_LOCK):
-                pass
-            path.cut()
-            while not order.done() and not await seen(WATCHING_WHAT_RUNS):
-                pass
+            await cut_once_it_waits(watcher, path, order)
             await holder.execute("SELECT pg_advisory_unlock(4242)")  # the COMMIT goes on
             response = await order
             placed = [row["order_id"] for row in await watcher.fetch("SELECT order_id FROM orders")]

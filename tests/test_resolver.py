@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 
 from tests.builders import ADMIN_KEY, Api, Commits, Provider, settings_env, spawn_service, start_service
-from tests.servers import relay
+from tests.servers import Relay, relay
 from tests.test_orders import assert_accepted, assert_held, ledger_types
 from tests.test_workers import metric
 from wallet.database import create_engine, plain_url
@@ -325,6 +325,23 @@ WATCHING_WHAT_RUNS = """SELECT count(*) FROM pg_stat_activity
       AND query LIKE '%FROM pg_stat_activity a%'"""
 
 
+async def cut_once_it_waits(
+    watcher: asyncpg.Connection, path: Relay, order: asyncio.Task[httpx.Response]
+) -> None:
+    """Once the order's statement waits on the server for a lock, cut the network to the
+    database; return once the service has answered, or is watching for the statement it lost.
+    `watcher` is outside any transaction: each look sees pg_stat_activity afresh."""
+
+    async def seen(query: str) -> bool:
+        return bool(await watcher.fetchval(query))
+
+    while not await seen(WAITING_ON_A_LOCK):
+        pass
+    path.cut()
+    while not order.done() and not await seen(WATCHING_WHAT_RUNS):
+        pass
+
+
 def assert_answer_agrees(response: httpx.Response, placed: list[str]) -> None:
     """An answer that names an order: that order, and only it, exists. One that names none:
     no order exists, so no money moved."""
@@ -348,21 +365,12 @@ async def test_an_order_whose_connection_was_cut_mid_statement_is_answered_as_it
     async with relay(database_url) as path, start_service(path.url, provider.url) as api:
         await api.credit("C1", 100)
         holder = await asyncpg.connect(plain_url(database_url))
-        watcher = await asyncpg.connect(plain_url(database_url))  # each look a transaction of its own
+        watcher = await asyncpg.connect(plain_url(database_url))
         try:
-
-            async def seen(query: str) -> bool:
-                return bool(await watcher.fetchval(query))
-
             async with holder.transaction():
                 await holder.execute("SELECT 1 FROM wallets WHERE client_id = 'C1' FOR UPDATE")
                 order = asyncio.create_task(api.order("C1", 30))
-                while not await seen(WAITING_ON_A_LOCK):
-                    pass
-                path.cut()
-                # Either the service answers (having ended the statement), or it waits for it.
-                while not order.done() and not await seen(WATCHING_WHAT_RUNS):
-                    pass
+                await cut_once_it_waits(watcher, path, order)
             # The lock is released: a statement still alive goes on and commits.
             response = await order
             placed = [row["order_id"] for row in await watcher.fetch("SELECT order_id FROM orders")]
