@@ -1,13 +1,14 @@
 """Idempotency-Key records, claimed and completed inside the caller's money transaction.
 
 A record is claimed with INSERT ... ON CONFLICT in the same transaction that moves the money, and
-its final response is written in the transaction that finishes the operation. So there is no
-moment where money moved and the key is unrecorded, or the reverse: if the transaction rolls
-back (validation, insufficient funds, crash), the claim disappears with it and the key is free.
+what the request came to (the movement, or the order) is kept in that same transaction. So there
+is no moment where money moved and the key is unrecorded, or the reverse: if the transaction
+rolls back (validation, insufficient funds, crash), the claim disappears with it and the key is
+free. A replay renders what was kept, with the code that rendered the first answer.
 
 A concurrent request with the same key waits on the uncommitted claim's index entry, then sees
-the committed record: the stored response (replay), 409 while an order is still being
-fulfilled, or 422 if its body differs.
+the committed record: a replay, 409 while an order is still being fulfilled, or 422 if its body
+differs.
 """
 
 from __future__ import annotations
