@@ -41,7 +41,7 @@ def _replay(stored: idempotency.StoredResponse) -> Moved | Reply:
     if stored.result is None:  # kept before migration 0013: the answer's bytes, replayed as they are
         assert stored.status is not None  # credits and debits finish in their own transaction
         assert stored.body is not None
-        return Reply(stored.status, stored.body, replayed=True)
+        return Reply(stored.status, stored.body)
     result = stored.result
     return Moved(Movement(**{**result, "created_at": datetime.fromisoformat(result["created_at"])}), True)
 

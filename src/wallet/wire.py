@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,12 +12,12 @@ from starlette.responses import Response
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A final HTTP answer, already encoded: what is sent is exactly what is stored for replay."""
+    """An answer an Idempotency-Key kept as bytes, before migration 0013, replayed as it was
+    (records since keep the domain value; this can go once no record from before 0013 is left:
+    they expire after IDEMPOTENCY_TTL_HOURS)."""
 
     status: int
     body: bytes
-    replayed: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def iso(moment: datetime) -> str:

@@ -105,10 +105,8 @@ def invalid(exc: ValidationError, where: Callable[[Any], tuple[str, ...]] = lamb
     return BadRequest(f"{first['field']}: {first['message']}", details=details)
 
 
-def reply(result: Reply) -> Response:
-    return replayed(
-        result.replayed, JSONBytes(result.body, status_code=result.status, headers=result.headers)
-    )
+def reply(stored: Reply) -> Response:
+    return replayed(True, JSONBytes(stored.body, status_code=stored.status))
 
 
 def replayed(replay: bool, response: Response) -> Response:
