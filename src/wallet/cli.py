@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from wallet.database import Pooler, connection_limit, create_engine, embedded_postgres, migrate_url
 from wallet.http.protocol import JsonErrorsHttpToolsProtocol
-from wallet.observability import configure_logging
+from wallet.logs import configure_logging
 from wallet.settings import Settings, development_ledger_key_path
 
 

@@ -1,18 +1,12 @@
-"""Logs, metrics and request ids: what an operator reads to know what the service did."""
+"""Metrics, request ids and the access line: what an operator reads to know what the service did
+(how log lines are stamped and written: `wallet.logs`)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import re
-import sys
 import time
 import uuid
-from contextvars import ContextVar
-from typing import Any
 
-import orjson
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import event
@@ -20,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+from wallet.logs import REQUEST_ID
+
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -127,56 +122,6 @@ def untrack_pool(size: int) -> None:
     DB_POOL_SIZE.dec(size)
 
 
-def _add_pid(_: object, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
-    """Which worker wrote the line, when WORKERS > 1."""
-    event_dict["pid"] = os.getpid()
-    return event_dict
-
-
-def _json_line(event_dict: Any, **_: Any) -> str:
-    """A log line as JSON, by orjson: a third of an access line's cost went to the stdlib's
-    encoder. What orjson refuses (an integer past 64 bits) falls back to the stdlib, so logging
-    never fails a request."""
-    try:
-        return orjson.dumps(event_dict, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:
-        return json.dumps(event_dict, default=repr)
-
-
-def configure_logging(level: str, renderer: str) -> None:
-    """structlog for our events; the stdlib loggers (uvicorn, alembic) go through the same
-    renderer, so every line on stderr has one format (JSON in production)."""
-    shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_pid,
-    ]
-    render: structlog.types.Processor = (
-        structlog.processors.JSONRenderer(serializer=_json_line)
-        if renderer == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, render],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        # One write per line (PrintLogger writes the line and its newline apart): the workers
-        # share one stderr, and two workers' lines must not run into each other.
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, render],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(level.upper())
-
-
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -197,7 +142,6 @@ class RequestContext:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
         started = time.perf_counter()
 
@@ -230,5 +174,4 @@ class RequestContext:
                 status=status,
                 duration_ms=round(elapsed * 1000, 2),
             )
-            structlog.contextvars.unbind_contextvars("request_id")
             REQUEST_ID.reset(token)

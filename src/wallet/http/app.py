@@ -29,7 +29,8 @@ from wallet.http import (
 from wallet.http.lifespan import lifespan
 from wallet.http.middleware import BodyLimit, CatchAll
 from wallet.http.routing import Endpoint, starlette_routes
-from wallet.observability import RequestContext, configure_logging
+from wallet.logs import configure_logging
+from wallet.observability import RequestContext
 from wallet.ratelimit import RateLimit, make_counter, make_storage
 from wallet.settings import ClientAuth, Settings
 from wallet.simulator import Simulator

@@ -10,8 +10,8 @@ from wallet.http.deps import OrderPath, RequestBody, order_id_or_404, replayed
 from wallet.http.pages import Page, order_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import OrderEnvelope, OrderPage, error_responses
+from wallet.logs import REQUEST_ID
 from wallet.money import Amount
-from wallet.observability import REQUEST_ID
 from wallet.orders import ACCEPTED_MESSAGE, COMPLETED, PENDING, OrderStatus, Placed, location, order_json
 from wallet.wire import json_response, ok
 
