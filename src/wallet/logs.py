@@ -92,7 +92,7 @@ class PassWriter:
         self.atomic_bytes = atomic_bytes
         self._lines: list[str] = []
         self._due = False  # a flush is scheduled on a running loop
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a signal handler that logs may interrupt a write
 
     def msg(self, message: str) -> None:
         try:
