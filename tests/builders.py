@@ -290,6 +290,21 @@ class ServerProcess:
         return sum(text in line for line in self.lines)
 
 
+def production_env(database_url: str, provider: Provider, *, workers: int) -> dict[str, str]:
+    """What `wallet serve` needs to run as in production, with JSON logs at info and no rate
+    limit (tests that check logs count every line)."""
+    return {
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "FULFILLMENT_API_URL": provider.url,
+        "CLIENT_AUTH": "header",
+        "WORKERS": str(workers),
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "off",
+    }
+
+
 @contextlib.asynccontextmanager
 async def spawn_service(
     env: dict[str, str],

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from tests.builders import ADMIN_KEY, Provider, spawn_service
+from tests.builders import Provider, production_env, spawn_service
 from wallet.logs import PassWriter
 
 
@@ -60,16 +60,7 @@ async def test_two_busy_workers_write_one_whole_stamped_access_line_per_request(
     """Workers share one stderr (here a pipe): each line must arrive whole, never cut into by
     another worker's, and every request must leave exactly one access line, stamped with its
     request id, its worker and the time it was written."""
-    env = {
-        "APP_ENV": "production",
-        "DATABASE_URL": database_url,
-        "ADMIN_API_KEY": ADMIN_KEY,
-        "FULFILLMENT_API_URL": provider.url,
-        "CLIENT_AUTH": "header",
-        "WORKERS": "2",
-        "LOG_LEVEL": "info",
-        "RATE_LIMIT": "off",
-    }
+    env = production_env(database_url, provider, workers=2)
     sent = [f"req-{uuid.uuid4().hex}-{'z' * 60}" for _ in range(600)]
     async with spawn_service(env) as server:
         await server.wait_for("Application startup complete", count=2)

@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.builders import ADMIN_KEY, Api, Provider, dead_url, spawn_service, start_service
+from tests.builders import ADMIN_KEY, Api, Provider, dead_url, production_env, spawn_service, start_service
 from wallet.database import plain_url
 
 Labels = tuple[tuple[str, str], ...]
@@ -206,16 +206,7 @@ def json_lines(lines: list[str]) -> list[dict[str, Any]]:
 async def test_production_logs_are_json_lines_with_the_request_id(
     database_url: str, provider: Provider
 ) -> None:
-    env = {
-        "APP_ENV": "production",
-        "DATABASE_URL": database_url,
-        "ADMIN_API_KEY": ADMIN_KEY,
-        "FULFILLMENT_API_URL": provider.url,
-        "CLIENT_AUTH": "header",
-        "WORKERS": "1",
-        "LOG_LEVEL": "info",
-        "RATE_LIMIT": "off",
-    }
+    env = production_env(database_url, provider, workers=1)
     async with spawn_service(env) as server:
         await server.wait_for("Uvicorn running on")
 
