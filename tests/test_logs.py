@@ -44,7 +44,7 @@ async def test_lines_logged_in_one_pass_are_written_when_it_ends_whole_and_in_or
         for line in lines:
             writer.info(line)
         assert written(read_end) == ""  # still this pass
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # not a wait for time: one loop pass, the unit under test
         assert written(read_end) == "".join(line + "\n" for line in lines)
 
 

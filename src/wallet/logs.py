@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ os.register_at_fork(after_in_child=_forked)
 def _add_request_id(_: object, __: str, event_dict: EventDict) -> EventDict:
     request_id = REQUEST_ID.get()
     if request_id is not None:
-        event_dict["request_id"] = request_id
+        event_dict.setdefault("request_id", request_id)  # as merge_contextvars did: a keyword wins
     return event_dict
 
 
@@ -133,15 +134,12 @@ class PassWriter:
             pass
 
 
-_writers: dict[int, PassWriter] = {}
-
-
+@functools.cache
 def _writer_for(stream: TextIO) -> PassWriter:
     """One writer per stream, however often logging is configured (an app per test)."""
-    if id(stream) not in _writers:
-        _writers[id(stream)] = writer = PassWriter(stream)
-        atexit.register(writer.flush)
-    return _writers[id(stream)]
+    writer = PassWriter(stream)
+    atexit.register(writer.flush)
+    return writer
 
 
 class _ToWriter(logging.Handler):
