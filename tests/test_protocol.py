@@ -4,6 +4,7 @@ refusal of the HTTP layer is the JSON envelope, over a raw socket as a client wo
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ def assert_refused(answer: RawAnswer, status: int, code: str) -> None:
     assert answer.status == status, answer
     assert answer.headers["content-type"] == "application/json"
     assert answer.headers["connection"] == "close"
+    assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])
     error = answer.json()
     assert error["success"] is False
     assert error["code"] == code

@@ -122,6 +122,11 @@ def untrack_pool(size: int) -> None:
     DB_POOL_SIZE.dec(size)
 
 
+def new_request_id() -> str:
+    """A request's id when the caller gave none (or one we cannot echo)."""
+    return uuid.uuid4().hex
+
+
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -140,7 +145,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID_OK.match(incoming) else new_request_id()
         token = REQUEST_ID.set(request_id)
         status = 500
         started = time.perf_counter()

@@ -23,6 +23,7 @@ import http
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from wallet.errors import BadRequest, HeaderFieldsTooLarge, UriTooLong, WalletError
+from wallet.observability import new_request_id
 from wallet.wire import dumps
 
 MAX_LINE_BYTES = 8 * 1024  # the request target; one header line (name, ": ", value)
@@ -108,6 +109,8 @@ class JsonErrorsHttpToolsProtocol(HttpToolsProtocol):
         head = [f"HTTP/1.1 {error.status} {phrase}\r\n".encode()]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [
+            # every answer carries a request id (the document says so), refusals too
+            b"x-request-id: " + new_request_id().encode() + b"\r\n",
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
             b"connection: close\r\n\r\n",
