@@ -30,6 +30,7 @@ class Cpu:
     service: float | None = None  # `wallet serve` and its workers, while the service was loaded
     database: float | None = None  # PostgreSQL's backends of the bench database, meanwhile
     ceiling_database: float | None = None  # the same backends while pgbench ran
+    provider: float | None = None  # the fulfillment simulator, while the service was loaded
 
 
 def _per(seconds: float | None, count: int) -> float | None:
@@ -57,6 +58,10 @@ class Row:
     @property
     def database_us(self) -> float | None:
         return _per(self.cpu.database, self.service.requests)
+
+    @property
+    def provider_us(self) -> float | None:
+        return _per(self.cpu.provider, self.service.requests)
 
     @property
     def ceiling_database_us(self) -> float | None:
@@ -120,7 +125,13 @@ def render(
     lines += [f"- service peak memory: {peak_rss / 2**20:.0f} MiB RSS summed over {processes} processes", ""]
     header = [
         *("scenario", "auth", "service req/s", "p50 ms", "p99 ms", "errors", "pgbench tps", "ratio"),
-        *("service CPU µs/req", "PostgreSQL CPU µs/req", "pgbench: PostgreSQL CPU µs/tx", "target"),
+        *(
+            "service CPU µs/req",
+            "PostgreSQL CPU µs/req",
+            "provider CPU µs/req",
+            "pgbench: PostgreSQL CPU µs/tx",
+            "target",
+        ),
     ]
     body = [
         [
@@ -134,6 +145,7 @@ def render(
             f"{row.ratio:.2f}x",
             _micros(row.service_us),
             _micros(row.database_us),
+            _micros(row.provider_us),
             _micros(row.ceiling_database_us),
             row.verdict(),
         ]

@@ -370,6 +370,7 @@ def _measure(
                 asyncio.run(seed.credit(f"http://127.0.0.1:{run.port}", run.admin_key, client_ids))
             keys = asyncio.run(seed.api_keys(url, client_ids)) if run.auth == "api_key" else {}
             service_tree = functools.partial(cpu.tree, service.pid)
+            provider_tree = functools.partial(cpu.tree, provider.pid)
             rows = []
             meter_seconds = meter_wall = 0.0
             for scenario in scenarios(keys, run.admin_key):
@@ -382,7 +383,8 @@ def _measure(
                 settle(url)
                 if args.warmup:
                     load.run(kind, run.port, requests, seconds=args.warmup, connections=args.connections)
-                with cpu.Meter({"service": service_tree, "database": served_by}) as serving:
+                selects = {"service": service_tree, "database": served_by, "provider": provider_tree}
+                with cpu.Meter(selects) as serving:
                     served = load.run(kind, run.port, requests, **measure)
                 settle(url)
                 pgbench_url = db.read_url if scenario.replica_read and db.read_url else url
@@ -405,6 +407,7 @@ def _measure(
                         serving.seconds.get("service"),
                         serving.seconds.get("database"),
                         pgbench.seconds.get("database"),
+                        serving.seconds.get("provider"),
                     ),
                 )
                 meter_seconds += serving.own_seconds + pgbench.own_seconds
@@ -412,7 +415,8 @@ def _measure(
                 print(
                     f"bench: {row.scenario} [{row.auth}]: {served.rps:,.0f} req/s "
                     f"(p99 {served.p99_ms:.1f} ms, {served.errors} errors, CPU/req: service "
-                    f"{_us(row.service_us)}, PostgreSQL {_us(row.database_us)}), "
+                    f"{_us(row.service_us)}, PostgreSQL {_us(row.database_us)}, "
+                    f"provider {_us(row.provider_us)}), "
                     f"pgbench {raw.tps:,.0f} tps (PostgreSQL CPU/tx {_us(row.ceiling_database_us)}), "
                     f"{row.ratio:.2f}x",
                     file=sys.stderr,
