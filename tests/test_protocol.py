@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.builders import Api, Provider, RawAnswer, raw_exchange, start_service
-from wallet.http.protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES
+from wallet.http.protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, PassTransport
 
 
 def request(*headers: bytes, target: bytes = b"/health") -> bytes:
@@ -152,3 +152,62 @@ async def test_the_limits_are_in_the_openapi_document(api: Api) -> None:
     for operations in doc["paths"].values():
         for operation in operations.values():
             assert {"414", "431"} <= set(operation["responses"])
+
+
+class Wire(asyncio.Transport):
+    """What PassTransport hands on, in order: the bytes of each write, and b"<eof>" / b"<close>"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.sent.append(bytes(data))
+
+    def write_eof(self) -> None:
+        self.sent.append(b"<eof>")
+
+    def close(self) -> None:
+        self.sent.append(b"<close>")
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_the_writes_of_one_pass_leave_as_one_when_it_ends() -> None:
+    """uvicorn writes a response's head and body separately: one system call and segment each."""
+    wire = Wire()
+    transport = PassTransport(wire, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    transport.write(b"{}")
+    assert wire.sent == []
+    await asyncio.sleep(0)  # not a wait for time: the pass ends, which is what flushes
+    assert wire.sent == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    transport.write(b"next")
+    await asyncio.sleep(0)
+    assert wire.sent[1:] == [b"next"]
+
+
+async def test_held_bytes_are_written_before_a_close_or_half_close_in_the_same_pass() -> None:
+    closing, half_closing = Wire(), Wire()
+    loop = asyncio.get_running_loop()
+    for wire, end in ((closing, PassTransport.close), (half_closing, PassTransport.write_eof)):
+        transport = PassTransport(wire, loop)
+        transport.write(b"head")
+        transport.write(b"body")
+        end(transport)
+    await asyncio.sleep(0)  # the flush scheduled by the first write finds nothing left to write
+    assert closing.sent == [b"headbody", b"<close>"]
+    assert half_closing.sent == [b"headbody", b"<eof>"]
+
+
+async def test_bytes_held_for_a_connection_already_gone_are_dropped() -> None:
+    wire = Wire()
+    transport = PassTransport(wire, asyncio.get_running_loop())
+    transport.write(b"answer")
+    wire.close()  # the peer went away in the same pass
+    await asyncio.sleep(0)
+    assert wire.sent == [b"<close>"]

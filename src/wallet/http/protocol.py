@@ -14,11 +14,17 @@ of a head are counted across TCP reads, so a head trickled in small writes is bo
 A refusal is answered and then the connection is closed gracefully: our side is shut for
 writing, and what the client still sends is read and dropped until it closes (at most
 LINGER_SECONDS), so a client still sending its oversized head gets the answer instead of a reset.
+
+uvicorn writes a response's head and its body separately, each a system call and a TCP segment
+of its own. Every write here is held until the event-loop pass ends and then written as one
+(`PassTransport`): a response leaves in one call, and the client wakes once to read it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -34,6 +40,72 @@ LINGER_SECONDS = 5.0
 _MALFORMED = BadRequest("Malformed HTTP request", code="MALFORMED_HTTP")
 
 
+class PassTransport(asyncio.Transport):
+    """The connection's transport, with the writes of one event-loop pass joined into one.
+
+    Held bytes are written before the transport closes or half-closes, so nothing written is
+    lost to a close in the same pass; they are dropped only if the connection is already gone.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(bytes(data))
+
+    def flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            if not self._transport.is_closing():
+                self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def abort(self) -> None:
+        self._held = []
+        self._transport.abort()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._held))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
 class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing; `send_400_response` answers `error`."""
 
@@ -45,6 +117,9 @@ class JsonErrorsHttpToolsProtocol(HttpToolsProtocol):
     _header_bytes = 0
     _refusal: WalletError | None = None
     _refused = False  # answered with an error: everything else the client sends is dropped
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(PassTransport(transport, self.loop))
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser, never more than the rest of MAX_HEAD_BYTES while a head is open: the
