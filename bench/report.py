@@ -228,6 +228,7 @@ def data(
                 "cpu_us": {
                     "service_per_request": row.service_us,
                     "database_per_request": row.database_us,
+                    "provider_per_request": row.provider_us,
                     "database_per_pgbench_transaction": row.ceiling_database_us,
                 },
                 "target": dataclasses.asdict(row.target),

@@ -444,7 +444,7 @@ def test_the_report_prints_cpu_per_request_and_per_pgbench_transaction() -> None
         ceiling.Ceiling(1_000.0, 5_000, 32.0, 0, None),
         report.Target(ratio=2, p99_ms=25),
         auth="api_key",
-        cpu=report.Cpu(service=12.5, database=4.0, ceiling_database=3.0),
+        cpu=report.Cpu(service=12.5, database=4.0, ceiling_database=3.0, provider=1.5),
     )
     unreadable = report.Row(
         "balance reads",
@@ -454,15 +454,16 @@ def test_the_report_prints_cpu_per_request_and_per_pgbench_transaction() -> None
     )
     markdown = report.render([measured, unreadable], about={}, peak_rss=0, processes=1)
     assert (
-        "| orders, 1,000 wallets | api_key | 1,000 | 2.0 | 10.0 | 0 | 1,000 | 1.00x | 1,250 | 400 | 600 "
+        "| orders, 1,000 wallets | api_key | 1,000 | 2.0 | 10.0 | 0 | 1,000 | 1.00x | 1,250 | 400 | 150 | 600 "
         "| ≥ 2x, p99 < 25 ms, 0 errors: MISSED ratio |" in markdown
     )
-    assert "| - | - | - | p99 < 25 ms, 0 errors: MISSED p99 |" in markdown
+    assert "| - | - | - | - | p99 < 25 ms, 0 errors: MISSED p99 |" in markdown
     assert "not visible from here" in markdown
     figures = json.loads(json.dumps(report.data([measured], about={"date": "today"})))
     assert figures["rows"][0]["cpu_us"] == {
         "service_per_request": 1250.0,
         "database_per_request": 400.0,
+        "provider_per_request": 150.0,
         "database_per_pgbench_transaction": 600.0,
     }
     assert figures["rows"][0]["auth"] == "api_key"
