@@ -354,10 +354,27 @@ async def test_unknown_routes_and_methods_use_the_envelope(database_url: str, pr
         # GET and POST /orders are separate routes; Allow must name both.
         refused = await api.http.put("/orders", json={})
         assert_error(refused, 405)
-        assert refused.headers["Allow"] == "GET, POST"
+        assert refused.headers["Allow"] == "GET, HEAD, POST"
         refused = await api.http.get("/admin/clients/C1/api-keys/k1", headers=ADMIN)
         assert refused.headers["Allow"] == "DELETE"
         assert_error(await api.http.delete("/wallet/balance"), 405)
+
+
+async def test_head_is_served_wherever_get_is(database_url: str, provider: Provider) -> None:
+    """RFC 9110: a general-purpose server supports HEAD with GET: the GET's status and headers,
+    no body."""
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 10)
+        for path, headers in (("/health", {}), ("/wallet/balance", {"client-id": "C1"})):
+            got = await api.http.get(path, headers=headers)
+            head = await api.http.head(path, headers=headers)
+            assert (head.status_code, head.content) == (got.status_code, b""), path
+            assert head.headers["content-type"] == got.headers["content-type"]
+            assert head.headers["content-length"] == got.headers["content-length"]
+        assert (await api.http.head("/wallet/balance", headers={"client-id": "nobody"})).status_code == 404
+        refused = await api.http.head("/admin/wallet/credit", headers=ADMIN)
+        assert (refused.status_code, refused.headers["Allow"]) == (405, "POST")
+        assert await api.balance("C1") == Decimal(10)
 
 
 async def test_responses_carry_a_request_id(database_url: str, provider: Provider) -> None:

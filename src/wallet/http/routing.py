@@ -163,10 +163,13 @@ class Routes:
 
 class _Methods:
     """The ASGI app of one path: the endpoint of the request's method, else a 405 naming every
-    method the path has."""
+    method the path has. HEAD is served wherever GET is (RFC 9110 §9.1: every general-purpose
+    server supports both); the server sends the GET's head without its body."""
 
     def __init__(self, endpoints: list[Endpoint]) -> None:
         self.by_method = {e.method: e for e in endpoints}
+        if "GET" in self.by_method:
+            self.by_method.setdefault("HEAD", self.by_method["GET"])
         self.allow = ", ".join(sorted(self.by_method))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
