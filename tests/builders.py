@@ -83,6 +83,17 @@ async def start_provider(**faults: Any) -> AsyncIterator[Provider]:
         yield Provider(f"{base}/fulfillments", simulator)
 
 
+async def scheduled_callbacks_ran() -> None:
+    """Returns once the event loop has run every callback scheduled before this call: the
+    flushes `logs.PassWriter` and `http/protocol.PassTransport` schedule when a pass's first
+    write arrives. A condition (callbacks run in the order they were scheduled), not a wait for
+    time."""
+    loop = asyncio.get_running_loop()
+    ran: asyncio.Future[None] = loop.create_future()
+    loop.call_soon(ran.set_result, None)
+    await ran
+
+
 def dead_url() -> str:
     """A loopback URL where nothing listens: connections are refused at once."""
     with socket.socket() as sock:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from tests.builders import Provider, production_env, spawn_service
+from tests.builders import Provider, production_env, scheduled_callbacks_ran, spawn_service
 from wallet.logs import PassWriter
 
 
@@ -44,7 +44,7 @@ async def test_lines_logged_in_one_pass_are_written_when_it_ends_whole_and_in_or
         for line in lines:
             writer.info(line)
         assert written(read_end) == ""  # still this pass
-        await asyncio.sleep(0)  # not a wait for time: one loop pass, the unit under test
+        await scheduled_callbacks_ran()  # the pass's flush
         assert written(read_end) == "".join(line + "\n" for line in lines)
 
 

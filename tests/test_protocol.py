@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.builders import Api, Provider, RawAnswer, raw_exchange, start_service
+from tests.builders import Api, Provider, RawAnswer, raw_exchange, scheduled_callbacks_ran, start_service
 from wallet.http.protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, PassTransport
 
 
@@ -184,10 +184,10 @@ async def test_the_writes_of_one_pass_leave_as_one_when_it_ends() -> None:
     transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
     transport.write(b"{}")
     assert wire.sent == []
-    await asyncio.sleep(0)  # not a wait for time: the pass ends, which is what flushes
+    await scheduled_callbacks_ran()  # the flush the first write scheduled
     assert wire.sent == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
     transport.write(b"next")
-    await asyncio.sleep(0)
+    await scheduled_callbacks_ran()
     assert wire.sent[1:] == [b"next"]
 
 
@@ -199,7 +199,7 @@ async def test_held_bytes_are_written_before_a_close_or_half_close_in_the_same_p
         transport.write(b"head")
         transport.write(b"body")
         end(transport)
-    await asyncio.sleep(0)  # the flush scheduled by the first write finds nothing left to write
+    await scheduled_callbacks_ran()  # that flush finds nothing left to write
     assert closing.sent == [b"headbody", b"<close>"]
     assert half_closing.sent == [b"headbody", b"<eof>"]
 
@@ -209,5 +209,5 @@ async def test_bytes_held_for_a_connection_already_gone_are_dropped() -> None:
     transport = PassTransport(wire, asyncio.get_running_loop())
     transport.write(b"answer")
     wire.close()  # the peer went away in the same pass
-    await asyncio.sleep(0)
+    await scheduled_callbacks_ran()
     assert wire.sent == [b"<close>"]
