@@ -1,0 +1,206 @@
+"""The provider client against real loopback servers: what it sends, how it reads each way an
+HTTP/1.1 answer can be framed, when it keeps a connection, and what it says when no connection
+could be made (the one fact `fulfillment.classify_error` needs from it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gzip
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.builders import dead_url
+from wallet.provider_client import NotSent, ProviderClient
+
+BODY = b'{"id": "ff-1"}'
+
+
+@dataclass
+class Canned:
+    """Reads each request whole and answers it with the next of `answers`, as raw bytes;
+    closes the connection after an answer when `close` says so."""
+
+    answers: list[bytes]
+    close: bool = False
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.requests.append(head + await reader.readexactly(length))
+                writer.write(self.answers[min(len(self.requests), len(self.answers)) - 1])
+                await writer.drain()
+                if self.close:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def canned(
+    *answers: bytes, close: bool = False, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, Canned]]:
+    server_state = Canned(list(answers), close=close)
+    server = await asyncio.start_server(server_state.handle, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"{'https' if tls else 'http'}://localhost:{port}/fulfillments", server_state
+        server.close()
+
+
+def answer(status: str, body: bytes, *headers: str) -> bytes:
+    head = [f"HTTP/1.1 {status}", "Content-Type: application/json", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def call(client: ProviderClient, url: str) -> tuple[int, bytes]:
+    return await client.request("POST", url, b'{"orderId": "o-1"}', {"Idempotency-Key": "o-1"})
+
+
+async def test_a_request_goes_out_whole_with_its_headers() -> None:
+    async with canned(answer("201 Created", BODY)) as (url, server), ProviderClient(timeout=2) as client:
+        assert await call(client, url) == (201, BODY)
+    sent = server.requests[0]
+    assert sent.startswith(b"POST /fulfillments HTTP/1.1\r\n")
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    for header in (f"Host: localhost:{port}", "Idempotency-Key: o-1", "Content-Length: 18"):
+        assert f"\r\n{header}\r\n".encode() in sent
+    assert sent.endswith(b'\r\n\r\n{"orderId": "o-1"}')
+
+
+async def test_calls_one_after_another_share_one_connection() -> None:
+    answers = [answer("201 Created", b'{"id": %d}' % n) for n in range(3)]
+    async with canned(*answers) as (url, server), ProviderClient(timeout=2) as client:
+        got = [await call(client, url) for _ in range(3)]
+    assert got == [(201, b'{"id": %d}' % n) for n in range(3)]
+    assert server.connections == 1
+
+
+async def test_an_answer_that_ends_with_the_connection_is_read_whole() -> None:
+    until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY
+    async with canned(until_close, close=True) as (url, server), ProviderClient(timeout=2) as client:
+        assert await call(client, url) == (200, BODY)
+        assert await call(client, url) == (200, BODY)  # on a new connection: that one ended
+    assert server.connections == 2
+
+
+async def test_a_chunked_answer_is_joined() -> None:
+    chunked = answer(
+        "201 Created",
+        b"5\r\n" + BODY[:5] + b"\r\n9\r\n" + BODY[5:] + b"\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked",
+    )
+    async with canned(chunked) as (url, _), ProviderClient(timeout=2) as client:
+        assert await call(client, url) == (201, BODY)
+
+
+async def test_a_compressed_answer_is_decoded() -> None:
+    zipped = answer("201 Created", gzip.compress(BODY), "Content-Encoding: gzip")
+    async with canned(zipped) as (url, _), ProviderClient(timeout=2) as client:
+        assert await call(client, url) == (201, BODY)
+
+
+async def test_an_informational_answer_is_not_taken_for_the_answer() -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + answer("201 Created", BODY)
+    async with canned(early) as (url, _), ProviderClient(timeout=2) as client:
+        assert await call(client, url) == (201, BODY)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"HTTP/1.1 201 Created\r\nContent-Length: 40\r\n\r\n" + BODY,  # cut short, then closed
+        b"NOT HTTP AT ALL\r\n\r\n",
+        answer("201 Created", b"not gzip", "Content-Encoding: gzip"),
+    ],
+    ids=["cut-short", "not-http", "bad-gzip"],
+)
+async def test_a_broken_answer_is_a_connection_error_not_a_status(broken: bytes) -> None:
+    async with canned(broken, close=True) as (url, _), ProviderClient(timeout=2) as client:
+        with pytest.raises(ConnectionError):
+            await call(client, url)
+
+
+async def test_no_connection_is_not_sent() -> None:
+    async with ProviderClient(timeout=2) as client:
+        with pytest.raises(NotSent):
+            await call(client, dead_url())
+
+
+async def test_an_answer_that_never_comes_is_a_timeout_after_sending() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = server.sockets[0].getsockname()[1]
+    async with server, ProviderClient(timeout=0.2) as client:
+        with pytest.raises(TimeoutError):
+            await call(client, f"http://127.0.0.1:{port}/fulfillments")
+
+
+def self_signed(tmp: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context for localhost with a fresh self-signed certificate, and that certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
+
+
+async def test_https_is_verified_against_the_system_trust(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls, cert = self_signed(tmp_path)
+    async with canned(answer("201 Created", BODY), tls=tls) as (url, server):
+        # Not trusted: the handshake fails before a byte of the request is sent.
+        async with ProviderClient(timeout=2) as client:
+            with pytest.raises(NotSent):
+                await call(client, url)
+        assert server.requests == []
+        # Trusted (OpenSSL reads SSL_CERT_FILE when the client's context is made): answered.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        async with ProviderClient(timeout=2) as client:
+            assert await call(client, url) == (201, BODY)
