@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.builders import dead_url
-from wallet.provider_client import NotSent, ProviderClient
+from wallet.provider_client import MAX_ANSWER_BYTES, NotSent, ProviderClient
 
 BODY = b'{"id": "ff-1"}'
 
@@ -133,8 +133,11 @@ async def test_an_informational_answer_is_not_taken_for_the_answer() -> None:
         b"HTTP/1.1 201 Created\r\nContent-Length: 40\r\n\r\n" + BODY,  # cut short, then closed
         b"NOT HTTP AT ALL\r\n\r\n",
         answer("201 Created", b"not gzip", "Content-Encoding: gzip"),
+        answer("201 Created", gzip.compress(BODY)[:-12], "Content-Encoding: gzip"),  # its end cut off
+        answer("201 Created", b" " * (MAX_ANSWER_BYTES + 1)),
+        answer("201 Created", gzip.compress(b" " * (MAX_ANSWER_BYTES + 1)), "Content-Encoding: gzip"),
     ],
-    ids=["cut-short", "not-http", "bad-gzip"],
+    ids=["cut-short", "not-http", "bad-gzip", "gzip-cut-short", "too-large", "too-large-once-inflated"],
 )
 async def test_a_broken_answer_is_a_connection_error_not_a_status(broken: bytes) -> None:
     async with canned(broken, close=True) as (url, _), ProviderClient(timeout=2) as client:

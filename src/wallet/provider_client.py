@@ -29,6 +29,7 @@ import httptools
 # provider just as a request goes out (which would make that call's outcome unknown).
 IDLE_SECONDS = 4.0
 IDLE_PER_ORIGIN = 64  # idle connections kept per origin; more are closed when they come back
+MAX_ANSWER_BYTES = 1 << 20  # a provider's answer is an id and a few fields; more is not an answer
 
 
 class NotSent(Exception):
@@ -70,7 +71,7 @@ class _Connection(asyncio.Protocol):
         self._until_close = False  # neither Content-Length nor chunked: the body ends with the connection
         self._framed = False
         self._complete = False
-        self._status = 0
+        self._status = self._size = 0
         self._keep_alive = False
 
     # asyncio.Protocol
@@ -92,7 +93,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._answer is None or self._answer.done():
             return
-        if self._until_close and self._status:
+        if self._until_close and self._status and exc is None:  # ended cleanly: that was the body
             self.on_message_complete()
         else:
             self._fail(ConnectionError(f"connection lost before the whole answer ({exc or 'closed'})"))
@@ -100,7 +101,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._body, self._encoding, self._framed, self._complete = [], b"", False, False
-        self._status = 0
+        self._status = self._size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -116,6 +117,10 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
+        self._size += len(body)
+        if self._size > MAX_ANSWER_BYTES:
+            self._fail(ConnectionError(f"answer over {MAX_ANSWER_BYTES} bytes"))
+            self.close()
 
     def on_message_complete(self) -> None:
         if self._status < 200:  # informational (100 Continue, 103): the answer is still to come
@@ -124,7 +129,7 @@ class _Connection(asyncio.Protocol):
         if self._answer is not None and not self._answer.done():
             try:
                 self._answer.set_result((self._status, _decoded(b"".join(self._body), self._encoding)))
-            except zlib.error as exc:
+            except (zlib.error, ValueError) as exc:
                 self._fail(ConnectionError(f"answer body not {self._encoding.decode()}: {exc}"))
 
     # ours
@@ -153,9 +158,15 @@ class _Connection(asyncio.Protocol):
 
 
 def _decoded(body: bytes, encoding: bytes) -> bytes:
-    if encoding in (b"gzip", b"x-gzip", b"deflate"):
-        return zlib.decompress(body, wbits=47)  # 47: gzip or zlib, told by the header
-    return body
+    if encoding not in (b"gzip", b"x-gzip", b"deflate"):
+        return body
+    inflate = zlib.decompressobj(wbits=47)  # 47: gzip or zlib, told by the header
+    plain = inflate.decompress(body, MAX_ANSWER_BYTES)
+    if inflate.unconsumed_tail:
+        raise ValueError(f"over {MAX_ANSWER_BYTES} bytes once decompressed")
+    if not inflate.eof:
+        raise ValueError("the compressed body ends early")
+    return plain
 
 
 class ProviderClient:
