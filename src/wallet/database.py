@@ -58,7 +58,7 @@ class Unavailable(Exception):
 
 class Unreachable(Unavailable):
     """No connection could be had (refused, gone, or none free in the pool in time), so no
-    statement was sent: whatever it was to do did not happen. Raised by `reached`."""
+    statement was sent: whatever it was to do did not happen. Raised by `reached` and `direct`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ class Backend:
 class Lost(Unavailable):
     """The connection failed once a statement was sent: it may have run, and the server may not
     have noticed yet, so it may still run and commit on `backend` (None where that process
-    cannot be named: behind a transaction pooler). Raised by `sending`."""
+    cannot be named: behind a transaction pooler). Raised by `sending` and `direct`."""
 
     def __init__(self, backend: Backend | None, cause: BaseException) -> None:
         super().__init__(str(cause) or type(cause).__name__)
@@ -238,6 +238,10 @@ class Direct:
         return rows
 
 
+def _unreachable(exc: Exception) -> Unreachable:
+    return Unreachable(str(exc) or type(exc).__name__)
+
+
 @contextlib.asynccontextmanager
 async def reached(connect: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
     """`async with connect` (a connection, a transaction), with a failure to get the connection or
@@ -248,7 +252,7 @@ async def reached(connect: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
             conn = await stack.enter_async_context(connect)
         except Exception as exc:
             if is_unavailable(exc):
-                raise Unreachable(str(exc) or type(exc).__name__) from exc
+                raise _unreachable(exc) from exc
             raise
         yield conn
 
@@ -280,16 +284,18 @@ async def direct(engine: AsyncEngine) -> AsyncIterator[Direct]:
         pooled = await engine.raw_connection()
     except Exception as exc:
         if is_unavailable(exc):
-            raise Unreachable(str(exc) or type(exc).__name__) from exc
+            raise _unreachable(exc) from exc
         raise
     backend = pooled.info.get(_BACKEND_INFO)  # read now: invalidating the connection forgets it
     try:
         yield Direct(pooled.driver_connection, transactional=pooler_of(engine) is Pooler.TRANSACTION)
     except Exception as exc:
-        if is_unavailable(exc):
-            await greenlet_spawn(pooled.invalidate)
-            raise Lost(backend, exc) from exc
-        raise
+        if not is_unavailable(exc):
+            raise
+        await greenlet_spawn(pooled.invalidate)
+        if isinstance(exc, Unavailable):  # already says whether anything ran (a BEGIN refused)
+            raise
+        raise Lost(backend, exc) from exc
     finally:
         await greenlet_spawn(pooled.close)  # back to the pool (its reset may talk to the server)
 
