@@ -5,6 +5,7 @@ could be made (the one fact `fulfillment.classify_error` needs from it)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import gzip
@@ -87,6 +88,15 @@ async def test_a_request_goes_out_whole_with_its_headers() -> None:
     for header in (f"Host: localhost:{port}", "Idempotency-Key: o-1", "Content-Length: 18"):
         assert f"\r\n{header}\r\n".encode() in sent
     assert sent.endswith(b'\r\n\r\n{"orderId": "o-1"}')
+
+
+async def test_credentials_in_the_url_are_sent_as_basic_authentication() -> None:
+    async with canned(answer("201 Created", BODY)) as (url, server), ProviderClient(timeout=2) as client:
+        with_credentials = url.replace("//", "//shop%40example:s3cret@", 1)
+        assert await call(client, with_credentials) == (201, BODY)
+    expected = base64.b64encode(b"shop@example:s3cret").decode()
+    assert f"\r\nAuthorization: Basic {expected}\r\n".encode() in server.requests[0]
+    assert b"s3cret" not in server.requests[0].split(b"\r\n")[0]  # not in the request line
 
 
 async def test_calls_one_after_another_share_one_connection() -> None:

@@ -15,12 +15,13 @@ answer, a malformed answer, a timeout after connecting) means the request may ha
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 import zlib
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -47,14 +48,20 @@ class Origin:
         return self.scheme == "https"
 
 
-def split(url: str) -> tuple[Origin, str]:
-    """(origin, request target) of an absolute http(s) URL; ValueError for anything else."""
+def split(url: str) -> tuple[Origin, str, str | None]:
+    """(origin, request target, Authorization) of an absolute http(s) URL; ValueError for
+    anything else. Credentials in the URL (`https://user:secret@host/…`, the only way the
+    settings can carry the provider's) are sent as Basic authentication, as aiohttp did."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an absolute http(s) URL: {url!r}")
+        raise ValueError("not an absolute http(s) URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Origin(parts.scheme, parts.hostname, port), target
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    return Origin(parts.scheme, parts.hostname, port), target, authorization
 
 
 class _Connection(asyncio.Protocol):
@@ -185,7 +192,9 @@ class ProviderClient:
         could be made; ConnectionError, TimeoutError or OSError when the request may have
         arrived."""
         try:
-            origin, target = split(url)
+            origin, target, authorization = split(url)
+            if authorization:
+                headers = {**headers, "Authorization": authorization}
             request = _request_bytes(method, origin, target, body, headers)
         except ValueError as exc:
             raise NotSent(str(exc)) from exc
