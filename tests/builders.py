@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import ssl
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -92,6 +94,69 @@ async def scheduled_callbacks_ran() -> None:
     ran: asyncio.Future[None] = loop.create_future()
     loop.call_soon(ran.set_result, None)
     await ran
+
+
+RESET, HANG = "reset", "hang"  # a raw server's actions in place of an answer
+
+
+@dataclass
+class RawServer:
+    """A provider that sends exact bytes: it reads each request whole (head, then a
+    Content-Length body) and sends the next of `replies` (the last one repeats). RESET aborts
+    the connection once the request is read; HANG never answers. With `close`, the connection
+    is closed after each answer."""
+
+    replies: list[bytes | str]
+    close: bool = False
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lengths = [
+                    line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+                ]
+                length = int(lengths[0].split(b":")[1]) if lengths else 0
+                self.requests.append(head + await reader.readexactly(length))
+                reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+                if reply == RESET:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break
+                if reply == HANG:
+                    await asyncio.Event().wait()
+                assert isinstance(reply, bytes)
+                writer.write(reply)
+                await writer.drain()
+                if self.close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    *replies: bytes | str, close: bool = False, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, RawServer]]:
+    """A RawServer on loopback, and its URL (`localhost`, the name a test certificate names)."""
+    state = RawServer(list(replies), close=close)
+    server = await asyncio.start_server(state.handle, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"{'https' if tls else 'http'}://localhost:{port}/fulfillments", state
+        server.close()
+
+
+def http_answer(status: str, body: bytes, *headers: str) -> bytes:
+    """The bytes of an HTTP/1.1 answer; a Content-Length unless `headers` frame the body."""
+    head = [f"HTTP/1.1 {status}", "Content-Type: application/json", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 def dead_url() -> str:

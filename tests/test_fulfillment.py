@@ -4,71 +4,32 @@ the request, or never answers; and a port where nothing listens."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
-import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from tests.builders import dead_url
+from tests.builders import HANG, RESET, RawServer, dead_url, http_answer, raw_server
 from wallet.fulfillment import Failure, Kind, Outcome, Provider, new_http_client
 from wallet.settings import Settings
 
 ORDER_ID = "ORD-1703251234567-a1b2c3d4"
 
 
-@dataclass
-class RawProvider:
-    """Reads each request whole, then does what `behaviour` says for that call."""
-
-    behaviours: list[str]
-    requests: list[bytes] = field(default_factory=list)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":")[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                body = await reader.readexactly(length)
-                self.requests.append(head + body)
-                behaviour = self.behaviours[min(len(self.requests), len(self.behaviours)) - 1]
-                if behaviour == "reset":  # the request was read; the answer never comes
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.close()
-                    return
-                if behaviour == "hang":
-                    await asyncio.Event().wait()
-                status, _, payload = behaviour.partition(" ")
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(payload)}\r\n\r\n{payload}".encode()
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+def reply(behaviour: str) -> bytes | str:
+    """'STATUS BODY' as the bytes of that answer; RESET and HANG as they are."""
+    if behaviour in (RESET, HANG):
+        return behaviour
+    status, _, payload = behaviour.partition(" ")
+    return http_answer(f"{status} X", payload.encode())
 
 
 @contextlib.asynccontextmanager
-async def raw_provider(*behaviours: str) -> AsyncIterator[tuple[str, RawProvider]]:
-    provider = RawProvider(list(behaviours))
-    server = await asyncio.start_server(provider.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        yield f"http://127.0.0.1:{port}/fulfillments", provider
-        server.close()
+async def raw_provider(*behaviours: str) -> AsyncIterator[tuple[str, RawServer]]:
+    async with raw_server(*map(reply, behaviours)) as served:
+        yield served
 
 
 @contextlib.asynccontextmanager

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime
 import gzip
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,58 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.builders import dead_url
+from tests.builders import dead_url, http_answer, raw_server
 from wallet.provider_client import MAX_ANSWER_BYTES, NotSent, ProviderClient
 
 BODY = b'{"id": "ff-1"}'
-
-
-@dataclass
-class Canned:
-    """Reads each request whole and answers it with the next of `answers`, as raw bytes;
-    closes the connection after an answer when `close` says so."""
-
-    answers: list[bytes]
-    close: bool = False
-    connections: int = 0
-    requests: list[bytes] = field(default_factory=list)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                self.requests.append(head + await reader.readexactly(length))
-                writer.write(self.answers[min(len(self.requests), len(self.answers)) - 1])
-                await writer.drain()
-                if self.close:
-                    break
-        except asyncio.IncompleteReadError:
-            pass
-        writer.close()
-
-
-@contextlib.asynccontextmanager
-async def canned(
-    *answers: bytes, close: bool = False, tls: ssl.SSLContext | None = None
-) -> AsyncIterator[tuple[str, Canned]]:
-    server_state = Canned(list(answers), close=close)
-    server = await asyncio.start_server(server_state.handle, "127.0.0.1", 0, ssl=tls)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        yield f"{'https' if tls else 'http'}://localhost:{port}/fulfillments", server_state
-        server.close()
-
-
-def answer(status: str, body: bytes, *headers: str) -> bytes:
-    head = [f"HTTP/1.1 {status}", "Content-Type: application/json", *headers]
-    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
-        head.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 async def call(client: ProviderClient, url: str) -> tuple[int, bytes]:
@@ -80,7 +29,10 @@ async def call(client: ProviderClient, url: str) -> tuple[int, bytes]:
 
 
 async def test_a_request_goes_out_whole_with_its_headers() -> None:
-    async with canned(answer("201 Created", BODY)) as (url, server), ProviderClient(timeout=2) as client:
+    async with (
+        raw_server(http_answer("201 Created", BODY)) as (url, server),
+        ProviderClient(timeout=2) as client,
+    ):
         assert await call(client, url) == (201, BODY)
     sent = server.requests[0]
     assert sent.startswith(b"POST /fulfillments HTTP/1.1\r\n")
@@ -91,7 +43,10 @@ async def test_a_request_goes_out_whole_with_its_headers() -> None:
 
 
 async def test_credentials_in_the_url_are_sent_as_basic_authentication() -> None:
-    async with canned(answer("201 Created", BODY)) as (url, server), ProviderClient(timeout=2) as client:
+    async with (
+        raw_server(http_answer("201 Created", BODY)) as (url, server),
+        ProviderClient(timeout=2) as client,
+    ):
         with_credentials = url.replace("//", "//shop%40example:s3cret@", 1)
         assert await call(client, with_credentials) == (201, BODY)
     expected = base64.b64encode(b"shop@example:s3cret").decode()
@@ -100,8 +55,8 @@ async def test_credentials_in_the_url_are_sent_as_basic_authentication() -> None
 
 
 async def test_calls_one_after_another_share_one_connection() -> None:
-    answers = [answer("201 Created", b'{"id": %d}' % n) for n in range(3)]
-    async with canned(*answers) as (url, server), ProviderClient(timeout=2) as client:
+    answers = [http_answer("201 Created", b'{"id": %d}' % n) for n in range(3)]
+    async with raw_server(*answers) as (url, server), ProviderClient(timeout=2) as client:
         got = [await call(client, url) for _ in range(3)]
     assert got == [(201, b'{"id": %d}' % n) for n in range(3)]
     assert server.connections == 1
@@ -109,31 +64,31 @@ async def test_calls_one_after_another_share_one_connection() -> None:
 
 async def test_an_answer_that_ends_with_the_connection_is_read_whole() -> None:
     until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY
-    async with canned(until_close, close=True) as (url, server), ProviderClient(timeout=2) as client:
+    async with raw_server(until_close, close=True) as (url, server), ProviderClient(timeout=2) as client:
         assert await call(client, url) == (200, BODY)
         assert await call(client, url) == (200, BODY)  # on a new connection: that one ended
     assert server.connections == 2
 
 
 async def test_a_chunked_answer_is_joined() -> None:
-    chunked = answer(
+    chunked = http_answer(
         "201 Created",
         b"5\r\n" + BODY[:5] + b"\r\n9\r\n" + BODY[5:] + b"\r\n0\r\n\r\n",
         "Transfer-Encoding: chunked",
     )
-    async with canned(chunked) as (url, _), ProviderClient(timeout=2) as client:
+    async with raw_server(chunked) as (url, _), ProviderClient(timeout=2) as client:
         assert await call(client, url) == (201, BODY)
 
 
 async def test_a_compressed_answer_is_decoded() -> None:
-    zipped = answer("201 Created", gzip.compress(BODY), "Content-Encoding: gzip")
-    async with canned(zipped) as (url, _), ProviderClient(timeout=2) as client:
+    zipped = http_answer("201 Created", gzip.compress(BODY), "Content-Encoding: gzip")
+    async with raw_server(zipped) as (url, _), ProviderClient(timeout=2) as client:
         assert await call(client, url) == (201, BODY)
 
 
-async def test_an_informational_answer_is_not_taken_for_the_answer() -> None:
-    early = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + answer("201 Created", BODY)
-    async with canned(early) as (url, _), ProviderClient(timeout=2) as client:
+async def test_an_informational_answer_is_not_taken_for_the_http_answer() -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + http_answer("201 Created", BODY)
+    async with raw_server(early) as (url, _), ProviderClient(timeout=2) as client:
         assert await call(client, url) == (201, BODY)
 
 
@@ -142,15 +97,15 @@ async def test_an_informational_answer_is_not_taken_for_the_answer() -> None:
     [
         b"HTTP/1.1 201 Created\r\nContent-Length: 40\r\n\r\n" + BODY,  # cut short, then closed
         b"NOT HTTP AT ALL\r\n\r\n",
-        answer("201 Created", b"not gzip", "Content-Encoding: gzip"),
-        answer("201 Created", gzip.compress(BODY)[:-12], "Content-Encoding: gzip"),  # its end cut off
-        answer("201 Created", b" " * (MAX_ANSWER_BYTES + 1)),
-        answer("201 Created", gzip.compress(b" " * (MAX_ANSWER_BYTES + 1)), "Content-Encoding: gzip"),
+        http_answer("201 Created", b"not gzip", "Content-Encoding: gzip"),
+        http_answer("201 Created", gzip.compress(BODY)[:-12], "Content-Encoding: gzip"),  # its end cut off
+        http_answer("201 Created", b" " * (MAX_ANSWER_BYTES + 1)),
+        http_answer("201 Created", gzip.compress(b" " * (MAX_ANSWER_BYTES + 1)), "Content-Encoding: gzip"),
     ],
     ids=["cut-short", "not-http", "bad-gzip", "gzip-cut-short", "too-large", "too-large-once-inflated"],
 )
 async def test_a_broken_answer_is_a_connection_error_not_a_status(broken: bytes) -> None:
-    async with canned(broken, close=True) as (url, _), ProviderClient(timeout=2) as client:
+    async with raw_server(broken, close=True) as (url, _), ProviderClient(timeout=2) as client:
         with pytest.raises(ConnectionError):
             await call(client, url)
 
@@ -207,7 +162,7 @@ async def test_https_is_verified_against_the_system_trust(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tls, cert = self_signed(tmp_path)
-    async with canned(answer("201 Created", BODY), tls=tls) as (url, server):
+    async with raw_server(http_answer("201 Created", BODY), tls=tls) as (url, server):
         # Not trusted: the handshake fails before a byte of the request is sent.
         async with ProviderClient(timeout=2) as client:
             with pytest.raises(NotSent):
