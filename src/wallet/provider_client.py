@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ssl
 import time
 import zlib
@@ -48,10 +49,12 @@ class Origin:
         return self.scheme == "https"
 
 
+@functools.lru_cache(maxsize=64)
 def split(url: str) -> tuple[Origin, str, str | None]:
     """(origin, request target, Authorization) of an absolute http(s) URL; ValueError for
     anything else. Credentials in the URL (`https://user:secret@host/…`, the only way the
-    settings can carry the provider's) are sent as Basic authentication, as aiohttp did."""
+    settings can carry the provider's) are sent as Basic authentication, as aiohttp did.
+    Cached: it runs on every call, and the provider's URLs are few and fixed."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not an absolute http(s) URL")
