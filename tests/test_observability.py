@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -296,3 +300,46 @@ async def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(
         assert delta(before, after, "wallet_http_requests_total", status="500", **route) == 0
         assert await api.balance("ACME") == 100
     assert provider.simulator.calls == []
+
+
+_FORKED_COUNTS = """
+import os
+from prometheus_client import CollectorRegistry, multiprocess
+from wallet.observability import HTTP_REQUESTS, new_request_id
+
+served = HTTP_REQUESTS.labels("GET", "/x", "200")
+served.inc()
+ids = {new_request_id()}
+child = os.fork()
+if child == 0:
+    served.inc()
+    served.inc()
+    os.write(1, new_request_id().encode() + b" ")
+    os._exit(0)
+os.waitpid(child, 0)
+served.inc()
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+labels = {"method": "GET", "route": "/x", "status": "200"}
+print(registry.get_sample_value("wallet_http_requests_total", labels))
+print(new_request_id())
+"""
+
+
+def test_counts_of_a_forked_worker_are_its_own_and_add_up(tmp_path: Path) -> None:
+    """With several workers, each process counts in a file of its own: a process forked after
+    counting starts its own, so neither overwrites the other's counts. Request ids differ too."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    ran = subprocess.run(
+        [sys.executable, "-c", _FORKED_COUNTS],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    child_id, total, parent_id = ran.stdout.split()
+    assert float(total) == 4.0  # 2 in the parent, 2 in the child
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2
+    assert child_id != parent_id
+    assert re.fullmatch(r"[0-9a-f]{32}", child_id)
