@@ -46,6 +46,11 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+def process_id() -> int:
+    """os.getpid() without its system call: remembered, and refreshed in a forked child."""
+    return _pid
+
+
 def _add_request_id(_: object, __: str, event_dict: EventDict) -> EventDict:
     request_id = REQUEST_ID.get()
     if request_id is not None:

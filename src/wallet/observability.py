@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wallet.logs import REQUEST_ID
+from wallet.logs import REQUEST_ID, process_id
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -23,23 +23,10 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # With several workers (PROMETHEUS_MULTIPROC_DIR set), every increment asks os.getpid() whether
 # the process forked since, to move to a file of its own: a system call per counter and two per
 # histogram sample, about 5 % of a worker's CPU under load (py-spy, README "Metrics without a
-# system call"). The pid is remembered instead, and refreshed in a forked child, which is when
-# it changes. Set before any metric below is made: each value takes the class when created.
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-def _process_id() -> int:
-    return _pid
-
-
+# system call"). `logs.process_id` remembers the pid and refreshes it in a forked child, which
+# is when it changes. Set before any metric below is made: each value takes the class when made.
 if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-    os.register_at_fork(after_in_child=_forked)
-    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
+    values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
 
 HTTP_REQUESTS = Counter(
     "wallet_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"]
