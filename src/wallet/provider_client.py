@@ -78,7 +78,6 @@ class _Connection(asyncio.Protocol):
         self._answer: asyncio.Future[tuple[int, bytes]] | None = None
         self._body: list[bytes] = []
         self._encoding = b""
-        self._until_close = False  # neither Content-Length nor chunked: the body ends with the connection
         self._framed = False
         self._complete = False
         self._status = self._size = 0
@@ -103,7 +102,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._answer is None or self._answer.done():
             return
-        if self._until_close and self._status and exc is None:  # ended cleanly: that was the body
+        if self._until_close and exc is None:  # ended cleanly: that was the body
             self.on_message_complete()
         else:
             self._fail(ConnectionError(f"connection lost before the whole answer ({exc or 'closed'})"))
@@ -122,7 +121,6 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
-        self._until_close = not self._framed and self._status >= 200
         self._keep_alive = self._parser.should_keep_alive()  # only meaningful before the body
 
     def on_body(self, body: bytes) -> None:
@@ -156,6 +154,11 @@ class _Connection(asyncio.Protocol):
             return await self._answer
         finally:
             self._answer = None
+
+    @property
+    def _until_close(self) -> bool:
+        """An answer with neither Content-Length nor chunked: its body ends with the connection."""
+        return not self._framed and self._status >= 200
 
     @property
     def reusable(self) -> bool:
