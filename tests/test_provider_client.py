@@ -86,7 +86,7 @@ async def test_a_compressed_answer_is_decoded() -> None:
         assert await call(client, url) == (201, BODY)
 
 
-async def test_an_informational_answer_is_not_taken_for_the_http_answer() -> None:
+async def test_an_informational_answer_is_not_taken_for_the_answer() -> None:
     early = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + http_answer("201 Created", BODY)
     async with raw_server(early) as (url, _), ProviderClient(timeout=2) as client:
         assert await call(client, url) == (201, BODY)
