@@ -26,7 +26,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wallet.chain import GENESIS_HASH, LedgerKey, canonical_content, chain_hash
-from wallet.database import plain_url
+from wallet.database import Statement, plain_url
 from wallet.http.app import create_app
 from wallet.http.protocol import JsonErrorsHttpToolsProtocol
 from wallet.listen import read_delivery
@@ -637,3 +637,31 @@ async def failed_endpoint(api: Api, commits: Commits, receiver: Receiver, client
 
     await commits.until(disabled, what="the endpoint disabled after failing")
     return endpoint, receiver.got[0].headers["webhook-id"]
+
+
+async def scans_of(
+    conn: asyncpg.Connection, statement: Statement, params: Mapping[str, Any], table: str
+) -> list[tuple[str, float]]:
+    """Run `statement` under EXPLAIN ANALYZE in a transaction that is rolled back; every scan of
+    `table` or of one of its indexes (named after it), with the rows it read over all its loops
+    (those its filter then dropped included)."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement.sql, *(params[name] for name in statement.names)
+        )
+    finally:
+        await transaction.rollback()
+
+    def scans(plan: dict[str, Any]) -> list[tuple[str, float]]:
+        found = []
+        name = plan.get("Index Name") or plan.get("Relation Name") or ""
+        if "Scan" in plan["Node Type"] and (name == table or name.startswith(table + "_")):
+            read = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+            found.append((name, float(read * plan["Actual Loops"])))
+        for child in plan.get("Plans", []):
+            found += scans(child)
+        return found
+
+    return scans(json.loads(explained)[0]["Plan"])

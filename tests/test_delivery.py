@@ -6,9 +6,20 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import asyncpg
 import httpx
 
-from tests.builders import ADMIN_KEY, Provider, Receiver, spawn_service, start_receiver, start_service
+from tests.builders import (
+    ADMIN_KEY,
+    Provider,
+    Receiver,
+    scans_of,
+    spawn_service,
+    start_receiver,
+    start_service,
+)
+from wallet import delivery
+from wallet.database import Statement, plain_url
 
 
 async def test_sigkill_mid_delivery_repeats_at_most_with_the_same_webhook_id(
@@ -65,3 +76,39 @@ async def test_sigkill_mid_delivery_repeats_at_most_with_the_same_webhook_id(
             assert 'wallet_webhook_deliveries_total{outcome="delivered"}' in metrics
             assert "wallet_webhook_queue_depth" in metrics
             assert "wallet_webhook_oldest_undelivered_age_seconds" in metrics
+
+
+async def test_settling_a_delivery_reads_only_its_row_whatever_the_pending_backlog(
+    direct_database_url: str,
+) -> None:
+    """An endpoint down for hours piles up PENDING deliveries before autovacuum re-analyzes the
+    table. Recording an attempt's outcome must still find the delivery by its key, not walk
+    every PENDING delivery (README, "A planner trap in the settle statements")."""
+    conn = await asyncpg.connect(plain_url(direct_database_url))
+    try:
+        await conn.execute("ALTER TABLE webhook_deliveries SET (autovacuum_enabled = false)")
+        await conn.execute("SET session_replication_role = replica")  # no events or endpoints needed
+        bulk = """
+        INSERT INTO webhook_deliveries (client_id, endpoint_id, event_no, status, attempts, next_attempt_at)
+        SELECT 'c' || (g % 100), 'we_x', g, $1, 1, CASE WHEN $1 = 'PENDING' THEN now() END
+        FROM generate_series(1, $2) AS g"""
+        await conn.execute(bulk, "DELIVERED", 100_000)
+        await conn.execute("ANALYZE webhook_deliveries")
+        await conn.execute(bulk, "PENDING", 10_000)
+        row = await conn.fetchrow(
+            "SELECT client_id, id FROM webhook_deliveries WHERE status = 'PENDING' LIMIT 1"
+        )
+        params = {
+            "client_id": row["client_id"],
+            "delivery_id": row["id"],
+            "attempt": 1,
+            "status": "DELIVERED",
+            "delay": 1.0,
+            "status_code": 200,
+            "error": None,
+        }
+        scans = await scans_of(conn, Statement.of(delivery._SETTLE), params, "webhook_deliveries")
+        assert scans
+        assert max(rows for _, rows in scans) <= 1, scans
+    finally:
+        await conn.close()

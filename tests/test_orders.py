@@ -10,8 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.builders import Api, Commits, Provider, dead_url, start_service
-from wallet.database import plain_url
+from tests.builders import Api, Commits, Provider, dead_url, ledger_key, scans_of, start_service
+from wallet import ledger, orders
+from wallet.database import Statement, plain_url
 
 
 async def ledger_types(database_url: str, client_id: str) -> list[tuple[str, int, int, int]]:
@@ -300,3 +301,62 @@ async def test_held_money_counts_against_the_credit_cap(database_url: str, provi
         assert refused.status_code == 400
         assert refused.json()["code"] == "BALANCE_LIMIT_EXCEEDED"
         assert (await api.credit("C1", Decimal("0.01"))).status_code == 400
+
+
+# --- settling under a PENDING backlog ----------------------------------------------------
+
+_BULK_ORDERS = """
+INSERT INTO orders (order_id, client_id, amount, status, fulfillment_id, next_attempt_at, sent_by,
+                    created_at, updated_at)
+SELECT 'ORD-' || ($1::bigint + g) || '-' || lpad(to_hex(g), 8, '0'), 'w' || (g % 10), 100, $2,
+       CASE WHEN $2 = 'COMPLETED' THEN 'F' END,
+       CASE WHEN $2 = 'PENDING' THEN now() + interval '1 day' END, now(), now(), now()
+FROM generate_series(1, $3) AS g
+"""
+
+
+async def test_settling_reads_only_its_orders_whatever_the_pending_backlog(direct_database_url: str) -> None:
+    """A provider outage leaves thousands of orders PENDING before autovacuum re-analyzes a big
+    table, so the statistics still say PENDING is rare. Settling an order (completing it, alone
+    or in a batch, refunding it, rescheduling it) must still find it by its id, not read every
+    PENDING order for each one it settles: that made the resolver's catch-up quadratic."""
+    conn = await asyncpg.connect(plain_url(direct_database_url))
+    try:
+        await conn.execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
+        for c in range(10):
+            await conn.execute("INSERT INTO clients (client_id) VALUES ($1)", f"w{c}")
+            await conn.execute("INSERT INTO wallets (client_id) VALUES ($1)", f"w{c}")
+        await conn.execute(_BULK_ORDERS, 1_000_000_000_000, "COMPLETED", 100_000)
+        await conn.execute("ANALYZE orders")
+        await conn.execute(_BULK_ORDERS, 2_000_000_000_000, "PENDING", 10_000)
+        six = [
+            r["order_id"]
+            for r in await conn.fetch("SELECT order_id FROM orders WHERE status = 'PENDING' LIMIT 6")
+        ]
+        one = {
+            "order_id": six[0],
+            "fulfillment_id": "F-1",
+            "attempts": 1,
+            "resolved_by": None,
+            "note": None,
+            "failure": "PROVIDER_ERROR",
+            "detail": "test",
+            "delay": 1.0,
+            "resolver_attempt": 0,
+            "review_after": 3600.0,
+            "announce": False,
+            **ledger_key().sql_params(),
+        }
+        batch = {"order_ids": six, "fulfillment_ids": [f"F-{n}" for n in range(6)], "attempts": [1] * 6}
+        cases = [
+            ("completion of six", orders._COMPLETE_MANY, batch, 6),
+            ("completion", Statement.of(orders._COMPLETE), one, 1),
+            ("refund", Statement.of(ledger._REFUND_ORDER), one, 1),
+            ("reschedule", Statement.of(orders._RESCHEDULE), one, 1),
+        ]
+        for name, statement, params, settled in cases:
+            scans = await scans_of(conn, statement, params, "orders")
+            assert scans, name
+            assert max(rows for _, rows in scans) <= settled, (name, scans)
+    finally:
+        await conn.close()

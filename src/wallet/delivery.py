@@ -91,13 +91,24 @@ SELECT :client_id, :delivery_id, :endpoint_id, :event_id, :attempted_at, :status
 WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE endpoint_id = :endpoint_id)
 """)
 # Guarded by the attempt number: a claim that expired and was taken again is not overwritten.
+# The delivery is found by its key alone and locked, and its status tested on the locked row:
+# `AND status = 'PENDING'` in the scan let the planner walk every PENDING delivery instead of
+# the key when the statistics said few were (README, "A planner trap in the settle statements").
 _SETTLE = text("""
-UPDATE webhook_deliveries
+WITH target AS (
+    SELECT client_id, id, status AS target_status, attempts AS target_attempts
+    FROM webhook_deliveries
+    WHERE client_id = :client_id AND id = :delivery_id
+    FOR NO KEY UPDATE
+)
+UPDATE webhook_deliveries d
 SET status = :status,
     next_attempt_at = CASE WHEN :status = 'PENDING'
                            THEN statement_timestamp() + make_interval(secs => :delay) END,
     last_status = :status_code, last_error = :error, updated_at = statement_timestamp()
-WHERE client_id = :client_id AND id = :delivery_id AND attempts = :attempt AND status = 'PENDING'
+FROM target
+WHERE d.client_id = target.client_id AND d.id = target.id
+  AND target.target_status = 'PENDING' AND target.target_attempts = :attempt
 """)
 _HEALTH = text("""
 UPDATE webhook_endpoints

@@ -42,7 +42,7 @@ from wallet.events import (
 )
 from wallet.idempotency import IdempotencyKey
 from wallet.money import MAX_CENTS, from_cents
-from wallet.reads import BALANCE, HELD_SQL, ORDER_COLUMNS, OrderRow, no_wallet
+from wallet.reads import BALANCE, HELD_SQL, ORDER_COLUMNS, SETTLE_TARGET, OrderRow, no_wallet, settling
 
 
 class EntryType(StrEnum):
@@ -195,14 +195,15 @@ SELECT ord, outcome, before, {ORDER_COLUMNS} FROM moved ORDER BY ord
 )
 
 _REFUND_ORDER = text(f"""
-WITH failed AS (
+WITH {settling("orders WHERE orders.order_id = :order_id")}, failed AS (
     UPDATE orders
     SET status = 'FAILED', failure = :failure, next_attempt_at = NULL, needs_review = false,
         attempts = orders.attempts + :attempts, last_error = CAST(:detail AS text),
         resolved_by = CAST(:resolved_by AS text),
         resolved_at = CASE WHEN CAST(:resolved_by AS text) IS NULL THEN NULL ELSE clock_timestamp() END,
         resolution_note = CAST(:note AS text), updated_at = clock_timestamp()
-    WHERE order_id = :order_id AND status = 'PENDING'
+    FROM target
+    WHERE {SETTLE_TARGET}
     RETURNING {ORDER_COLUMNS}
 ), moved AS (
     UPDATE wallets

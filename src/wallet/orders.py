@@ -48,7 +48,7 @@ from wallet.errors import Conflict, NotFound, ServiceUnavailable, WalletError
 from wallet.events import INSERT_EVENT, order_data_sql, settled_order_events_sql
 from wallet.fulfillment import Failure, Kind, Outcome, Provider
 from wallet.money import from_cents
-from wallet.reads import ORDER_COLUMNS, OrderRow
+from wallet.reads import ORDER_COLUMNS, SETTLE_TARGET, OrderRow, settling
 from wallet.settings import OnUnknown, Settings
 from wallet.wire import iso
 
@@ -120,15 +120,17 @@ def _complete_sql(args: str) -> str:
     resolved_by, note) of `args`."""
     returning = ", ".join("orders." + c.strip() for c in ORDER_COLUMNS.split(","))
     return f"""
-WITH args AS ({args}), done AS (
+WITH args AS ({args}),
+{settling("args JOIN orders ON orders.order_id = args.order_id", carrying="args.*")},
+done AS (
     UPDATE orders
-    SET status = 'COMPLETED', fulfillment_id = args.fulfillment_id, next_attempt_at = NULL,
-        needs_review = false, attempts = orders.attempts + args.attempts, last_error = NULL,
-        resolved_by = args.resolved_by,
-        resolved_at = CASE WHEN args.resolved_by IS NULL THEN NULL ELSE clock_timestamp() END,
-        resolution_note = args.note, updated_at = clock_timestamp()
-    FROM args
-    WHERE orders.order_id = args.order_id AND orders.status = 'PENDING'
+    SET status = 'COMPLETED', fulfillment_id = target.fulfillment_id, next_attempt_at = NULL,
+        needs_review = false, attempts = orders.attempts + target.attempts, last_error = NULL,
+        resolved_by = target.resolved_by,
+        resolved_at = CASE WHEN target.resolved_by IS NULL THEN NULL ELSE clock_timestamp() END,
+        resolution_note = target.note, updated_at = clock_timestamp()
+    FROM target
+    WHERE {SETTLE_TARGET}
     RETURNING {returning}
 ), emitted AS (
     {INSERT_EVENT}
@@ -159,7 +161,7 @@ _COMPLETE_MANY = Statement.of(
 # Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
 # Events: order.pending when the request answers 202 (`announce`), order.needs_review once.
 _RESCHEDULE = text(f"""
-WITH kept AS (
+WITH {settling("orders WHERE orders.order_id = :order_id")}, kept AS (
 UPDATE orders
 SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay),
     attempts = attempts + :attempts, resolver_attempts = resolver_attempts + :resolver_attempt,
@@ -168,7 +170,8 @@ SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay),
         WHEN NOT needs_review AND created_at < clock_timestamp() - make_interval(secs => :review_after)
         THEN statement_timestamp() ELSE flagged_at END,
     needs_review = needs_review OR created_at < clock_timestamp() - make_interval(secs => :review_after)
-WHERE order_id = :order_id AND status = 'PENDING'
+FROM target
+WHERE {SETTLE_TARGET}
 RETURNING {ORDER_COLUMNS}, flagged_at = statement_timestamp() AS newly_flagged
 ), emitted AS (
     {INSERT_EVENT}

@@ -1,6 +1,6 @@
 """Wallets and orders as their readers see them: the money PENDING orders hold, the columns
-every reader of an order gets, and balance reads. Nothing here changes a row; the movement
-statements in ledger.py return these same shapes."""
+every reader of an order gets, how a settling statement finds its orders, and balance reads.
+Nothing here changes a row; the movement statements in ledger.py return these same shapes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,31 @@ HELD_SQL = (
 ORDER_COLUMNS = """order_id, client_id, amount, status, fulfillment_id, failure, attempts,
     resolver_attempts, next_attempt_at, sent_by, last_error, needs_review, flagged_at, resolved_by,
     resolved_at, resolution_note, created_at, updated_at"""
+
+
+def settling(rows: str, *, carrying: str = "") -> str:
+    """The CTE `target` a statement that settles orders updates through: the orders `rows` (a
+    FROM clause matching them by order id alone) finds, locked in order-id order, each with the
+    status the lock found (the latest: a settler that waited sees the winner's status). The
+    update then matches `SETTLE_TARGET`: by primary key, only where that status is PENDING.
+
+    Never `order_id = ... AND status = 'PENDING'` in one scan: when the statistics call PENDING
+    rare and a backlog says otherwise, the planner ANDs the id's index with a scan of every
+    PENDING order, for each order settled (README, "A planner trap in the settle statements").
+    Nothing is changed here; the lock is the settling statement's own."""
+    also = f", {carrying}" if carrying else ""
+    return f"""target AS (
+    SELECT orders.client_id AS target_client, orders.id AS target_id, orders.status AS target_status{also}
+    FROM {rows}
+    ORDER BY orders.order_id
+    FOR NO KEY UPDATE OF orders
+)"""
+
+
+SETTLE_TARGET = (
+    "orders.client_id = target.target_client AND orders.id = target.target_id"
+    " AND target.target_status = 'PENDING'"
+)
 
 
 @dataclass(frozen=True, slots=True)
