@@ -143,6 +143,9 @@ def batch_order(client_ids: tuple[int, int], size: int) -> Script:
     complete = to_pgbench(
         orders._COMPLETE_MANY,
         {
+            # The service knows each order's client; pgbench looks them up (one index probe each).
+            "client_ids": f"(SELECT array_agg(o.client_id ORDER BY u.n) FROM unnest({ids}) WITH ORDINALITY"
+            " AS u(order_id, n) JOIN orders o ON o.order_id = u.order_id)",
             "order_ids": ids,
             "fulfillment_ids": same(":fulfillment_id", "text"),
             "attempts": same("1", "integer"),

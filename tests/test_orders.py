@@ -315,11 +315,15 @@ FROM generate_series(1, $3) AS g
 """
 
 
-async def test_settling_reads_only_its_orders_whatever_the_pending_backlog(direct_database_url: str) -> None:
+@pytest.mark.parametrize("analyzed", [True, False], ids=["stale statistics", "no statistics"])
+async def test_settling_reads_only_its_orders_whatever_the_pending_backlog(
+    direct_database_url: str, analyzed: bool
+) -> None:
     """A provider outage leaves thousands of orders PENDING before autovacuum re-analyzes a big
-    table, so the statistics still say PENDING is rare. Settling an order (completing it, alone
-    or in a batch, refunding it, rescheduling it) must still find it by its id, not read every
-    PENDING order for each one it settles: that made the resolver's catch-up quadratic."""
+    table, so the statistics still say PENDING is rare; a new database has no statistics at
+    all. Settling an order (completing it, alone or in a batch, refunding it, rescheduling it)
+    must still find it by its key, not read every PENDING order (or every order) for each one
+    it settles: that made the resolver's catch-up quadratic."""
     conn = await asyncpg.connect(plain_url(direct_database_url))
     try:
         await conn.execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
@@ -327,14 +331,14 @@ async def test_settling_reads_only_its_orders_whatever_the_pending_backlog(direc
             await conn.execute("INSERT INTO clients (client_id) VALUES ($1)", f"w{c}")
             await conn.execute("INSERT INTO wallets (client_id) VALUES ($1)", f"w{c}")
         await conn.execute(_BULK_ORDERS, 1_000_000_000_000, "COMPLETED", 100_000)
-        await conn.execute("ANALYZE orders")
+        if analyzed:
+            await conn.execute("ANALYZE orders")
         await conn.execute(_BULK_ORDERS, 2_000_000_000_000, "PENDING", 10_000)
-        six = [
-            r["order_id"]
-            for r in await conn.fetch("SELECT order_id FROM orders WHERE status = 'PENDING' LIMIT 6")
-        ]
+        # Each statement settles orders of its own: one rolled back leaves index entries behind.
+        pending = await conn.fetch("SELECT client_id, order_id FROM orders WHERE status = 'PENDING' LIMIT 9")
+        six = [r["order_id"] for r in pending[:6]]
         one = {
-            "order_id": six[0],
+            "order_id": None,
             "fulfillment_id": "F-1",
             "attempts": 1,
             "resolved_by": None,
@@ -347,12 +351,17 @@ async def test_settling_reads_only_its_orders_whatever_the_pending_backlog(direc
             "announce": False,
             **ledger_key().sql_params(),
         }
-        batch = {"order_ids": six, "fulfillment_ids": [f"F-{n}" for n in range(6)], "attempts": [1] * 6}
+        batch = {
+            "client_ids": [r["client_id"] for r in pending[:6]],
+            "order_ids": six,
+            "fulfillment_ids": [f"F-{n}" for n in range(6)],
+            "attempts": [1] * 6,
+        }
         cases = [
             ("completion of six", orders._COMPLETE_MANY, batch, 6),
-            ("completion", Statement.of(orders._COMPLETE), one, 1),
-            ("refund", Statement.of(ledger._REFUND_ORDER), one, 1),
-            ("reschedule", Statement.of(orders._RESCHEDULE), one, 1),
+            ("completion", Statement.of(orders._COMPLETE), {**one, "order_id": pending[6]["order_id"]}, 1),
+            ("refund", Statement.of(ledger._REFUND_ORDER), {**one, "order_id": pending[7]["order_id"]}, 1),
+            ("reschedule", Statement.of(orders._RESCHEDULE), {**one, "order_id": pending[8]["order_id"]}, 1),
         ]
         for name, statement, params, settled in cases:
             scans = await scans_of(conn, statement, params, "orders")

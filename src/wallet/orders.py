@@ -115,13 +115,13 @@ class Placed:
     replayed: bool = False
 
 
-def _complete_sql(args: str) -> str:
+def _complete_sql(args: str, match: str) -> str:
     """Completion in one statement, for the orders (order_id, fulfillment_id, attempts,
-    resolved_by, note) of `args`."""
+    resolved_by, note) of `args`, found by `match`."""
     returning = ", ".join("orders." + c.strip() for c in ORDER_COLUMNS.split(","))
     return f"""
 WITH args AS ({args}),
-{settling("args JOIN orders ON orders.order_id = args.order_id", carrying="args.*")},
+{settling(f"args JOIN orders ON {match}", carrying="args.*")},
 done AS (
     UPDATE orders
     SET status = 'COMPLETED', fulfillment_id = target.fulfillment_id, next_attempt_at = NULL,
@@ -144,17 +144,22 @@ _COMPLETE = text(
     _complete_sql(
         "SELECT CAST(:order_id AS text) AS order_id, CAST(:fulfillment_id AS text) AS fulfillment_id,"
         " CAST(:attempts AS integer) AS attempts,"
-        " CAST(:resolved_by AS text) AS resolved_by, CAST(:note AS text) AS note"
+        " CAST(:resolved_by AS text) AS resolved_by, CAST(:note AS text) AS note",
+        "orders.order_id = args.order_id",
     )
 )
-# The completions of one event-loop pass (`Orders._complete_batch`): one UPDATE for all.
+# The completions of one event-loop pass (`Orders._complete_batch`): one UPDATE for all. Joined on
+# the unique (client_id, order_id): joined on the id alone, a table never analyzed yet (a new
+# database filling up) looked to the planner as if each id matched dozens of rows, and it
+# hashed every order in the table for each batch.
 _COMPLETE_MANY = Statement.of(
     text(
         _complete_sql(
             "SELECT a.*, NULL::text AS resolved_by, NULL::text AS note"
-            " FROM unnest(CAST(:order_ids AS text[]), CAST(:fulfillment_ids AS text[]),"
-            " CAST(:attempts AS integer[]))"
-            " AS a(order_id, fulfillment_id, attempts)"
+            " FROM unnest(CAST(:client_ids AS text[]), CAST(:order_ids AS text[]),"
+            " CAST(:fulfillment_ids AS text[]), CAST(:attempts AS integer[]))"
+            " AS a(client_id, order_id, fulfillment_id, attempts)",
+            "orders.client_id = args.client_id AND orders.order_id = args.order_id",
         )
     )
 )
@@ -408,7 +413,9 @@ class Orders:
             return order
 
     async def _complete(self, order: OrderRow, fulfillment_id: str, attempts: int) -> OrderRow:
-        finished = await self._completions.submit(_Completion(order.order_id, fulfillment_id, attempts))
+        finished = await self._completions.submit(
+            _Completion(order.client_id, order.order_id, fulfillment_id, attempts)
+        )
         if finished is None:
             async with self.single.connect() as conn:
                 return await self._settled_elsewhere(conn, order.order_id)
@@ -422,6 +429,7 @@ class Orders:
         first = {c.order_id: i for i, c in reversed(list(enumerate(batch)))}
         together = [c for i, c in enumerate(batch) if first[c.order_id] == i]
         params = {
+            "client_ids": [c.client_id for c in together],
             "order_ids": [c.order_id for c in together],
             "fulfillment_ids": [c.fulfillment_id for c in together],
             "attempts": [c.attempts for c in together],
@@ -617,6 +625,7 @@ class Orders:
 class _Completion:
     """A fulfilled order to complete."""
 
+    client_id: str
     order_id: str
     fulfillment_id: str
     attempts: int
