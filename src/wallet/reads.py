@@ -28,9 +28,10 @@ ORDER_COLUMNS = """order_id, client_id, amount, status, fulfillment_id, failure,
 
 def settling(rows: str, *, carrying: str = "") -> str:
     """The CTE `target` a statement that settles orders updates through: the orders `rows` (a
-    FROM clause matching them by order id alone) finds, locked in order-id order, each with the
-    status the lock found (the latest: a settler that waited sees the winner's status). The
-    update then matches `SETTLE_TARGET`: by primary key, only where that status is PENDING.
+    FROM clause matching them by key: the order id, with the client id when the caller knows
+    it, never the status) finds, locked in order-id order, each with the status the lock found
+    (the latest: a settler that waited sees the winner's status). The update then matches
+    `SETTLE_TARGET`: by primary key, only where that status is PENDING.
 
     Never `order_id = ... AND status = 'PENDING'` in one scan: when the statistics call PENDING
     rare and a backlog says otherwise, the planner ANDs the id's index with a scan of every
