@@ -1,5 +1,6 @@
 """Statements (SPEC §6): a wallet's opening and closing balance, totals and entries for a period,
-as JSON or CSV; and its balance at any past moment.
+and their JSON and CSV shapes; and its balance at any past moment. The HTTP answer (which shape,
+the attachment's name) is `http/statements.py`'s.
 
 Boundaries: `from` is inclusive and `to` exclusive, so consecutive periods never share or miss
 an entry, and "the balance at T" is the balance after every entry written before T: the
@@ -24,13 +25,11 @@ from typing import Annotated, Any
 
 from pydantic import WithJsonSchema
 from sqlalchemy import text
-from starlette.requests import Request
-from starlette.responses import Response
 
 from wallet.database import Connector
 from wallet.errors import BadRequest, NotFound
 from wallet.money import from_cents
-from wallet.wire import iso, json_response, ok
+from wallet.wire import iso
 
 STATEMENT_MAX_ENTRIES = 10_000
 CSV_TYPE = "text/csv"
@@ -202,21 +201,3 @@ def statement_csv(st: Statement) -> bytes:
             ]
         )
     return "\ufeff".encode() + out.getvalue().encode()
-
-
-def wants_csv(request: Request, fmt: str | None) -> bool:
-    if fmt is not None:
-        return fmt == "csv"
-    accept = request.headers.get("accept", "")
-    return any(part.split(";")[0].strip().lower() == CSV_TYPE for part in accept.split(","))
-
-
-def statement_response(st: Statement, as_csv: bool) -> Response:
-    if not as_csv:
-        return json_response(200, ok(statement_json(st)))
-    name = f"statement-{st.client_id}-{st.end.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
-    return Response(
-        statement_csv(st),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )

@@ -38,6 +38,7 @@ from wallet.errors import BadRequest, NotFound, WalletError
 from wallet.http.deps import Services, invalid
 from wallet.http.movements import CreditRequest, DebitRequest
 from wallet.http.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
+from wallet.http.statements import statement_response
 from wallet.orders import ORDER_ID_PATTERN, OrderStatus
 from wallet.ratelimit import client_ip
 from wallet.verify import take_digest, verify_ledger
@@ -407,7 +408,7 @@ async def statement(request: Request) -> Response:
     start = statements.parse_time(params.get("from") or None, "from")
     end = statements.parse_time(params.get("to") or None, "to")
     st = await statements.statement(_svc(request).snapshots, client_id, start, end)
-    return statements.statement_response(st, params.get("format", "csv") == "csv")
+    return statement_response(st, params.get("format", "csv") == "csv")
 
 
 @console_route

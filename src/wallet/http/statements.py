@@ -3,15 +3,18 @@ range, as JSON or CSV; a client's own, and any client's for the operator."""
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 from pydantic import Field
+from starlette.requests import Request
 from starlette.responses import Response
 
 from wallet import statements
 from wallet.http.deps import ClientPath, Params
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import StatementEnvelope, error_responses
+from wallet.wire import json_response, ok
 
 routes = Routes()
 
@@ -42,10 +45,29 @@ STATEMENT_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
+def wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    accept = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip().lower() == statements.CSV_TYPE for part in accept.split(","))
+
+
+def statement_response(st: statements.Statement, as_csv: bool) -> Response:
+    """The statement as the JSON envelope, or as a CSV attachment named for its client and end."""
+    if not as_csv:
+        return json_response(200, ok(statements.statement_json(st)))
+    name = f"statement-{st.client_id}-{st.end.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
+    return Response(
+        statements.statement_csv(st),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
 async def _statement(call: Call, client_id: str, period: Period) -> Response:
     begin, until = statements.parse_time(period.start, "from"), statements.parse_time(period.end, "to")
     st = await statements.statement(call.svc.snapshots, client_id, begin, until)
-    return statements.statement_response(st, statements.wants_csv(call.request, period.format))
+    return statement_response(st, wants_csv(call.request, period.format))
 
 
 @routes.get("/wallet/statement", tags=["client"], auth=Auth.CLIENT, responses=STATEMENT_DOC)
