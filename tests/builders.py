@@ -151,6 +151,30 @@ async def raw_server(
         server.close()
 
 
+@dataclass
+class MuteRedis:
+    """A Redis that accepts connections, reads what it is sent and never answers (hung, or a
+    network that drops its replies)."""
+
+    url: str
+    asked: asyncio.Event
+
+
+@contextlib.asynccontextmanager
+async def mute_redis() -> AsyncIterator[MuteRedis]:
+    asked = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            asked.set()
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    async with server:
+        yield MuteRedis(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", asked)
+        server.close()
+
+
 def http_answer(status: str, body: bytes, *headers: str) -> bytes:
     """The bytes of an HTTP/1.1 answer; a Content-Length unless `headers` frame the body."""
     head = [f"HTTP/1.1 {status}", "Content-Type: application/json", *headers]

@@ -3,6 +3,8 @@ actions that go through the API's operations with their rules, idempotency and a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import secrets
 from typing import Any
@@ -19,12 +21,14 @@ from tests.builders import (
     Provider,
     delivered_again,
     failed_endpoint,
+    mute_redis,
     start_receiver,
     start_service,
 )
 from wallet.console.routes import money
 from wallet.console.sessions import COOKIE
 from wallet.database import plain_url
+from wallet.ratelimit import REDIS_TIMEOUT_SECONDS
 
 
 async def login(api: Api) -> httpx.AsyncClient:
@@ -184,6 +188,25 @@ async def test_login_attempts_are_limited_per_ip(
             await api.http.post("/console/login", data={"key": ADMIN_KEY}, headers=other)
         ).status_code == 303
         assert COOKIE not in limited.headers.get("set-cookie", "")
+
+
+@pytest.mark.parametrize("store", ["refused", "mute"])
+async def test_an_operator_logs_in_while_the_login_limits_store_is_down(
+    database_url: str, provider: Provider, store: str
+) -> None:
+    """Redis refusing connections, or accepting them and never answering: the login is counted
+    nowhere, so it is let through (logged), within the counts' deadline. It was a 500 page, and
+    a login that never ended."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = "redis://127.0.0.1:1/0"
+        if store == "mute":
+            url = (await stack.enter_async_context(mute_redis())).url
+        settings = {"console_login_rate": "3/minute", "redis_url": url}
+        api = await stack.enter_async_context(start_service(database_url, provider.url, **settings))
+        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS + 3):
+            response = await api.http.post("/console/login", data={"key": ADMIN_KEY})
+        assert response.status_code == 303
+        assert COOKIE in response.headers["set-cookie"]
 
 
 async def test_credit_asks_to_confirm_then_moves_money_once_and_is_audited(

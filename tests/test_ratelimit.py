@@ -16,7 +16,7 @@ from limits import parse
 from prometheus_client import REGISTRY
 from starlette.types import Scope
 
-from tests.builders import Provider, start_service
+from tests.builders import Provider, mute_redis, start_service
 from wallet.ratelimit import (
     CLIENT_NAME,
     REDIS_TIMEOUT_SECONDS,
@@ -207,29 +207,18 @@ async def test_redis_down_fails_open(database_url: str, provider: Provider) -> N
 async def test_a_redis_that_stops_answering_fails_open_by_its_deadline(
     database_url: str, provider: Provider
 ) -> None:
-    """A Redis that accepts connections and never answers (hung, or a network that drops its
-    replies) costs a request the counts' deadline, twice at most (coredis tries a batch again on
-    a fresh connection), and then the request is served: nothing waits for it for ever."""
-    asked = asyncio.Event()
-
-    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(4096):
-            asked.set()
-        writer.close()
-
-    server = await asyncio.start_server(mute, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with start_service(
-            database_url, provider.url, rate_limit="1/minute", redis_url=f"redis://127.0.0.1:{port}/0"
-        ) as api:
-            async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS + 3):
-                response = await api.http.get("/wallet/balance", headers={"client-id": "nobody"})
-            assert response.status_code == 404
-            assert "RateLimit-Limit" not in response.headers
-    finally:
-        server.close()
-    assert asked.is_set()  # the counts were asked for, and never answered
+    """A Redis that never answers costs a request the counts' deadline, twice at most (coredis
+    tries a batch again on a fresh connection), and then the request is served: nothing waits
+    for it for ever."""
+    async with (
+        mute_redis() as redis,
+        start_service(database_url, provider.url, rate_limit="1/minute", redis_url=redis.url) as api,
+    ):
+        async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS + 3):
+            response = await api.http.get("/wallet/balance", headers={"client-id": "nobody"})
+        assert response.status_code == 404
+        assert "RateLimit-Limit" not in response.headers
+        assert redis.asked.is_set()  # the counts were asked for, and never answered
 
 
 def test_client_ip_is_the_nearest_untrusted_hop() -> None:

@@ -13,12 +13,14 @@ REDIS_URL is set), so the limit holds across workers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import structlog
 from limits import RateLimitItem
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -26,6 +28,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wallet.auth import digest
+from wallet.ratelimit import REDIS_TIMEOUT_SECONDS
+
+log = structlog.get_logger(__name__)
 
 COOKIE = "wallet_console"
 
@@ -67,10 +72,17 @@ class Sessions:
         self.limiter = MovingWindowRateLimiter(storage)
 
     async def login_allowed(self, ip: str) -> bool:
-        """Counts this attempt; False past the limit."""
+        """Counts this attempt; False past the limit. A store that fails or does not answer in
+        time lets the attempt through, loudly, as the API's limit does: the admin key is what
+        keeps the console shut, and an operator must be able to log in while Redis is down."""
         if self.login_item is None:
             return True
-        return await self.limiter.hit(self.login_item, "console-login", ip)
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                return await self.limiter.hit(self.login_item, "console-login", ip)
+        except Exception as exc:
+            log.error("login limiter unavailable; attempt allowed", error=str(exc) or type(exc).__name__)
+            return True
 
     def key_matches(self, key: str) -> bool:
         return hmac.compare_digest(digest(key.strip()), self.admin_key_digest)
