@@ -185,10 +185,12 @@ def http_answer(status: str, body: bytes, *headers: str) -> bytes:
 
 def dead_url() -> str:
     """A loopback URL where nothing listens: connections are refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/fulfillments"
+    return f"http://127.0.0.1:{free_port()}/fulfillments"
+
+
+def dead_redis_url() -> str:
+    """A Redis that is down: nothing listens there, so connections are refused at once."""
+    return f"redis://127.0.0.1:{free_port()}/0"
 
 
 def ledger_key() -> LedgerKey:

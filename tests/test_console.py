@@ -19,6 +19,7 @@ from tests.builders import (
     Api,
     Commits,
     Provider,
+    dead_redis_url,
     delivered_again,
     failed_endpoint,
     mute_redis,
@@ -198,7 +199,7 @@ async def test_an_operator_logs_in_while_the_login_limits_store_is_down(
     nowhere, so it is let through (logged), within the counts' deadline. It was a 500 page, and
     a login that never ended."""
     async with contextlib.AsyncExitStack() as stack:
-        url = "redis://127.0.0.1:1/0"
+        url = dead_redis_url()
         if store == "mute":
             url = (await stack.enter_async_context(mute_redis())).url
         settings = {"console_login_rate": "3/minute", "redis_url": url}

@@ -16,7 +16,7 @@ from limits import parse
 from prometheus_client import REGISTRY
 from starlette.types import Scope
 
-from tests.builders import Provider, mute_redis, start_service
+from tests.builders import Provider, dead_redis_url, mute_redis, start_service
 from wallet.ratelimit import (
     CLIENT_NAME,
     REDIS_TIMEOUT_SECONDS,
@@ -196,7 +196,7 @@ async def test_a_stopped_service_leaves_no_counting_connection(
 async def test_redis_down_fails_open(database_url: str, provider: Provider) -> None:
     """A limiter whose Redis is unreachable lets requests through rather than failing them."""
     async with start_service(
-        database_url, provider.url, rate_limit="1/minute", redis_url="redis://127.0.0.1:1/0"
+        database_url, provider.url, rate_limit="1/minute", redis_url=dead_redis_url()
     ) as api:
         for _ in range(3):
             response = await api.http.get("/wallet/balance", headers={"client-id": "nobody"})
