@@ -193,6 +193,33 @@ def dead_redis_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"
 
 
+@contextlib.asynccontextmanager
+async def rows_held(direct_database_url: str, table: str, where: str) -> AsyncIterator[None]:
+    """Another session holds these rows locked until the block ends, as an operator's open
+    transaction would."""
+    conn = await asyncpg.connect(plain_url(direct_database_url))
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SELECT 1 FROM {table} WHERE {where} FOR UPDATE")  # noqa: S608
+            yield
+    finally:
+        await conn.close()
+
+
+async def lock_deadline_behind_pooler(direct_database_url: str, seconds: float) -> None:
+    """Behind a transaction pooler the service cannot set its lock deadline on its connections
+    (PgBouncer refuses the startup parameter): the database's own setting stands in, as the
+    README tells operators. Directly there is nothing to do: the service sets it."""
+    if os.environ.get("DB_POOLER") != "transaction":
+        return
+    conn = await asyncpg.connect(plain_url(direct_database_url))
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '{round(seconds * 1000)}ms'")
+    finally:
+        await conn.close()
+
+
 def ledger_key() -> LedgerKey:
     """The key the tests' services sign the ledger with."""
     return LedgerKey("k1", LEDGER_KEY.encode())

@@ -21,13 +21,13 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.builders import Provider, ledger_key, settings_env
+from tests.builders import Provider, ledger_key, lock_deadline_behind_pooler, rows_held, settings_env
 from wallet import idempotency, ledger, reads
 from wallet.database import create_engine, is_unavailable, plain_url
 from wallet.errors import Conflict, InsufficientFunds, NotFound, ServiceUnavailable
 from wallet.fulfillment import Provider as FulfillmentProvider
 from wallet.fulfillment import new_http_client
-from wallet.orders import Orders, new_order_id, order_json
+from wallet.orders import Orders, Placed, new_order_id, order_json
 from wallet.reads import OrderRow
 from wallet.settings import Settings
 from wallet.verify import verify_ledger
@@ -36,11 +36,20 @@ from wallet.wallets import Wallets
 
 @contextlib.asynccontextmanager
 async def service(
-    database_url: str, provider: Provider, *, pool_size: int = 10, pool_timeout: float = 10
+    database_url: str,
+    provider: Provider,
+    *,
+    pool_size: int = 10,
+    pool_timeout: float = 10,
+    lock_timeout: float | None = None,
 ) -> AsyncIterator[tuple[Orders, Wallets]]:
     settings = Settings(**settings_env(database_url, provider.url))
     engine = create_engine(
-        database_url, pool_size=pool_size, pool_timeout=pool_timeout, pooler=settings.db_pooler
+        database_url,
+        pool_size=pool_size,
+        pool_timeout=pool_timeout,
+        pooler=settings.db_pooler,
+        lock_timeout=lock_timeout,
     )
     try:
         async with new_http_client(settings) as http:
@@ -368,3 +377,33 @@ async def test_orders_that_get_no_connection_say_no_money_moved(
             )
     assert await fetch(direct_database_url, "SELECT order_id FROM orders") == []
     assert await fetch(direct_database_url, "SELECT balance FROM wallets") == [(500,)]
+
+
+async def test_a_wallet_held_elsewhere_fails_only_its_own_orders_once_the_lock_deadline_passes(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """Another session holds one wallet's row (an operator's open transaction, say). Once the
+    lock deadline passes, that wallet's orders are answered that no money moved, and the other
+    wallet's orders of the same batch are placed and completed: the batch, rolled back by the
+    server, is retried order by order. With no deadline every order of the batch would wait for
+    the row as long as it is held."""
+    await lock_deadline_behind_pooler(direct_database_url, 0.2)
+    async with service(database_url, provider, lock_timeout=0.2) as (orders, _):
+        await credit(orders, "held", 500)
+        await credit(orders, "free", 500)
+        before = fallbacks()
+        async with rows_held(direct_database_url, "wallets", "client_id = 'held'"):
+            async with asyncio.timeout(30):  # bounds the hang this test is about
+                answers = await asyncio.gather(
+                    *(orders.place(c, 10, None, None) for c in ["held", "free"] * 3), return_exceptions=True
+                )
+        assert fallbacks() == before + 1
+        for answer in answers[0::2]:
+            assert isinstance(answer, ServiceUnavailable), answer
+            assert answer.message == "Service temporarily unavailable; no money moved"
+        assert {a.order.status if isinstance(a, Placed) else a for a in answers[1::2]} == {"COMPLETED"}
+    held = await fetch(direct_database_url, "SELECT count(*) FROM orders WHERE client_id = 'held'")
+    assert held == [(0,)]
+    balances = await fetch(direct_database_url, "SELECT client_id, balance FROM wallets ORDER BY 1")
+    assert balances == [("free", 470), ("held", 500)]
+    assert_serial(await entries(direct_database_url, "held"))

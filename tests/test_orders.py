@@ -10,7 +10,17 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.builders import Api, Commits, Provider, dead_url, ledger_key, scans_of, start_service
+from tests.builders import (
+    Api,
+    Commits,
+    Provider,
+    dead_url,
+    ledger_key,
+    lock_deadline_behind_pooler,
+    rows_held,
+    scans_of,
+    start_service,
+)
 from wallet import ledger, orders
 from wallet.database import Statement, plain_url
 
@@ -116,6 +126,36 @@ async def test_a_refund_never_waits_for_its_keys_row(database_url: str, provider
         again = await api.order("C1", 30, headers={"Idempotency-Key": "k1"})
         assert (again.status_code, again.content) == (502, answer.content)
         assert again.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_a_wallet_held_elsewhere_is_503_in_time_and_its_key_stays_free(
+    database_url: str, direct_database_url: str, provider: Provider
+) -> None:
+    """Another session holds the wallet's row past the service's lock deadline: an order and an
+    admin debit are answered 503 once it passes, not when the row is let go, and nothing moved;
+    the order's Idempotency-Key was not spent, so the client's retry places the order."""
+    await lock_deadline_behind_pooler(direct_database_url, 0.2)
+    async with start_service(database_url, provider.url, db_lock_timeout_seconds=0.2) as api:
+        await api.credit("C1", 100)
+        key = {"Idempotency-Key": "k1"}
+        async with rows_held(direct_database_url, "wallets", "client_id = 'C1'"):
+            async with asyncio.timeout(30):  # bounds the hang this test is about
+                order, debit = await asyncio.gather(api.order("C1", 30, headers=key), api.debit("C1", 10))
+        assert (order.status_code, order.json()) == (
+            503,
+            {
+                "success": False,
+                "error": "Service temporarily unavailable; no money moved",
+                "code": "SERVICE_UNAVAILABLE",
+            },
+        )
+        assert (debit.status_code, debit.json()["code"]) == (503, "SERVICE_UNAVAILABLE")
+        await assert_held(api, "C1", 100, 0)
+        assert await ledger_types(direct_database_url, "C1") == [("CREDIT", 10000, 0, 10000)]
+        again = await api.order("C1", 30, headers=key)
+        assert again.status_code == 201, again.text
+        assert "Idempotent-Replayed" not in again.headers
+        await assert_held(api, "C1", 70, 0)
 
 
 # --- unknown: money held, the resolver finds out -----------------------------------------

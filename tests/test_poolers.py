@@ -161,6 +161,8 @@ async def test_a_burst_through_pgbouncer_in_transaction_mode(
         sizing = [line for line in server.lines if '"database connections"' in line]
         assert len(sizing) == 1, server.lines[:20]
         assert json.loads(sizing[0])["total"] == 40, sizing
+        # Its role has no lock_timeout, which only the role could give it here: said at start.
+        assert any("wait for locks without a deadline" in line for line in server.lines), server.lines[:20]
         for client in CLIENTS:
             credited = await http.post(
                 "/admin/wallet/credit",

@@ -61,6 +61,7 @@ def test_production_defaults() -> None:
         {"fulfillment_api_url": "ftp://x"},
         {"fulfillment_max_attempts": 0},
         {"fulfillment_timeout_seconds": -1},
+        {"db_lock_timeout_seconds": 0},
         {"trusted_proxies": "not-an-ip"},
         {"idempotency_ttl_hours": 1},
         {"app_env": "staging"},

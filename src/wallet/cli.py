@@ -17,7 +17,14 @@ from types import FrameType
 import structlog
 from pydantic import ValidationError
 
-from wallet.database import Pooler, connection_limit, create_engine, embedded_postgres, migrate_url
+from wallet.database import (
+    Pooler,
+    connection_limit,
+    create_engine,
+    embedded_postgres,
+    lock_timeout_setting,
+    migrate_url,
+)
 from wallet.http.protocol import JsonErrorsHttpToolsProtocol
 from wallet.logs import configure_logging
 from wallet.settings import Settings, development_ledger_key_path
@@ -128,7 +135,14 @@ def _log_connections(settings: Settings, url: str) -> None:
         note="a session-pooling PgBouncer needs a pool of hosts x this; README: Sizing",
     )
     if settings.db_pooler is Pooler.TRANSACTION:
-        return  # the pools are PgBouncer's clients (max_client_conn), not the server's
+        # The pools are PgBouncer's clients (max_client_conn), not the server's. PgBouncer refuses
+        # the lock deadline as a startup parameter: only the role's own setting can give it.
+        if asyncio.run(lock_timeout_setting(url, settings.db_pooler)) == "0":
+            structlog.get_logger("wallet.cli").warning(
+                "behind a transaction pooler statements wait for locks without a deadline",
+                fix="ALTER ROLE <the service's role> SET lock_timeout = '5s' (README: Poolers and replicas)",
+            )
+        return
     allowed = asyncio.run(connection_limit(url))
     # What the primary sees: the pools, and the key-cache listeners (on DATABASE_URL here, or on
     # DATABASE_LISTEN_URL, which normally reaches the same server).

@@ -50,6 +50,9 @@ log = structlog.get_logger(__name__)
 
 # Connection exception, no such database, authentication, too many connections, shutting down.
 _UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
+# The server gave up on a statement and rolled its transaction back: a lock not granted within
+# `lock_timeout`, or a statement cancelled (`statement_timeout`, an operator's pg_cancel_backend).
+_GAVE_UP_SQLSTATES = ("55P03", "57014")
 
 
 class Unavailable(Exception):
@@ -59,6 +62,23 @@ class Unavailable(Exception):
 class Unreachable(Unavailable):
     """No connection could be had (refused, gone, or none free in the pool in time), so no
     statement was sent: whatever it was to do did not happen. Raised by `reached` and `direct`."""
+
+
+class GaveUp(Unreachable):
+    """The server gave up on a statement (a lock not granted within `lock_timeout`, a
+    cancellation) and rolled its transaction back: as when unreachable, nothing happened. The
+    database is busy, not gone, so the connection is kept. Raised by `sending` and `direct`."""
+
+
+def gave_up(exc: BaseException) -> bool:
+    """Whether the server refused to go on with a statement and rolled it back (`GaveUp`)."""
+    return isinstance(exc, GaveUp) or _sqlstate(exc).startswith(_GAVE_UP_SQLSTATES)
+
+
+def _sqlstate(exc: BaseException) -> str:
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        exc = exc.orig or exc
+    return str(getattr(exc, "sqlstate", None) or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +101,8 @@ class Lost(Unavailable):
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """The database is gone, refusing us or shutting down: unavailability, not a bug."""
+    """The database is gone, refusing us, shutting down or giving up on a statement (`gave_up`):
+    unavailability, not a bug."""
     if isinstance(
         exc,
         Unavailable
@@ -95,12 +116,9 @@ def is_unavailable(exc: BaseException) -> bool:
         | OSError,
     ):
         return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        exc = exc.orig or exc
-    sqlstate = str(getattr(exc, "sqlstate", None) or "")
-    return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return _sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES + _GAVE_UP_SQLSTATES)
 
 
 def async_url(url: str) -> str:
@@ -120,10 +138,19 @@ def _unnamed() -> str:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 20, pool_timeout: float = 10, pooler: Pooler = Pooler.NONE, **kwargs: Any
+    url: str,
+    *,
+    pool_size: int = 20,
+    pool_timeout: float = 10,
+    pooler: Pooler = Pooler.NONE,
+    lock_timeout: float | None = None,
+    **kwargs: Any,
 ) -> AsyncEngine:
     """A fixed-size pool: overflow connections would be opened and closed under every burst.
-    Requests wait up to `pool_timeout` for a connection, then get 503.
+    Requests wait up to `pool_timeout` for a connection, then get 503. `lock_timeout` (seconds):
+    how long a statement waits for a lock before the server gives up on it (`GaveUp`), set on
+    each connection; behind a transaction pooler it cannot be (PgBouncer refuses such startup
+    parameters), and the database role's own setting applies (README, Poolers and replicas).
 
     Behind a transaction-pooling PgBouncer a server connection is ours only inside a transaction,
     so nothing may outlive one: no statement caches (asyncpg's nor SQLAlchemy's) and no named
@@ -132,7 +159,10 @@ def create_engine(
     statement is replaced by the next one, so nothing needs deallocating and nothing piles up on a
     server connection (unique names would: the last statement of each transaction is only closed
     at the next prepare, by then on another server connection)."""
-    connect_args: dict[str, Any] = {"server_settings": {"application_name": APPLICATION_NAME}}
+    server_settings = {"application_name": APPLICATION_NAME}
+    if lock_timeout is not None and pooler is Pooler.NONE:
+        server_settings["lock_timeout"] = f"{round(lock_timeout * 1000)}ms"
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
     if pooler is Pooler.TRANSACTION:
         connect_args |= {
             "statement_cache_size": 0,
@@ -260,7 +290,8 @@ async def reached(connect: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
 @contextlib.asynccontextmanager
 async def sending(connect: AbstractAsyncContextManager[AsyncConnection]) -> AsyncIterator[AsyncConnection]:
     """`reached`, and then a failure of the connection (its COMMIT included) raised as `Lost`,
-    naming the server process that may still be running what was sent."""
+    naming the server process that may still be running what was sent; a statement the server
+    gave up on and rolled back, as `GaveUp`."""
     backend: Backend | None = None
     try:
         async with reached(connect) as conn:
@@ -269,6 +300,8 @@ async def sending(connect: AbstractAsyncContextManager[AsyncConnection]) -> Asyn
     except Unavailable:
         raise
     except Exception as exc:
+        if gave_up(exc):
+            raise GaveUp(str(exc)) from exc
         if is_unavailable(exc):
             raise Lost(backend, exc) from exc
         raise
@@ -277,9 +310,10 @@ async def sending(connect: AbstractAsyncContextManager[AsyncConnection]) -> Asyn
 @contextlib.asynccontextmanager
 async def direct(engine: AsyncEngine) -> AsyncIterator[Direct]:
     """A pooled connection as `Direct` (`Unreachable` if none can be had, `Lost` if it failed
-    once a statement was sent). A connection the database dropped is discarded: the pool cannot
-    tell, since the error never passed through SQLAlchemy. Taken from the pool as it is, without
-    the `AsyncConnection` around it: that wrapper's work was 200 µs a batch (README)."""
+    once a statement was sent, `GaveUp` if the server rolled its statement back). A connection
+    the database dropped is discarded: the pool cannot tell, since the error never passed through
+    SQLAlchemy. Taken from the pool as it is, without the `AsyncConnection` around it: that
+    wrapper's work was 200 µs a batch (README)."""
     try:
         pooled = await engine.raw_connection()
     except Exception as exc:
@@ -290,6 +324,8 @@ async def direct(engine: AsyncEngine) -> AsyncIterator[Direct]:
     try:
         yield Direct(pooled.driver_connection, transactional=pooler_of(engine) is Pooler.TRANSACTION)
     except Exception as exc:
+        if gave_up(exc):  # rolled back by the server; the connection is fine
+            raise GaveUp(str(exc)) from exc
         if not is_unavailable(exc):
             raise
         await greenlet_spawn(pooled.invalidate)
@@ -363,6 +399,17 @@ async def connection_limit(url: str, pooler: Pooler = Pooler.NONE) -> int:
     finally:
         await engine.dispose()
     return int(limit)
+
+
+async def lock_timeout_setting(url: str, pooler: Pooler = Pooler.NONE) -> str:
+    """The `lock_timeout` a new session of the service's role gets from the server (its role's
+    or database's setting; "0" when none), before the service sets its own."""
+    engine = create_engine(url, pool_size=1, pooler=pooler)
+    try:
+        async with single(engine).connect() as conn:
+            return str(await conn.scalar(text("SHOW lock_timeout")))
+    finally:
+        await engine.dispose()
 
 
 async def migrate_url(url: str, revision: str = "head", pooler: Pooler = Pooler.NONE) -> None:

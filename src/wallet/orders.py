@@ -40,6 +40,7 @@ from wallet.database import (
     Statement,
     Unreachable,
     direct,
+    gave_up,
     is_unavailable,
     sending,
     single,
@@ -639,9 +640,10 @@ def _nothing_moved(exc: Exception) -> ServiceUnavailable:
 
 def _batch_failed(kind: str, size: int, exc: Exception) -> None:
     """A batch's statement failed. If the database became unavailable the batch may have
-    committed, so its callers must look before answering: raise. Otherwise it rolled back whole:
-    the caller retries its items one by one."""
-    if is_unavailable(exc):
+    committed, so its callers must look before answering: raise. Otherwise it rolled back whole
+    (an error, or a lock the server gave up waiting for: one wallet row held elsewhere must not
+    fail the other wallets' orders): the caller retries its items one by one."""
+    if is_unavailable(exc) and not gave_up(exc):
         raise exc
     log.warning(
         "batch failed; retrying one by one", kind=kind, size=size, error=str(getattr(exc, "orig", exc))

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
     db_pool_size: int = Field(20, ge=1, le=200)  # per worker, and again for the replica if any
+    # How long a statement of the service waits for a row or table lock another session holds
+    # before PostgreSQL gives up on it: the request is answered 503 and nothing it was to do
+    # happened. Without it, one wallet row held by a stuck session would stall every batch of
+    # orders that includes it, and with them every order of that worker.
+    db_lock_timeout_seconds: float = Field(5.0, gt=0, le=600)
     recovery_interval_seconds: float = Field(5.0, gt=0, le=3600)
     idempotency_ttl_hours: float = Field(24.0, ge=24)
 

@@ -43,7 +43,12 @@ async def _every(seconds: float, job: Callable[[], Awaitable[int]], name: str) -
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     assert settings.database_url is not None
-    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size, pooler=settings.db_pooler)
+    engine = create_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        pooler=settings.db_pooler,
+        lock_timeout=settings.db_lock_timeout_seconds,
+    )
     track_pool(engine, settings.db_pool_size)
     replica = None
     reads: Connector = single(engine)
