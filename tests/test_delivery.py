@@ -83,7 +83,7 @@ async def test_settling_a_delivery_reads_only_its_row_whatever_the_pending_backl
 ) -> None:
     """An endpoint down for hours piles up PENDING deliveries before autovacuum re-analyzes the
     table. Recording an attempt's outcome must still find the delivery by its key, not walk
-    every PENDING delivery (README, "A planner trap in the settle statements")."""
+    every PENDING delivery (docs/benchmarks.md, "A planner trap in the settle statements")."""
     conn = await asyncpg.connect(plain_url(direct_database_url))
     try:
         await conn.execute("ALTER TABLE webhook_deliveries SET (autovacuum_enabled = false)")

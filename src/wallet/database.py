@@ -249,7 +249,7 @@ class Statement:
 class Direct:
     """asyncpg under a pooled connection, for the group-commit statements: one runs per batch
     of requests, and SQLAlchemy's work around each execution (context, cursor adapter, result
-    rows) cost a third of its client-side CPU (README). Same pool, same pooler rules: behind a
+    rows) cost a third of its client-side CPU (docs/benchmarks.md). Same pool, same pooler rules: behind a
     transaction pooler each statement runs in a transaction of its own, as in `single`."""
 
     def __init__(self, connection: asyncpg.Connection, *, transactional: bool) -> None:
@@ -313,7 +313,7 @@ async def direct(engine: AsyncEngine) -> AsyncIterator[Direct]:
     once a statement was sent, `GaveUp` if the server rolled its statement back). A connection
     the database dropped is discarded: the pool cannot tell, since the error never passed through
     SQLAlchemy. Taken from the pool as it is, without the `AsyncConnection` around it: that
-    wrapper's work was 200 µs a batch (README)."""
+    wrapper's work was 200 µs a batch (docs/benchmarks.md)."""
     try:
         pooled = await engine.raw_connection()
     except Exception as exc:

@@ -93,7 +93,7 @@ WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE endpoint_id = :endpoint_id)
 # Guarded by the attempt number: a claim that expired and was taken again is not overwritten.
 # The delivery is found by its key alone and locked, and its status tested on the locked row:
 # `AND status = 'PENDING'` in the scan let the planner walk every PENDING delivery instead of
-# the key when the statistics said few were (README, "A planner trap in the settle statements").
+# the key when the statistics said few were (docs/benchmarks.md, "A planner trap in the settle statements").
 _SETTLE = text("""
 WITH target AS (
     SELECT client_id, id, status AS target_status, attempts AS target_attempts

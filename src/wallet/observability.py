@@ -22,9 +22,9 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 # With several workers (PROMETHEUS_MULTIPROC_DIR set), every increment asks os.getpid() whether
 # the process forked since, to move to a file of its own: a system call per counter and two per
-# histogram sample (README "Metrics and request ids without system calls"). `logs.process_id`
-# remembers the pid and refreshes it in a forked child, which is when it changes. Set before
-# any metric below is made: each value takes the class when it is made.
+# histogram sample (docs/benchmarks.md, "Metrics and request ids without system calls").
+# `logs.process_id` remembers the pid and refreshes it in a forked child, which is when it
+# changes. Set before any metric below is made: each value takes the class when it is made.
 if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
     values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
 

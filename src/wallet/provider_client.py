@@ -2,9 +2,9 @@
 
 Why not aiohttp: an order makes one provider call, and aiohttp's general machinery (URL and
 header objects, payload writers, tracing hooks, a response object) was a fifth of a worker's
-CPU samples under spread orders (py-spy, README "A thin provider client"). This client does the
-little a provider call needs: one request written as one buffer, the answer parsed by httptools
-(the parser uvicorn uses), the connection kept for the next call.
+CPU samples under spread orders (py-spy; docs/benchmarks.md, "A thin provider client"). This
+client does the little a provider call needs: one request written as one buffer, the answer
+parsed by httptools (the parser uvicorn uses), the connection kept for the next call.
 
 What a failure proves is decided by the caller (`fulfillment.classify_error`); this module only
 tells the one thing it alone knows: `NotSent` means no connection was made, so not a byte of the

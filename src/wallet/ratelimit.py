@@ -107,7 +107,7 @@ class RedisCounts:
 
     def __init__(self, url: str) -> None:
         # coredis: the Redis client the `limits` library already brings. (redis-py was measured
-        # in its place and cost balance reads 13 % of their throughput: README, Benchmark results.)
+        # in its place and cost balance reads 13 % of their throughput: docs/benchmarks.md.)
         self.client: coredis.Redis[bytes] = coredis.Redis.from_url(
             url,
             stream_timeout=REDIS_TIMEOUT_SECONDS,

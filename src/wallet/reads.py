@@ -35,7 +35,7 @@ def settling(rows: str, *, carrying: str = "") -> str:
 
     Never `order_id = ... AND status = 'PENDING'` in one scan: when the statistics call PENDING
     rare and a backlog says otherwise, the planner ANDs the id's index with a scan of every
-    PENDING order, for each order settled (README, "A planner trap in the settle statements").
+    PENDING order, for each order settled (docs/benchmarks.md, "A planner trap in the settle statements").
     Nothing is changed here; the lock is the settling statement's own."""
     also = f", {carrying}" if carrying else ""
     return f"""target AS (

@@ -101,13 +101,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         jobs.append(asyncio.create_task(Listener(key_cache, listen_url).run()))
     # What is built by now (modules, schemas, the OpenAPI document, pools) lives as long as the
     # worker. Left in the collector's view, every full collection walked it all: a pause of
-    # about 80 ms that was the 99th percentile of balance reads (README, Benchmark results).
+    # about 80 ms that was the 99th percentile of balance reads (docs/benchmarks.md).
     gc.freeze()
     # Collect the young generation after 10,000 net new objects, not 700: at 700 the objects of
     # requests still in flight (and coredis's, which live 2 s) were promoted by the thousand,
     # and the old generations filled up fast enough for a full collection every second or so,
     # 15-110 ms each under the bench's reads. Garbage cycles are still found, and most while
-    # young; reference counting frees everything else (README, Benchmark results).
+    # young; reference counting frees everything else (docs/benchmarks.md).
     gc.set_threshold(10_000, 10, 10)
     try:
         yield
