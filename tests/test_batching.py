@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from tests.builders import Provider, ledger_key, lock_deadline_behind_pooler, rows_held, settings_env
 from wallet import idempotency, ledger, reads
-from wallet.database import create_engine, is_unavailable, plain_url
+from wallet.database import create_engine, gave_up, is_unavailable, plain_url
 from wallet.errors import Conflict, InsufficientFunds, NotFound, ServiceUnavailable
 from wallet.fulfillment import Provider as FulfillmentProvider
 from wallet.fulfillment import new_http_client
@@ -407,3 +407,21 @@ async def test_a_wallet_held_elsewhere_fails_only_its_own_orders_once_the_lock_d
     balances = await fetch(direct_database_url, "SELECT client_id, balance FROM wallets ORDER BY 1")
     assert balances == [("free", 470), ("held", 500)]
     assert_serial(await entries(direct_database_url, "held"))
+
+
+async def test_only_a_lock_not_granted_proves_that_nothing_ran(direct_database_url: str) -> None:
+    """A lock wait the server gave up on is raised before anything commits, so it may be answered
+    as "no money moved". A cancelled statement is unavailability too, but a cancel may land just
+    after a commit, so it must be treated as possibly run (fenced, then looked up)."""
+    conn = await asyncpg.connect(plain_url(direct_database_url))
+    try:
+        await conn.execute("CREATE TABLE probe AS SELECT 1 AS id")
+        async with rows_held(direct_database_url, "probe", "true"):
+            with pytest.raises(asyncpg.PostgresError) as lock:
+                await conn.execute("SET lock_timeout = '50ms'; UPDATE probe SET id = 2")
+        with pytest.raises(asyncpg.PostgresError) as cancelled:
+            await conn.execute("SET statement_timeout = '50ms'; SELECT pg_sleep(5)")
+    finally:
+        await conn.close()
+    assert (gave_up(lock.value), is_unavailable(lock.value)) == (True, True)
+    assert (gave_up(cancelled.value), is_unavailable(cancelled.value)) == (False, True)

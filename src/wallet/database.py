@@ -48,11 +48,13 @@ class Connector(Protocol):
 
 log = structlog.get_logger(__name__)
 
-# Connection exception, no such database, authentication, too many connections, shutting down.
-_UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P")
-# The server gave up on a statement and rolled its transaction back: a lock not granted within
-# `lock_timeout`, or a statement cancelled (`statement_timeout`, an operator's pg_cancel_backend).
-_GAVE_UP_SQLSTATES = ("55P03", "57014")
+# Connection exception, no such database, authentication, too many connections, shutting down,
+# a statement cancelled (an operator's pg_cancel_backend: the cancel may land just after its
+# commit, so it is not proof that nothing ran).
+_UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "53", "57P", "57014")
+# A lock not granted within `lock_timeout`: raised only while the statement waits, so the server
+# rolled its transaction back and nothing happened.
+_GAVE_UP_SQLSTATES = ("55P03",)
 
 
 class Unavailable(Exception):
@@ -65,13 +67,13 @@ class Unreachable(Unavailable):
 
 
 class GaveUp(Unreachable):
-    """The server gave up on a statement (a lock not granted within `lock_timeout`, a
-    cancellation) and rolled its transaction back: as when unreachable, nothing happened. The
-    database is busy, not gone, so the connection is kept. Raised by `sending` and `direct`."""
+    """The server gave up on a statement waiting for a lock past `lock_timeout` and rolled its
+    transaction back: as when unreachable, nothing happened. The database is busy, not gone, so
+    the connection is kept. Raised by `sending` and `direct`."""
 
 
 def gave_up(exc: BaseException) -> bool:
-    """Whether the server refused to go on with a statement and rolled it back (`GaveUp`)."""
+    """Whether the server gave up waiting for a lock and rolled the statement back (`GaveUp`)."""
     return isinstance(exc, GaveUp) or _sqlstate(exc).startswith(_GAVE_UP_SQLSTATES)
 
 
@@ -249,8 +251,9 @@ class Statement:
 class Direct:
     """asyncpg under a pooled connection, for the group-commit statements: one runs per batch
     of requests, and SQLAlchemy's work around each execution (context, cursor adapter, result
-    rows) cost a third of its client-side CPU (docs/benchmarks.md). Same pool, same pooler rules: behind a
-    transaction pooler each statement runs in a transaction of its own, as in `single`."""
+    rows) cost a third of its client-side CPU (docs/benchmarks.md). Same pool, same pooler
+    rules: behind a transaction pooler each statement runs in a transaction of its own, as in
+    `single`."""
 
     def __init__(self, connection: asyncpg.Connection, *, transactional: bool) -> None:
         self._connection = connection
