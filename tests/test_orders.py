@@ -158,6 +158,32 @@ async def test_a_wallet_held_elsewhere_is_503_in_time_and_its_key_stays_free(
         await assert_held(api, "C1", 70, 0)
 
 
+async def test_an_order_held_elsewhere_when_it_completes_is_202_in_time_and_completed_later(
+    database_url: str, direct_database_url: str, commits: Commits, provider: Provider
+) -> None:
+    """The provider fulfilled the order, but another session holds the order's row: once the
+    lock deadline passes the request answers 202 with the order PENDING and its money held (the
+    money moved, so never an anonymous 5xx), and the resolver completes it when the row is free."""
+    await lock_deadline_behind_pooler(direct_database_url, 0.2)
+    gate = asyncio.Event()
+    provider.set(gate=gate)
+    # One attempt: the request's lease on the order, after which the resolver takes it, is shorter.
+    overrides = {"db_lock_timeout_seconds": 0.2, "fulfillment_max_attempts": 1}
+    async with start_service(database_url, provider.url, **overrides) as api:
+        await api.credit("C1", 100)
+        order = asyncio.create_task(api.order("C1", 30))
+        await provider.simulator.wait_for_calls(1)  # placed; the provider's answer waits at the gate
+        async with rows_held(direct_database_url, "orders", "client_id = 'C1'"):
+            gate.set()
+            async with asyncio.timeout(30):  # bounds the hang this test is about
+                answer = await order
+        order_id = assert_accepted(answer, 30)
+        await assert_held(api, "C1", 70, 30)
+        await api.settled(commits, "C1", order_id)
+        assert await api.order_status("C1", order_id) == "COMPLETED"
+        await assert_held(api, "C1", 70, 0)
+
+
 # --- unknown: money held, the resolver finds out -----------------------------------------
 
 
