@@ -1,4 +1,4 @@
-"""Domain errors carry their HTTP status and machine code; `api` renders them in one envelope."""
+"""Domain errors carry their HTTP status and machine code; `http/errors.py` renders them in one envelope."""
 
 from __future__ import annotations
 

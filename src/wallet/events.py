@@ -12,7 +12,7 @@ transaction, one INSERT for a whole group-committed batch (migration 0010).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import orjson
 from sqlalchemy import text
@@ -34,7 +34,6 @@ EventType = Literal[
     "api_key.revoked",
     "webhook_endpoint.disabled",
 ]
-EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 EVENT_ID_PATTERN = r"^evt_[0-9a-f]{32}$"
 # The client id of events about the platform itself (a global endpoint disabled): outside the
 # client id alphabet (migration 0009), so no client's feed or endpoint ever matches it; the

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from wallet import idempotency
+from wallet.errors import FulfillmentFailed
 from wallet.fulfillment import Failure
 from wallet.http.deps import OrderPath, RequestBody, order_id_or_404, replayed
 from wallet.http.pages import Page, order_page
@@ -58,15 +59,14 @@ def placed_response(placed: Placed) -> Response:
         answer = json_response(202, ok(order_json(order), ACCEPTED_MESSAGE), location(order.order_id))
     else:
         unreachable = order.failure == Failure.UNREACHABLE
-        body = {
-            "success": False,
-            "error": "Fulfillment provider could not be reached; the order failed and was refunded"
+        failed = FulfillmentFailed(
+            "Fulfillment provider could not be reached; the order failed and was refunded"
             if unreachable
             else "Fulfillment provider rejected the order; the order failed and was refunded",
-            "code": "FULFILLMENT_FAILED",
-            "data": order_json(order),
-        }
-        answer = json_response(503 if unreachable else 502, body)
+            status=503 if unreachable else 502,
+            data=order_json(order),
+        )
+        answer = json_response(failed.status, failed.body())
     return replayed(placed.replayed, answer)
 
 
