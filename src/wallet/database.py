@@ -388,31 +388,31 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
-async def connection_limit(url: str, pooler: Pooler = Pooler.NONE) -> int:
-    """How many connections the server accepts from ordinary roles (superusers' reserve excluded)."""
+async def _server_value(url: str, pooler: Pooler, query: str) -> Any:
+    """One value asked of the server on a short-lived connection of the service's role."""
     engine = create_engine(url, pool_size=1, pooler=pooler)
     try:
         async with single(engine).connect() as conn:
-            limit = await conn.scalar(
-                text(
-                    "SELECT current_setting('max_connections')::int"
-                    " - current_setting('superuser_reserved_connections')::int"
-                )
-            )
+            return await conn.scalar(text(query))
     finally:
         await engine.dispose()
+
+
+async def connection_limit(url: str, pooler: Pooler = Pooler.NONE) -> int:
+    """How many connections the server accepts from ordinary roles (superusers' reserve excluded)."""
+    limit = await _server_value(
+        url,
+        pooler,
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int",
+    )
     return int(limit)
 
 
 async def lock_timeout_setting(url: str, pooler: Pooler = Pooler.NONE) -> str:
     """The `lock_timeout` a new session of the service's role gets from the server (its role's
     or database's setting; "0" when none), before the service sets its own."""
-    engine = create_engine(url, pool_size=1, pooler=pooler)
-    try:
-        async with single(engine).connect() as conn:
-            return str(await conn.scalar(text("SHOW lock_timeout")))
-    finally:
-        await engine.dispose()
+    return str(await _server_value(url, pooler, "SHOW lock_timeout"))
 
 
 async def migrate_url(url: str, revision: str = "head", pooler: Pooler = Pooler.NONE) -> None:
