@@ -205,7 +205,8 @@ async def test_bad_amounts_are_400_and_move_nothing(
     async with start_service(database_url, provider.url) as api:
         await api.credit("C1", 100)
         order = await raw_post(api, "/orders", b'{"amount": ' + amount + b"}", {"client-id": "C1"})
-        assert_error(order, 400)
+        refusal = assert_error(order, 400)
+        assert "Value error" not in refusal["error"]  # our sentence, not pydantic's wrapping of it
         debit = await raw_post(
             api, "/admin/wallet/debit", b'{"client_id": "C1", "amount": ' + amount + b"}", ADMIN
         )
@@ -339,8 +340,10 @@ async def test_insufficient_funds_changes_nothing(database_url: str, provider: P
     async with start_service(database_url, provider.url) as api:
         await api.credit("C1", 10)
         body = assert_error(await api.order("C1", 10.01), 400, "INSUFFICIENT_FUNDS")
+        assert body["error"] == "Insufficient wallet balance for order"  # the original's words
         assert body["details"] == {"balance": 10, "requested": 10.01}
-        assert_error(await api.debit("C1", 11), 400, "INSUFFICIENT_FUNDS")
+        debit = assert_error(await api.debit("C1", 11), 400, "INSUFFICIENT_FUNDS")
+        assert debit["error"] == "Insufficient wallet balance"
         assert await api.balance("C1") == Decimal(10)
         assert provider.simulator.calls == []
 
@@ -348,6 +351,11 @@ async def test_insufficient_funds_changes_nothing(database_url: str, provider: P
 async def test_unknown_routes_and_methods_use_the_envelope(database_url: str, provider: Provider) -> None:
     async with start_service(database_url, provider.url) as api:
         assert_error(await api.http.get("/nope"), 404, "NOT_FOUND")
+        for method, path in (("GET", "/wallet/balance/"), ("POST", "/orders/"), ("GET", "/orders/x/")):
+            headers = {"client-id": "C1", "Host": "evil.example"}
+            slashed = await api.http.request(method, path, headers=headers)
+            assert_error(slashed, 404, "NOT_FOUND")
+            assert "location" not in slashed.headers
         refused = await api.http.get("/admin/wallet/credit", headers=ADMIN)
         assert_error(refused, 405)
         assert refused.headers["Allow"] == "POST"

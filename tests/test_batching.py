@@ -139,7 +139,7 @@ async def test_one_batch_on_one_wallet_takes_what_there_is_and_refuses_the_rest(
         assert (len(placed), len(refused)) == (33, 31)
         assert results[:33] == placed  # arrival order: the first 33 fit
         assert {(str(r), r.details["balance"], r.details["requested"]) for r in refused} == {
-            ("Insufficient wallet balance", 0.1, 0.3)
+            ("Insufficient wallet balance for order", 0.1, 0.3)
         }
         assert fallbacks() == before
         assert batch_sizes("placement") == (sizes[0] + 1, sizes[1] + 64)  # one batch of all 64

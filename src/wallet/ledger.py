@@ -253,19 +253,26 @@ class Movement:
     created_at: datetime
 
 
-def _insufficient(balance: int, amount: int) -> InsufficientFunds:
+# The original service's words: an order is refused "for order", a debit plainly.
+_INSUFFICIENT = "Insufficient wallet balance"
+_INSUFFICIENT_FOR_ORDER = "Insufficient wallet balance for order"
+
+
+def _insufficient(balance: int, amount: int, message: str = _INSUFFICIENT) -> InsufficientFunds:
     return InsufficientFunds(
-        "Insufficient wallet balance",
+        message,
         details={"balance": from_cents(balance), "requested": from_cents(amount)},
     )
 
 
-async def _explain_refusal(conn: AsyncConnection, client_id: str, amount: int) -> None:
+async def _explain_refusal(
+    conn: AsyncConnection, client_id: str, amount: int, message: str = _INSUFFICIENT
+) -> None:
     """Cold path after a conditional UPDATE matched nothing: say which rule refused it."""
     row = (await conn.execute(BALANCE, {"client_id": client_id})).first()
     if row is None:
         raise no_wallet(client_id)
-    raise _insufficient(row.balance, amount)
+    raise _insufficient(row.balance, amount, message)
 
 
 async def credit(
@@ -372,7 +379,7 @@ async def place_orders(
         if row["outcome"] == "placed":
             results.append(OrderRow.of(row))
         elif row["outcome"] == "refused":
-            results.append(_insufficient(row["before"], payment.amount))
+            results.append(_insufficient(row["before"], payment.amount, _INSUFFICIENT_FOR_ORDER))
         elif row["outcome"] == "no_wallet":
             results.append(no_wallet(payment.client_id))
         else:
@@ -402,7 +409,7 @@ async def place_order(
     }
     row = (await conn.execute(_PLACE_ORDER, params)).first()
     if row is None:
-        await _explain_refusal(conn, client_id, amount)
+        await _explain_refusal(conn, client_id, amount, _INSUFFICIENT_FOR_ORDER)
     assert row is not None
     return OrderRow.of(row)
 

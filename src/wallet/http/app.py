@@ -89,6 +89,9 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers=errors.handlers(settings.production),
         lifespan=lifespan,
     )
+    # A path with a trailing slash is an unknown route: 404 in the envelope, not Starlette's bare
+    # 307 to a URL built from the client's Host header.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.limiter_storage = storage
     app.state.rate_counter = counter

@@ -100,7 +100,9 @@ def invalid(exc: ValidationError, where: Callable[[Any], tuple[str, ...]] = lamb
     details = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = (*where(err["loc"][0]), *err["loc"]) if err["loc"] else ()
-        details.append({"field": ".".join(str(p) for p in loc) or "body", "message": err["msg"]})
+        # Our validators' own sentences, without pydantic's "Value error, " in front of them.
+        message = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        details.append({"field": ".".join(str(p) for p in loc) or "body", "message": message})
     first = details[0]
     return BadRequest(f"{first['field']}: {first['message']}", details=details)
 
