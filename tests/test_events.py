@@ -93,6 +93,10 @@ async def test_each_client_sees_only_its_events_and_admins_filter(
         assert await feed(api, "B", after="2999-01-01T00:00:00+01:00") == []
         bad = await api.http.get("/events", params={"type": "nope"}, headers={"client-id": "A"})
         assert bad.status_code == 400
+        # A time is read by the one rule statements use: with its zone, or a 400.
+        for after in ("2000-01-01T00:00:00", "0001-01-01T00:00:00+14:00", "noon"):
+            bad = await api.http.get("/events", params={"after": after}, headers={"client-id": "A"})
+            assert (bad.status_code, bad.json()["code"]) == (400, "INVALID_TIME")
 
 
 async def test_balance_low_when_a_movement_crosses_the_threshold(
@@ -177,3 +181,21 @@ async def test_review_and_resolution_are_events(
             "order.resolved",
         ]
         assert events[-1]["data"] == events[-2]["data"] == order
+
+
+async def test_an_order_s_pending_event_is_stamped_when_it_is_written(
+    database_url: str, provider: Provider
+) -> None:
+    """A client polling with `after=` the newest time it has seen must not miss the event that
+    says its order is pending: that event is written after the provider's attempts, later than
+    the order's creation."""
+    provider.set(error_status=503, latency_seconds=0.05)
+    async with start_service(database_url, provider.url, fulfillment_max_attempts=2) as api:
+        await api.credit("C1", 100)
+        created = await feed(api, "C1")
+        response = await api.order("C1", 10)
+        assert response.status_code == 202
+        seen = [e for e in await feed(api, "C1") if e not in created]
+        assert [e["type"] for e in seen] == ["order.created", "order.pending"]
+        newer = await feed(api, "C1", after=seen[0]["createdAt"])
+        assert [e["type"] for e in newer] == ["order.pending"]

@@ -60,22 +60,31 @@ async def test_whole_history_statement(database_url: str, provider: Provider) ->
 
 
 async def test_from_is_inclusive_and_to_exclusive(database_url: str, provider: Provider) -> None:
+    """Periods are cut at the times the API shows (milliseconds): an entry shown at `from` is in
+    the period, one shown at `to` is in the next, whatever microseconds it was stored with."""
     async with start_service(database_url, provider.url) as api:
         for amount in (10, 20, 30, 40):
             await api.credit("C1", amount)
-        times = await entry_times(database_url, "C1")
-        data = await get_statement(api, "C1", **{"from": at(times[1]), "to": at(times[3])})
-        assert [e["entryNo"] for e in data["entries"]] == [2, 3]
-        assert data["openingBalance"] == 10
-        assert data["closingBalance"] == 60
-        assert data["totals"] == {"CREDIT": 50}
-        # Consecutive periods neither share nor miss an entry.
-        rest = await get_statement(api, "C1", **{"from": at(times[3])})
-        assert [e["entryNo"] for e in rest["entries"]] == [4]
-        assert rest["openingBalance"] == data["closingBalance"]
-        empty = await get_statement(api, "C1", **{"from": at(times[2]), "to": at(times[2])})
+        shown = [e["createdAt"] for e in (await get_statement(api, "C1"))["entries"]]
+        start, end = shown[1], shown[3]
+        data = await get_statement(api, "C1", **{"from": start, "to": end})
+        assert (data["from"], data["to"]) == (start, end)
+        inside = [n for n, t in enumerate(shown, 1) if start <= t < end]
+        assert 2 in inside
+        assert 4 not in inside
+        assert [e["entryNo"] for e in data["entries"]] == inside
+        assert data["openingBalance"] == sum((10, 20, 30, 40)[: inside[0] - 1])
+        assert data["closingBalance"] == sum((10, 20, 30, 40)[: inside[-1]])
+        # Consecutive periods neither share nor miss an entry, cut at a time copied from an answer
+        # or at any microsecond within that millisecond.
+        for cut in (end, end.replace("Z", "999+00:00")):
+            rest = await get_statement(api, "C1", **{"from": cut})
+            assert rest["from"] == end
+            assert [e["entryNo"] for e in rest["entries"]] == list(range(inside[-1] + 1, 5))
+            assert rest["openingBalance"] == data["closingBalance"]
+        empty = await get_statement(api, "C1", **{"from": end, "to": end})
         assert empty["entries"] == []
-        assert empty["openingBalance"] == empty["closingBalance"] == 30
+        assert empty["openingBalance"] == empty["closingBalance"] == data["closingBalance"]
 
 
 async def test_balance_at_a_moment(database_url: str, provider: Provider) -> None:
@@ -93,7 +102,9 @@ async def test_balance_at_a_moment(database_url: str, provider: Provider) -> Non
 
         assert await balance_at("2000-01-01T00:00:00Z") == 0
         assert await balance_at(at(times[0])) == 0  # an entry written at `at` is not yet in it
-        assert await balance_at(at(times[0] + timedelta(microseconds=1))) == 10
+        # `at` is read to the millisecond the API shows: an entry shown at it is not yet in it.
+        assert await balance_at(at(times[0] + timedelta(microseconds=1))) == 0
+        assert await balance_at(at(times[0] + timedelta(milliseconds=1))) == 10
         assert await balance_at(at(times[1])) == 10
         assert await balance_at("2999-01-01T00:00:00+02:00") == 30.05
         # Without `at`, the usual answer.
@@ -112,6 +123,8 @@ async def test_balance_at_a_moment(database_url: str, provider: Provider) -> Non
         ({"from": "yesterday"}, "INVALID_TIME"),
         ({"to": "2026-01-01T00:00:00"}, "INVALID_TIME"),  # no zone: a different moment for each reader
         ({"from": "2026-13-01T00:00:00Z"}, "INVALID_TIME"),
+        ({"from": "0001-01-01T00:00:00+14:00"}, "INVALID_TIME"),  # before year 1 in UTC: no moment
+        ({"to": "9999-12-31T23:59:59-12:00"}, "INVALID_TIME"),
         ({"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "INVALID_PERIOD"),
         ({"format": "xml"}, "VALIDATION_ERROR"),
         ({"from": "2026-01-01T00:00:00Z" + " " * 60}, "VALIDATION_ERROR"),

@@ -124,7 +124,8 @@ async def page(
     filters = {
         "client_id": "client_id = :client_id",
         "type": "type = :type",
-        "after": "created_at > :after",
+        # After the millisecond `after` shows (`wire.parse_time`): never an event shown at it.
+        "after": "created_at >= CAST(:after AS timestamptz) + interval '1 millisecond'",
         "key": "id < :key",
     }
     given = {"client_id": client_id, "type": type_, "after": after, "key": before_key}

@@ -165,7 +165,9 @@ _COMPLETE_MANY = Statement.of(
     )
 )
 # Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
-# Events: order.pending when the request answers 202 (`announce`), order.needs_review once.
+# Events: order.pending when the request answers 202 (`announce`), order.needs_review once; each
+# stamped now, when it is written (a reschedule leaves the order's updated_at as it was), so a
+# client polling `GET /events?after=` sees it.
 _RESCHEDULE = text(f"""
 WITH {settling("orders WHERE orders.order_id = :order_id")}, kept AS (
 UPDATE orders
@@ -181,7 +183,7 @@ WHERE {SETTLE_TARGET}
 RETURNING {ORDER_COLUMNS}, flagged_at = statement_timestamp() AS newly_flagged
 ), emitted AS (
     {INSERT_EVENT}
-    SELECT client_id, 'order.pending', {order_data_sql("kept")}, updated_at FROM kept
+    SELECT client_id, 'order.pending', {order_data_sql("kept")}, statement_timestamp() FROM kept
     WHERE CAST(:announce AS boolean)
     UNION ALL
     SELECT client_id, 'order.needs_review', {order_data_sql("kept")}, flagged_at FROM kept

@@ -21,9 +21,8 @@ import csv
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import WithJsonSchema
 from sqlalchemy import text
 
 from wallet.database import Connector
@@ -35,7 +34,11 @@ STATEMENT_MAX_ENTRIES = 10_000
 CSV_TYPE = "text/csv"
 
 _COLUMNS = "id, entry_no, type, amount, balance_before, balance_after, reference_id, description, created_at"
-_NOW = text("SELECT now() AS now, EXISTS (SELECT 1 FROM wallets WHERE client_id = :client_id) AS known")
+# "Until now" is the snapshot's moment to the millisecond, as shown (`wire.parse_time`).
+_NOW = text(
+    "SELECT date_trunc('milliseconds', now()) AS now,"
+    " EXISTS (SELECT 1 FROM wallets WHERE client_id = :client_id) AS known"
+)
 # The balance after the last entry written before a moment (0 before the first entry).
 BALANCE_BEFORE_SQL = text("""
 SELECT balance_after FROM ledger_entries
@@ -48,31 +51,6 @@ WHERE client_id = :client_id AND created_at >= :start AND created_at < :end
 ORDER BY created_at, entry_no LIMIT :limit
 """)
 _BEGINNING = datetime.min.replace(tzinfo=UTC)  # before any entry
-
-TIME_DOC = "ISO 8601 time with a zone, e.g. 2026-01-31T00:00:00Z"
-# Documented as RFC 3339 date-times; read by `parse_time`, which has an error code of its own.
-TimeText = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time", "maxLength": 64})]
-
-
-def parse_time(value: str | None, name: str) -> datetime | None:
-    """An ISO 8601 time with its zone (a time without one would mean different moments to
-    different readers), in UTC; None when absent. A moment beyond what Python can hold in UTC
-    (year 1 east of Greenwich, year 9999 west of it) is the earliest or latest one."""
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.upper())  # RFC 3339 allows a lowercase t and z
-    except ValueError:
-        moment = None
-    if moment is None or moment.utcoffset() is None:
-        raise BadRequest(
-            f"{name}: must be an ISO 8601 time with a zone, e.g. 2026-01-31T00:00:00Z",
-            code="INVALID_TIME",
-        )
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:
-        return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,17 @@
-"""The JSON wire format: success envelopes, timestamps, and the one encoder responses use."""
+"""The JSON wire format: success envelopes, timestamps (shown and read), and the one encoder
+responses use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import WithJsonSchema
 from starlette.responses import Response
+
+from wallet.errors import BadRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +27,34 @@ class Reply:
 def iso(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a `Z`, as the original service wrote them."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+TIME_DOC = "ISO 8601 time with a zone, e.g. 2026-01-31T00:00:00Z, read to the millisecond"
+# Documented as RFC 3339 date-times; read by `parse_time`, which has an error code of its own.
+TimeText = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time", "maxLength": 64})]
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    """A time the API is given (a statement's period, a past balance, events after, a replay
+    since): ISO 8601 with its zone, since one without would mean different moments to different
+    readers; in UTC; None when absent. Read to the millisecond, the precision of every time the
+    API shows (`iso`): a time copied from an answer then selects exactly the entries and events
+    shown at or after it, never one that displays the same yet sorts before it."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.upper())  # RFC 3339 allows a lowercase t and z
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None:
+        raise BadRequest(
+            f"{name}: must be an ISO 8601 time with a zone, e.g. 2026-01-31T00:00:00Z", code="INVALID_TIME"
+        )
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:  # year 1 east of Greenwich, or 9999 west of it
+        raise BadRequest(f"{name}: must be within the years 1 to 9999 in UTC", code="INVALID_TIME") from None
+    return moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
 
 
 def dumps(body: Any) -> bytes:

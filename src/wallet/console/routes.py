@@ -42,7 +42,7 @@ from wallet.http.statements import statement_response
 from wallet.orders import ORDER_ID_PATTERN, OrderStatus
 from wallet.ratelimit import client_ip
 from wallet.verify import take_digest, verify_ledger
-from wallet.wire import dumps, iso
+from wallet.wire import dumps, iso, parse_time
 
 log = structlog.get_logger(__name__)
 BY = "console"  # who the audit trail names for what the console does
@@ -405,8 +405,8 @@ async def statement(request: Request) -> Response:
     await viewer(request)
     valid_client_id(client_id, field="client id")
     params = request.query_params
-    start = statements.parse_time(params.get("from") or None, "from")
-    end = statements.parse_time(params.get("to") or None, "to")
+    start = parse_time(params.get("from") or None, "from")
+    end = parse_time(params.get("to") or None, "to")
     st = await statements.statement(_svc(request).snapshots, client_id, start, end)
     return statement_response(st, params.get("format", "csv") == "csv")
 

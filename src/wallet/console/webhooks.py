@@ -29,8 +29,8 @@ from wallet.console.routes import (
     viewer,
 )
 from wallet.errors import BadRequest
-from wallet.http.webhooks import ReplayEvent, ReplaySince, _endpoint_id, _time
-from wallet.wire import iso
+from wallet.http.webhooks import ReplayEvent, ReplaySince, _endpoint_id
+from wallet.wire import iso, parse_time
 
 DEFAULT_SINCE = timedelta(days=1)  # the replay form's suggestion
 
@@ -85,7 +85,7 @@ async def replay(request: Request) -> Response:
     if event_id:
         what["event_id"] = _validated(ReplayEvent, {"eventId": event_id}).eventId
     elif since:
-        what["since"] = _time(_validated(ReplaySince, {"since": since}).since, "since")
+        what["since"] = parse_time(_validated(ReplaySince, {"since": since}).since, "since")
     else:
         raise BadRequest("Choose an event or a time to replay from")
     if form.get("confirm") != "yes":

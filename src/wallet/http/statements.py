@@ -14,18 +14,14 @@ from wallet import statements
 from wallet.http.deps import ClientPath, Params
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import StatementEnvelope, error_responses
-from wallet.wire import json_response, ok
+from wallet.wire import TIME_DOC, TimeText, json_response, ok, parse_time
 
 routes = Routes()
 
 
 class Period(Params):
-    start: statements.TimeText | None = Field(
-        None, alias="from", max_length=64, description=f"Inclusive. {statements.TIME_DOC}"
-    )
-    end: statements.TimeText | None = Field(
-        None, alias="to", max_length=64, description=f"Exclusive. {statements.TIME_DOC}"
-    )
+    start: TimeText | None = Field(None, alias="from", max_length=64, description=f"Inclusive. {TIME_DOC}")
+    end: TimeText | None = Field(None, alias="to", max_length=64, description=f"Exclusive. {TIME_DOC}")
     format: str | None = Field(
         None, pattern="^(json|csv)$", description="`csv` for CSV (or Accept: text/csv)"
     )
@@ -65,7 +61,7 @@ def statement_response(st: statements.Statement, as_csv: bool) -> Response:
 
 
 async def _statement(call: Call, client_id: str, period: Period) -> Response:
-    begin, until = statements.parse_time(period.start, "from"), statements.parse_time(period.end, "to")
+    begin, until = parse_time(period.start, "from"), parse_time(period.end, "to")
     st = await statements.statement(call.svc.snapshots, client_id, begin, until)
     return statement_response(st, wants_csv(call.request, period.format))
 

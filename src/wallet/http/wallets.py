@@ -11,11 +11,11 @@ from wallet.http.pages import Page, ledger_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import BalanceAtEnvelope, BalanceEnvelope, LedgerPage, error_responses
 from wallet.money import from_cents
-from wallet.wire import iso, json_response, ok
+from wallet.wire import TimeText, iso, json_response, ok, parse_time
 
 
 class BalanceWhen(Params):
-    at: statements.TimeText | None = Field(
+    at: TimeText | None = Field(
         None,
         max_length=64,
         description="ISO 8601 time with a zone: the balance after every entry written before it "
@@ -38,7 +38,7 @@ routes = Routes(tags=["client"], auth=Auth.CLIENT)
 )
 async def get_balance(call: Call, params: BalanceWhen) -> Response:
     svc, client_id = call.svc, call.client_id
-    moment = statements.parse_time(params.at, "at")
+    moment = parse_time(params.at, "at")
     if moment is not None:
         cents = await statements.balance_at(svc.reads, svc.wallets.single, client_id, moment)
         data_at = {"clientId": client_id, "balance": from_cents(cents), "at": iso(moment)}

@@ -5,7 +5,6 @@ log and replay, and the per-client low-balance threshold that balance.low events
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import Field, RootModel
@@ -13,7 +12,7 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet import events
-from wallet.errors import BadRequest, NotFound
+from wallet.errors import NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
 from wallet.http.deps import ClientIdField, ClientPath, Params, RequestBody, Text
 from wallet.http.pages import Page, decode_cursor, page_response
@@ -30,7 +29,7 @@ from wallet.http.schemas import (
 )
 from wallet.money import Amount, from_cents
 from wallet.webhooks import ENDPOINT_ID_PATTERN
-from wallet.wire import json_response, ok
+from wallet.wire import TIME_DOC, json_response, ok, parse_time
 
 _ENDPOINT_ID = re.compile(ENDPOINT_ID_PATTERN)
 
@@ -40,7 +39,7 @@ class EventFilter(Page):
     after: str | None = Field(
         None,
         max_length=40,
-        description="Only events created after this time (ISO 8601)",
+        description=f"Only events created after this time. {TIME_DOC}",
         json_schema_extra={"format": "date-time"},
     )
 
@@ -85,7 +84,7 @@ class ReplaySince(RequestBody):
     """Deliver again every event whose delivery failed since this time."""
 
     since: Annotated[
-        str, Field(max_length=40, description="ISO 8601 time", json_schema_extra={"format": "date-time"})
+        str, Field(max_length=40, description=TIME_DOC, json_schema_extra={"format": "date-time"})
     ]
 
 
@@ -103,23 +102,6 @@ def _endpoint_id(endpoint_id: str) -> str:
     return endpoint_id
 
 
-def _time(raw: str | None, name: str) -> datetime | None:
-    """RFC 3339 as the document says (`t`/`z` in either case; a leap second read as :59); a
-    time without an offset is UTC."""
-    if raw is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(raw.upper().replace(":60", ":59"))
-    except ValueError:  # e.g. year 0000: RFC 3339 allows it, Python cannot hold it
-        raise BadRequest(f"{name}: must be an ISO 8601 time", code="INVALID_TIME") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:  # within a day of year 1 or 9999: the nearest representable instant
-        return datetime.min.replace(tzinfo=UTC) if moment.year == 1 else datetime.max.replace(tzinfo=UTC)
-
-
 _ENDPOINT_ERRORS = error_responses(400, 401, 403, 404, 429)
 _BODY_ERRORS = error_responses(400, 401, 403, 404, 413, 429)
 client_routes = Routes(tags=["client"], auth=Auth.CLIENT)
@@ -133,7 +115,7 @@ def _owner(call: Call) -> str | None:
 
 async def _events(call: Call, client_id: str | None, params: EventFilter) -> Response:
     """A page of events, newest first: the client's list and the admin's alike."""
-    before_key, since = decode_cursor(params.cursor), _time(params.after, "after")
+    before_key, since = decode_cursor(params.cursor), parse_time(params.after, "after")
     async with call.svc.wallets.single.connect() as conn:
         items, next_key = await events.page(
             conn,
@@ -217,7 +199,7 @@ async def replay(call: Call, params: EndpointPath, body: ReplayRequest) -> Respo
     """Deliver one event again (`eventId`), or every event whose delivery failed since a time."""
     req = body.root
     event_id = req.eventId if isinstance(req, ReplayEvent) else None
-    since = _time(req.since, "since") if isinstance(req, ReplaySince) else None
+    since = parse_time(req.since, "since") if isinstance(req, ReplaySince) else None
     count = await call.svc.webhooks.replay(
         _endpoint_id(params.endpoint_id), _owner(call), event_id=event_id, since=since
     )
