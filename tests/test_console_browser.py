@@ -248,8 +248,10 @@ async def test_download_a_statement(console: tuple[Console, Api]) -> None:
     content = await asyncio.to_thread(Path(saved).read_bytes)
     rows = list(csv.reader(io.StringIO(content.decode("utf-8-sig"), newline="")))
     assert rows[0][:4] == ["entryNo", "createdAt", "type", "amount"]
-    assert [r[3] for r in rows[1:]] == ["10.00", "2.50"]
-    assert rows[1][7] == "'=cmd|' /C calc'!A0"
+    assert [r[2] for r in rows[1:]] == ["OPENING_BALANCE", "CREDIT", "DEBIT", "CLOSING_BALANCE"]
+    assert [r[3] for r in rows[2:-1]] == ["10.00", "2.50"]
+    assert rows[2][7] == "'=cmd|' /C calc'!A0"
+    assert rows[-1][5] == "7.50"
 
 
 async def test_forged_forms_and_expired_sessions_are_refused(

@@ -35,6 +35,7 @@ def at(moment: datetime) -> str:
 async def get_statement(api: Api, client_id: str, **params: str) -> dict[str, Any]:
     response = await api.http.get("/wallet/statement", params=params, headers={"client-id": client_id})
     assert response.status_code == 200, response.text
+    assert response.headers["vary"] == "Accept"
     data: dict[str, Any] = response.json()["data"]
     return data
 
@@ -167,7 +168,13 @@ async def test_csv_opens_as_text_in_a_spreadsheet(database_url: str, provider: P
             assert response.content.startswith(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
             rows = list(csv.reader(io.StringIO(response.content.decode("utf-8-sig"), newline="")))
             assert rows[0] == statements.CSV_HEADER
-            assert len(rows) == 1 + len(hostile)
+            assert len(rows) == 1 + 1 + len(hostile) + 1
+            # The balances the JSON gives, as rows of their own around the entries.
+            assert rows[1] == ["", "", "OPENING_BALANCE", "", "", "0.00", "", ""]
+            assert rows[-1][2:] == ["CLOSING_BALANCE", "", "", "7000.28", "", ""]
+            assert rows[-1][1] >= rows[-2][1]  # the period's end: "until now"
+            assert response.headers["vary"] == "Accept"  # the same URL answers JSON or CSV
+            rows = rows[1:-1]
             descriptions = [row[7] for row in rows[1:]]
             assert descriptions == [
                 '\'=HYPERLINK("http://x")',

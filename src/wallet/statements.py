@@ -161,10 +161,15 @@ CSV_HEADER = [
 
 def statement_csv(st: Statement) -> bytes:
     """UTF-8 with a byte-order mark (so spreadsheets do not guess another encoding), a header
-    row, one row per entry. Amounts are exact decimals; every text cell is escaped."""
+    row, then the period's opening balance, one row per entry and its closing balance, each
+    balance a row of its own type (`OPENING_BALANCE`, `CLOSING_BALANCE`) at the period's bound,
+    so a file alone says what the JSON says. Amounts are exact decimals; every text cell is
+    escaped."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_HEADER)
+    start = "" if st.start is None else iso(st.start)
+    writer.writerow(["", start, "OPENING_BALANCE", "", "", decimal_text(st.opening), "", ""])
     for row in st.entries:
         writer.writerow(
             [
@@ -178,4 +183,5 @@ def statement_csv(st: Statement) -> bytes:
                 csv_cell(row.description or ""),
             ]
         )
+    writer.writerow(["", iso(st.end), "CLOSING_BALANCE", "", "", decimal_text(st.closing), "", ""])
     return "\ufeff".encode() + out.getvalue().encode()

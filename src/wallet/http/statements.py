@@ -49,14 +49,15 @@ def wants_csv(request: Request, fmt: str | None) -> bool:
 
 
 def statement_response(st: statements.Statement, as_csv: bool) -> Response:
-    """The statement as the JSON envelope, or as a CSV attachment named for its client and end."""
+    """The statement as the JSON envelope, or as a CSV attachment named for its client and end.
+    Either way `Vary: Accept`, since the same URL answers both: a cache must not mix them."""
     if not as_csv:
-        return json_response(200, ok(statements.statement_json(st)))
+        return json_response(200, ok(statements.statement_json(st)), headers={"Vary": "Accept"})
     name = f"statement-{st.client_id}-{st.end.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
     return Response(
         statements.statement_csv(st),
         media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Vary": "Accept"},
     )
 
 
