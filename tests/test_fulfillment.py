@@ -115,6 +115,18 @@ async def test_a_call_that_may_have_landed_is_never_undone_by_a_later_unreachabl
     assert len(provider.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "literal", ["123456789012345678901234567890", "18446744073709551615", "-5", "1e300", "1.50"]
+)
+async def test_a_numeric_id_is_kept_as_the_provider_wrote_it(literal: str) -> None:
+    """SPEC §4.2: the id becomes fulfillmentId as a string; a reconciliation against the
+    provider matches it only if no digit was rounded on the way."""
+    async with raw_provider(f'201 {{"id": {literal}}}') as (url, _):
+        outcome = await fulfill(url, attempts=1)
+    assert outcome.kind is Kind.FULFILLED
+    assert outcome.fulfillment_id == literal
+
+
 async def test_an_unknown_answer_then_a_success_is_fulfilled() -> None:
     async with raw_provider("503 {}", "reset", '201 {"id": 42}') as (url, provider):
         outcome = await fulfill(url, attempts=3)

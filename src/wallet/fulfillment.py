@@ -19,6 +19,7 @@ The calls go through `provider_client` (why not aiohttp or httpx: there).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,8 @@ def classify(status: int, body: bytes) -> Answer:
             return Answer(Kind.UNKNOWN, f"provider answered {status} without an id", status=status)
         if provider_id is None or isinstance(provider_id, bool | dict | list) or str(provider_id) == "":
             return Answer(Kind.UNKNOWN, f"provider answered {status} with an unusable id", status=status)
+        if isinstance(provider_id, float):  # orjson reads an integer past 64 bits as a float too:
+            provider_id = json.loads(body, parse_float=str, parse_int=str)["id"]  # the id as written
         fulfillment_id = str(provider_id)[:256]
         return Answer(Kind.FULFILLED, f"provider answered {status}", fulfillment_id, status=status)
     if 400 <= status < 500 and status not in NOT_A_REFUSAL:
