@@ -59,7 +59,9 @@ async def test_limit_headers_then_429(database_url: str, provider: Provider, red
             "error": "Too many requests, please try again later",
             "code": "RATE_LIMITED",
         }
-        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        # Until one more is allowed: past this window's end, while its 6 hits still weigh > 4.
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60 + 20
+        assert refused.headers["RateLimit-Reset"] == refused.headers["Retry-After"]
         assert refused.headers["RateLimit-Remaining"] == "0"
         # Another client is not affected, and probes are never limited.
         other = await api.http.get("/wallet/balance", headers={"client-id": "x", **behind_proxy(fresh_ip())})
@@ -112,6 +114,32 @@ async def test_the_count_carries_over_a_window_boundary(redis_url: str | None) -
         window.close()
     assert remaining == [4, 3, 2, 1, 0, 0]
     assert not allowed
+
+
+async def test_a_client_that_waits_retry_after_is_served(redis_url: str | None) -> None:
+    """Retry-After is when one more request will be allowed, not the end of the window: right
+    after it, the window's hits (refused ones too) still weigh almost in full."""
+    now = [1_800_000.0 + 10]  # 10 s into a 60 s window
+    counts = RedisCounts(redis_url) if redis_url else MemoryCounts()
+    window = SlidingWindow(parse("5/minute"), counts, clock=lambda: now[0])
+    full, half = fresh_ip(), fresh_ip()
+    try:
+        verdicts = [await window.hit(full) for _ in range(8)]
+        assert [v.allowed for v in verdicts] == [True] * 5 + [False] * 3
+        # 8 hits here: in the next window they weigh 8 * (1 - t/60), allowed once that is <= 4.
+        assert verdicts[-1].reset == 50 + 30
+        for _ in range(5):
+            assert (await window.hit(half)).allowed
+        now[0] += 51  # 1 s into the next window: `half`'s 5 still weigh ceil(5 * 59/60) = 5
+        refused = await window.hit(half)
+        assert not refused.allowed
+        assert refused.reset == 23  # 5 * (1 - t/60) <= 5 - 1 - 1 once t >= 24 s
+        now[0] += refused.reset
+        assert (await window.hit(half)).allowed
+        now[0] += 80 - 51 - refused.reset
+        assert (await window.hit(full)).allowed
+    finally:
+        window.close()
 
 
 async def test_refused_requests_move_no_money(

@@ -57,6 +57,10 @@ def test_production_defaults() -> None:
     [
         {"port": 70000},
         {"rate_limit": "lots"},
+        {"rate_limit": "0/minute"},  # every request refused
+        {"rate_limit": "5/0 minute"},  # `limits` reads it as 5 a minute
+        {"rate_limit": "5/minute;10/hour"},  # one limit only: the rest would be dropped
+        {"console_login_rate": "0/minute"},
         {"database_url": "mysql://localhost/db"},
         {"fulfillment_api_url": "ftp://x"},
         {"fulfillment_max_attempts": 0},

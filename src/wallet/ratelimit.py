@@ -4,12 +4,13 @@ every worker and host shares one count.
 The count is a sliding-window counter: the hits of the current fixed window plus the previous
 window's, weighted by how much of it the sliding window still covers, that weighted share
 rounded up (rounded down, a request just past a window's end would find one earlier request
-forgotten and get one more than the limit). Every request counts,
-refused ones too. The requests of one event-loop pass are counted together (`batching.Batcher`):
-one Redis round trip (a pipeline of INCRBY/PEXPIRE/GET per IP) serves them all, each request
-still getting its own place in its IP's count, so a burst is cut at exactly the limit. Measured
-before (a `limits` moving window, two round trips per request): the limiter was about 30 % of a
-worker's CPU under the bench's balance reads.
+forgotten and get one more than the limit). Every request counts, refused ones too, and a 429's
+Retry-After is when the next request would be allowed if none is sent before
+(`SlidingWindow._wait_ms`). The requests of one event-loop pass are counted together
+(`batching.Batcher`): one Redis round trip (a pipeline of INCRBY/PEXPIRE/GET per IP) serves them
+all, each request still getting its own place in its IP's count, so a burst is cut at exactly
+the limit. Measured before (a `limits` moving window, two round trips per request): the limiter
+was about 30 % of a worker's CPU under the bench's balance reads.
 
 The client IP is the socket peer, or the nearest untrusted address of `X-Forwarded-For` when
 the peer is a trusted proxy: a client cannot pick its own bucket by sending the header."""
@@ -75,7 +76,7 @@ def make_storage(redis_url: str | None) -> Storage:
 class Verdict:
     allowed: bool
     remaining: int
-    reset: int  # seconds until the current window ends
+    reset: int  # seconds until the current window ends; refused: until one more is allowed
 
 
 class MemoryCounts:
@@ -161,8 +162,22 @@ class SlidingWindow:
             seen[ip] += 1
             previous, current = counts[ip]
             used = math.ceil(previous * weight) + current - hits[ip] + seen[ip]
-            verdicts.append(Verdict(used <= self.limit, max(0, self.limit - used), reset))
+            if used <= self.limit:
+                verdicts.append(Verdict(True, self.limit - used, reset))
+            else:
+                wait_ms = self._wait_ms(previous, current, into)
+                verdicts.append(Verdict(False, 0, max(1, math.ceil(wait_ms / 1000))))
         return verdicts
+
+    def _wait_ms(self, previous: int, current: int, into: int) -> int:
+        """How long until one more request of an IP with these counts is allowed, if it sends
+        none before (refused ones count): later in this window, once the previous window's
+        weighted share has shrunk enough, or else in the next one, once this window's has. Not
+        the window's end: right after it, this window's hits still weigh almost in full."""
+        limit, window = self.limit, self.window_ms
+        if current < limit and previous:  # ceil(previous * (1 - t / window)) <= limit - current - 1
+            return max(0, math.ceil(window * (1 - (limit - current - 1) / previous)) - into)
+        return window - into + max(0, math.ceil(window * (1 - (limit - 1) / current)))
 
 
 def make_counter(item: RateLimitItem | None, redis_url: str | None) -> SlidingWindow | None:
@@ -214,7 +229,7 @@ class RateLimit:
                     "headers": [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
-                        (b"retry-after", str(max(1, reset)).encode()),
+                        (b"retry-after", str(reset).encode()),
                         *headers,
                     ],
                 }

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse, parse_many
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -21,6 +21,7 @@ from wallet.chain import KEY_ID_PATTERN, LedgerKey
 from wallet.database import Pooler
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ZERO_PERIOD = re.compile(r"(/|per)\s*0+\s*[a-z]", re.IGNORECASE)  # '5/0 minute'
 
 
 class AppEnv(StrEnum):
@@ -166,11 +167,15 @@ class Settings(BaseSettings):
     @field_validator("rate_limit", "console_login_rate")
     @classmethod
     def _parse_rate_limit(cls, value: str) -> str:
+        """One limit of at least one request per period: `limits` would take '0/minute' (every
+        request refused), read '5/0 minute' as 5 a minute and keep only the first of several."""
         if value.strip().lower() != "off":
             try:
-                parse(value)
+                items = parse_many(value)
             except ValueError as exc:
                 raise ValueError("must look like '100/minute' or be 'off'") from exc
+            if len(items) != 1 or items[0].amount < 1 or _ZERO_PERIOD.search(value):
+                raise ValueError("must be one limit of at least 1 request per period, like '100/minute'")
         return value.strip()
 
     @model_validator(mode="after")
