@@ -82,6 +82,7 @@ async def test_serve_uses_database_url(database_url: str, provider: Provider) ->
         assert (await http.get("/ready")).status_code == 200
         assert not any("embedded PostgreSQL" in line for line in server.lines)
         assert not any("more database connections" in line for line in server.lines)
+        assert not any("counts are per process" in line for line in server.lines)  # one worker
 
 
 async def test_serve_warns_when_its_pools_could_exhaust_the_database(
@@ -102,6 +103,23 @@ async def test_serve_warns_when_its_pools_could_exhaust_the_database(
     assert len(warnings) == 1, server.lines
     warning = warnings[0]
     assert (warning["level"], warning["wanted"], warning["allowed"]) == ("warning", 200 * workers, allowed)
+
+
+async def test_serve_says_when_each_worker_counts_rate_limits_alone(
+    database_url: str, provider: Provider
+) -> None:
+    """Without REDIS_URL each process counts for itself: with two workers a client may make twice
+    RATE_LIMIT, and the operator is told so at start."""
+    env = {
+        "DATABASE_URL": database_url,
+        "FULFILLMENT_API_URL": provider.url,
+        "WORKERS": "2",
+        "RATE_LIMIT": "100/minute",
+        "LOG_FORMAT": "json",
+    }
+    async with spawn_service(env, unset=("REDIS_URL",)) as server:
+        lines = [json.loads(line) for line in server.lines if "counts are per process" in line]
+    assert [(w["level"], w["workers"], w["rate_limit"]) for w in lines] == [("warning", 2, "100/minute")]
 
 
 def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:

@@ -66,7 +66,16 @@ async def test_limit_headers_then_429(database_url: str, provider: Provider, red
         # Another client is not affected, and probes are never limited.
         other = await api.http.get("/wallet/balance", headers={"client-id": "x", **behind_proxy(fresh_ip())})
         assert other.status_code == 404
-        assert (await api.http.get("/health", headers=behind_proxy(ip))).status_code == 200
+        probe = await api.http.get("/health", headers=behind_proxy(ip))
+        assert probe.status_code == 200
+        # Probes and scrapes are never counted nor refused, yet carry the caller's count.
+        assert (probe.headers["RateLimit-Limit"], probe.headers["RateLimit-Remaining"]) == ("5", "0")
+        scraper = behind_proxy(fresh_ip())
+        for path in ("/health", "/ready", "/metrics", "/metrics"):
+            scraped = await api.http.get(path, headers=scraper)
+            assert scraped.status_code == 200
+            assert scraped.headers["RateLimit-Remaining"] == "5"
+            assert 0 < int(scraped.headers["RateLimit-Reset"]) <= 60
 
 
 def rate_limit_batches() -> tuple[float, float]:

@@ -38,7 +38,8 @@ from wallet.settings import IpNetwork
 from wallet.wire import dumps
 
 log = structlog.get_logger(__name__)
-# Probes and scrapes, and the built-in simulator under /_simulator, are not client traffic.
+# Probes and scrapes, and the built-in simulator under /_simulator, are not client traffic: never
+# counted nor refused, but told the caller's count like every other answer.
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -141,29 +142,35 @@ class SlidingWindow:
         self.window_ms = item.get_expiry() * 1000
         self.counts = counts
         self.clock = clock
-        self.batcher: Batcher[str, Verdict] = Batcher("rate_limit", self._count, limit=1024)
+        self.batcher: Batcher[tuple[str, bool], Verdict] = Batcher("rate_limit", self._count, limit=1024)
 
     async def hit(self, ip: str) -> Verdict:
-        return await self.batcher.submit(ip)
+        return await self.batcher.submit((ip, True))
+
+    async def peek(self, ip: str) -> Verdict:
+        """The IP's count as it stands, this request not counted (probes and scrapes): so that
+        their answers carry the headers too, as every answer does (SPEC §6)."""
+        return await self.batcher.submit((ip, False))
 
     def close(self) -> None:
         self.counts.close()
 
-    async def _count(self, ips: Sequence[str]) -> list[Verdict]:
+    async def _count(self, calls: Sequence[tuple[str, bool]]) -> list[Verdict]:
         now_ms = int(self.clock() * 1000)
         index, into = divmod(now_ms, self.window_ms)
-        hits = Counter(ips)
+        hits = Counter({ip: 0 for ip, _ in calls})  # a peek's IP is read, adding nothing
+        hits.update(ip for ip, counted in calls if counted)
         counts = await self.counts.add(hits, index, self.window_ms)
         weight = 1 - into / self.window_ms  # the share of the previous window still covered
         reset = math.ceil((self.window_ms - into) / 1000)
         seen: Counter[str] = Counter()
         verdicts = []
-        for ip in ips:  # each request's place in its IP's count, in arrival order
-            seen[ip] += 1
+        for ip, counted in calls:  # each request's place in its IP's count, in arrival order
+            seen[ip] += counted
             previous, current = counts[ip]
             used = math.ceil(previous * weight) + current - hits[ip] + seen[ip]
-            if used <= self.limit:
-                verdicts.append(Verdict(True, self.limit - used, reset))
+            if not counted or used <= self.limit:
+                verdicts.append(Verdict(True, max(0, self.limit - used), reset))
             else:
                 wait_ms = self._wait_ms(previous, current, into)
                 verdicts.append(Verdict(False, 0, max(1, math.ceil(wait_ms / 1000))))
@@ -203,11 +210,13 @@ class RateLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         counter = self.counter
-        if scope["type"] != "http" or counter is None or path in EXEMPT_PATHS or path.startswith("/_"):
+        if scope["type"] != "http" or counter is None:
             await self.app(scope, receive, send)
             return
+        exempt = path in EXEMPT_PATHS or path.startswith("/_")
         try:
-            verdict = await counter.hit(client_ip(scope, self.trusted))
+            ip = client_ip(scope, self.trusted)
+            verdict = await (counter.peek(ip) if exempt else counter.hit(ip))
         except Exception as exc:  # the counts' store is down: fail open, loudly
             log.error("rate limiter unavailable; request allowed", error=str(exc))
             await self.app(scope, receive, send)
