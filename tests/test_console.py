@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import re
 import secrets
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -26,7 +27,7 @@ from tests.builders import (
     start_receiver,
     start_service,
 )
-from wallet.console.routes import money
+from wallet.console.routes import money, parse_amount
 from wallet.console.sessions import COOKIE
 from wallet.database import plain_url
 from wallet.ratelimit import REDIS_TIMEOUT_SECONDS
@@ -67,6 +68,12 @@ def test_money_is_exact_with_separators() -> None:
     assert money(123456789) == "1,234,567.89"
     assert money(999999999999999) == "9,999,999,999,999.99"
     assert money(-100050) == "-1,000.50"
+
+
+def test_typed_amounts_read_thousands_separators_only_in_threes() -> None:
+    for typed in ("1,234,567.89", "1 234 567.89", "1\u202f234\u202f567.89", "1234567.89", " 1,234,567.89 "):
+        assert parse_amount(typed) == Decimal("1234567.89")
+    assert parse_amount("5") == Decimal(5)
 
 
 async def test_login_sets_a_strict_httponly_session_cookie(database_url: str, provider: Provider) -> None:
@@ -239,7 +246,10 @@ async def test_credit_asks_to_confirm_then_moves_money_once_and_is_audited(
         assert "1,244.56" in shown.text
 
 
-@pytest.mark.parametrize("amount", ["0", "-5", "1.234", "abc", "", "99999999999999"])
+# A decimal comma ('12,50') or stray separators are refused, never read as 1,250 or 123.
+@pytest.mark.parametrize(
+    "amount", ["0", "-5", "1.234", "abc", "", "99999999999999", "12,50", "1,2,3", "1.2,5", "12 50", "1,0000"]
+)
 async def test_bad_amounts_are_friendly_400s(database_url: str, provider: Provider, amount: str) -> None:
     async with start_service(database_url, provider.url) as api:
         await api.credit("C1", 10)

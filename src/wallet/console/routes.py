@@ -49,7 +49,9 @@ BY = "console"  # who the audit trail names for what the console does
 PER_PAGE = 25
 HERE = Path(__file__).parent
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
-_AMOUNT = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+# Digits, grouped in threes if grouped at all (by commas or spaces), then decimals after a point:
+# '12,50' is a decimal comma, not 1,250, so it is refused rather than read as a hundred times it.
+_AMOUNT = re.compile(r"^(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?$")
 _INT = TypeAdapter(int)
 
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -187,10 +189,11 @@ def _validated(model: Any, values: dict[str, Any]) -> Any:
 
 
 def parse_amount(raw: str) -> Decimal:
-    """An amount typed by a person: separators and spaces allowed, exact decimals."""
-    cleaned = raw.replace(",", "").replace(" ", "").replace("\u202f", "").strip()
-    if not _AMOUNT.fullmatch(cleaned):
+    """An amount typed by a person: thousands separated by commas or spaces, exact decimals."""
+    grouped = raw.strip().replace(" ", ",").replace("\u202f", ",")
+    if not _AMOUNT.fullmatch(grouped):
         raise BadRequest("amount: enter a number such as 1,250.00")
+    cleaned = grouped.replace(",", "")
     try:
         return Decimal(cleaned)
     except InvalidOperation:
