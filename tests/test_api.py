@@ -155,6 +155,9 @@ async def test_unknown_clients_are_404(database_url: str, provider: Provider) ->
         assert_error(response, 404)
         assert_error(await api.debit("ghost", 1), 404)
         assert_error(await api.order("ghost", 1), 404)
+        # The client's lists too, as its balance: an unknown client is not an empty one.
+        for path in ("/orders", "/wallet/transactions", "/events", "/wallet/statement"):
+            assert_error(await api.http.get(path, headers={"client-id": "ghost"}), 404, "CLIENT_NOT_FOUND")
         assert provider.simulator.calls == []
 
 

@@ -79,7 +79,7 @@ async def get_order(call: Call, params: OrderPath) -> Response:
     return json_response(200, ok(order_json(order, updated=True)))
 
 
-@routes.get("/orders", responses={200: {"model": OrderPage}, **error_responses(400, 401, 403, 429)})
+@routes.get("/orders", responses={200: {"model": OrderPage}, **error_responses(400, 401, 403, 404, 429)})
 async def own_orders(call: Call, params: OrderFilter) -> Response:
     async with call.svc.reads.connect() as conn:
         return await order_page(

@@ -100,6 +100,8 @@ async def order_page(
     rows = (
         await conn.execute(text(query + " ORDER BY id DESC LIMIT :limit"), {**params, "limit": limit + 1})
     ).all()
+    if not rows and not admin and client_id is not None:
+        await require_wallet(conn, client_id)
     more = len(rows) > limit
     rows = rows[:limit]
     view = admin_order_json if admin else _client_order_json
@@ -123,13 +125,20 @@ def page_response(items: list[dict[str, Any]], next_key: int | None) -> Response
 _WALLET_EXISTS = text("SELECT 1 FROM wallets WHERE client_id = :client_id")
 
 
+async def require_wallet(conn: AsyncConnection, client_id: str) -> None:
+    """An empty page of a client's own list is a 404 when the client has no wallet, as the
+    balance is (asked only then: a page with rows needs no second look)."""
+    if (await conn.execute(_WALLET_EXISTS, {"client_id": client_id})).first() is None:
+        raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+
+
 async def ledger_page(engine: Connector, client_id: str, limit: int, cursor: str | None) -> Response:
     key = decode_cursor(cursor)
     params = {"client_id": client_id, "limit": limit + 1, "key": key}
     async with engine.connect() as conn:
         rows = (await conn.execute(_LEDGER_FIRST if key is None else _LEDGER_AFTER, params)).all()
-        if not rows and (await conn.execute(_WALLET_EXISTS, params)).first() is None:
-            raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+        if not rows:
+            await require_wallet(conn, client_id)
     more = len(rows) > limit
     rows = rows[:limit]
     return page_response([entry_json(r) for r in rows], rows[-1].entry_no if more else None)

@@ -15,7 +15,7 @@ from wallet import events
 from wallet.errors import NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
 from wallet.http.deps import ClientIdField, ClientPath, Params, RequestBody, Text
-from wallet.http.pages import Page, decode_cursor, page_response
+from wallet.http.pages import Page, decode_cursor, page_response, require_wallet
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import (
     AttemptPage,
@@ -113,8 +113,9 @@ def _owner(call: Call) -> str | None:
     return call.client_id or None
 
 
-async def _events(call: Call, client_id: str | None, params: EventFilter) -> Response:
-    """A page of events, newest first: the client's list and the admin's alike."""
+async def _events(call: Call, client_id: str | None, params: EventFilter, *, own: bool = False) -> Response:
+    """A page of events, newest first: the client's list (`own`: 404 for a client with no
+    wallet, as its other lists) and the admin's alike."""
     before_key, since = decode_cursor(params.cursor), parse_time(params.after, "after")
     async with call.svc.wallets.single.connect() as conn:
         items, next_key = await events.page(
@@ -125,13 +126,15 @@ async def _events(call: Call, client_id: str | None, params: EventFilter) -> Res
             type_=params.type,
             after=since,
         )
+        if own and not items and client_id is not None:
+            await require_wallet(conn, client_id)
     return page_response(items, next_key)
 
 
 @client_routes.get("/events", responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
 async def own_events(call: Call, params: EventFilter) -> Response:
     """The caller's events, newest first."""
-    return await _events(call, call.client_id, params)
+    return await _events(call, call.client_id, params, own=True)
 
 
 @admin_routes.get("/admin/events", responses={200: {"model": EventPage}, **_ENDPOINT_ERRORS})
