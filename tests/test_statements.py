@@ -3,15 +3,18 @@ that agree with the entries, CSV a spreadsheet opens as text, and clear 400s for
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
-from tests.builders import Api, Provider, start_service
+from tests.builders import Api, Provider, rows_held, start_service
 from wallet import statements
 from wallet.database import plain_url
 
@@ -86,6 +89,39 @@ async def test_from_is_inclusive_and_to_exclusive(database_url: str, provider: P
         empty = await get_statement(api, "C1", **{"from": end, "to": end})
         assert empty["entries"] == []
         assert empty["openingBalance"] == empty["closingBalance"] == data["closingBalance"]
+
+
+# Any session of the test's database waiting for a row lock (here only the service's credit).
+WAITING_ON_A_LOCK = """SELECT count(*) FROM pg_stat_activity
+    WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+
+
+@pytest.mark.parametrize("movement", ["credit", "debit", "order"])
+async def test_a_statement_read_while_a_movement_waits_stays_true(
+    database_url: str, direct_database_url: str, provider: Provider, movement: str
+) -> None:
+    """A movement that waited for its wallet's lock (another session held the row) is dated when
+    it got the lock: a statement read while it waited says the same when asked again later, and
+    the movement falls in the period after it. (An order is paid by group commit's statement.)"""
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 10)
+        move: Callable[[str, int], Coroutine[Any, Any, httpx.Response]] = getattr(api, movement)
+        watcher = await asyncpg.connect(plain_url(direct_database_url))
+        try:
+            async with rows_held(direct_database_url, "wallets", "client_id = 'C1'"):
+                moving = asyncio.create_task(move("C1", 5))
+                async with asyncio.timeout(30):
+                    while not await watcher.fetchval(WAITING_ON_A_LOCK):
+                        pass
+                during = await get_statement(api, "C1")
+            assert (await moving).status_code in (200, 201)
+        finally:
+            await watcher.close()
+        assert during["closingBalance"] == 10
+        assert await get_statement(api, "C1", to=during["to"]) == during
+        after = await get_statement(api, "C1", **{"from": during["to"]})
+        assert [e["amount"] for e in after["entries"]] == [5]
+        assert after["openingBalance"] == 10
 
 
 async def test_balance_at_a_moment(database_url: str, provider: Provider) -> None:

@@ -7,9 +7,11 @@ is computed in the database from the previous head without a second round trip, 
 functions `ledger_entry_content` and `ledger_chain_hash` (migration 0008) that every statement
 here calls: one definition for single movements and batches.
 
-An entry's time is `greatest(statement_timestamp(), wallets.updated_at)`, the previous entry's
-time re-read after the row lock is granted: a movement that waited for the lock can never be
-stamped earlier than the one it waited for, and `updated_at` never goes back.
+An entry's time is taken once its wallet's row lock is granted (`_stamped`: the clock read after
+the lock, never before it), and never before the previous entry's (`wallets.updated_at`, re-read
+under the lock): `updated_at` never goes back, and an entry is not dated back across a wait for
+the lock. Dated when its statement began, a movement that waited seconds for a lock committed
+seconds after its date, so a statement or a balance at a moment read in between changed later.
 
 Each statement also writes the events its change means (`events`: wallet.credited,
 wallet.debited, order.created, order.failed, order.resolved, balance.low) through one more CTE,
@@ -52,8 +54,19 @@ class EntryType(StrEnum):
     ORDER_REFUND = "ORDER_REFUND"
 
 
-# The time a movement writes: never before the wallet's previous movement (see module doc).
-_MOVE_TIME = "greatest(statement_timestamp(), wallets.updated_at)"
+# The time a movement writes: once its lock is held, never before the wallet's previous movement.
+_MOVE_TIME = "greatest(stamp.at, wallets.updated_at)"
+
+
+def _stamped(wallet_rows: str) -> str:
+    """The CTEs `locked` (the wallet rows of `wallet_rows`, a FROM clause over `wallets`,
+    locked) and `stamp` (the clock once they are: a CTE that locks is never inlined, so it runs
+    to the end before `stamp` reads it). A movement's UPDATE joins `stamp`; no wallet, no row."""
+    return f"""locked AS (
+    SELECT wallets.client_id FROM {wallet_rows} FOR NO KEY UPDATE OF wallets
+), stamp AS (
+    SELECT clock_timestamp() AS at FROM locked
+)"""
 
 
 def _content_sql(type_: str, amount: str, delta: str, ref: str, desc: str) -> str:
@@ -101,8 +114,9 @@ _INSERT_ENTRY = """
 # on the snapshot this statement starts with still holds for whatever commits while it waits for
 # the wallet row, however PostgreSQL re-reads that row. Keep that lock if _ENSURE_CLIENT changes.
 _CREDIT = text(f"""
-WITH moved AS (
+WITH {_stamped("wallets WHERE wallets.client_id = :client_id")}, moved AS (
     UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
+    FROM stamp
     WHERE client_id = :client_id
       AND wallets.balance + :delta + {HELD_SQL.format(client="wallets.client_id")} <= {MAX_CENTS}
     RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
@@ -120,8 +134,9 @@ RETURNING balance_before, balance_after, created_at
 """)
 
 _DEBIT = text(f"""
-WITH moved AS (
+WITH {_stamped("wallets WHERE wallets.client_id = :client_id")}, moved AS (
     UPDATE wallets SET {_move_sql(_P_TYPE, _P_AMOUNT, _P_DELTA, _P_REF, _P_DESC)}
+    FROM stamp
     WHERE client_id = :client_id AND wallets.balance >= :amount
     RETURNING client_id, entry_count, balance - :delta AS before, balance AS after,
               head_hash, updated_at, CAST(:amount AS bigint) AS amount
@@ -139,10 +154,11 @@ RETURNING balance_before, balance_after, created_at
 """)
 
 _PLACE_ORDER = text(f"""
-WITH moved AS (
+WITH {_stamped("wallets WHERE wallets.client_id = :client_id")}, moved AS (
     UPDATE wallets SET {
     _move_sql("'ORDER_DEDUCTION'", _P_AMOUNT, "-" + _P_AMOUNT, "CAST(:order_id AS text)", _P_DESC)
 }
+    FROM stamp
     WHERE client_id = :client_id AND wallets.balance >= :amount
     RETURNING client_id, entry_count, balance + :amount AS before, balance AS after,
               head_hash, updated_at
@@ -205,7 +221,7 @@ WITH {settling("orders WHERE orders.order_id = :order_id")}, failed AS (
     FROM target
     WHERE {SETTLE_TARGET}
     RETURNING {ORDER_COLUMNS}
-), moved AS (
+), {_stamped("wallets JOIN failed ON wallets.client_id = failed.client_id")}, moved AS (
     UPDATE wallets
     SET {
     _move_sql(
@@ -216,7 +232,7 @@ WITH {settling("orders WHERE orders.order_id = :order_id")}, failed AS (
         "'Refund for failed order ' || failed.order_id",
     )
 }
-    FROM failed
+    FROM failed, stamp
     WHERE wallets.client_id = failed.client_id
     RETURNING wallets.client_id, wallets.entry_count, wallets.balance - failed.amount AS before,
               wallets.balance AS after, wallets.head_hash, wallets.updated_at,
