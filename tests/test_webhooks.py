@@ -288,6 +288,30 @@ async def test_replay_one_event_or_every_failed_one(
         assert both.status_code == 400
 
 
+async def test_an_event_replays_only_to_an_endpoint_that_subscribes_to_its_type(
+    database_url: str, provider: Provider
+) -> None:
+    """A replay is a delivery again, not a new subscription: an endpoint that never takes
+    wallet.debited is not sent one by replaying it (404, as an event the endpoint never had)."""
+    async with start_receiver() as receiver, service(database_url, provider) as api:
+        await api.credit("C1", 10)
+        await api.debit("C1", 1)
+        endpoint = await register(api, receiver.url, eventTypes=["wallet.credited"])
+        events = (await api.http.get("/events", headers={"client-id": "C1"})).json()["data"]
+        by_type = {e["type"]: e["id"] for e in events}
+        path = f"/webhook-endpoints/{endpoint['id']}/replay"
+        refused = await api.http.post(
+            path, json={"eventId": by_type["wallet.debited"]}, headers={"client-id": "C1"}
+        )
+        assert (refused.status_code, refused.json()["code"]) == (404, "EVENT_NOT_FOUND")
+        taken = await api.http.post(
+            path, json={"eventId": by_type["wallet.credited"]}, headers={"client-id": "C1"}
+        )
+        assert taken.json()["data"] == {"replayed": 1}
+        await receiver.arrived(1)
+        assert receiver.types() == ["wallet.credited"]
+
+
 async def _enabled(api: Api, path: str, expected: bool) -> bool:
     got = await api.http.get(path, headers={"client-id": "C1"})
     return bool(got.json()["data"]["enabled"] is expected)

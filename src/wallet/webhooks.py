@@ -134,6 +134,7 @@ INSERT INTO webhook_deliveries (client_id, endpoint_id, event_no)
 SELECT e.client_id, w.endpoint_id, e.id
 FROM webhook_endpoints w JOIN events e ON e.event_id = :event_id
     AND (w.client_id IS NULL OR w.client_id = e.client_id)
+    AND (w.event_types IS NULL OR e.type = ANY (w.event_types))
 WHERE {_owned("w.")}
 RETURNING id
 """)
