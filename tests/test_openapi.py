@@ -220,3 +220,5 @@ def test_document_lists_every_route_and_the_docs_page_serves(database_url: str) 
     assert "HTTPValidationError" not in str(doc)
     assert docs.status_code == 200
     assert "/openapi.json" in docs.text
+    # What the page loads from the CDN is one release, checked by the browser.
+    assert docs.text.count('integrity="sha384-') == docs.text.count("cdn.jsdelivr.net") == 2

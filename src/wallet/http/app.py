@@ -48,12 +48,18 @@ ENDPOINTS: list[Endpoint] = (
     + operations.routes.endpoints
 )
 
-_DOCS_PAGE = """<!doctype html>
+# Swagger UI from a CDN, pinned to one release and checked by the browser (Subresource Integrity:
+# the hashes of that release's files as published on npm), so the CDN cannot change what runs on
+# a page served by the service. A new release means new hashes (`npm pack swagger-ui-dist@X`).
+_SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0"
+_DOCS_PAGE = f"""<!doctype html>
 <html><head><title>Wallet service API</title><meta charset="utf-8">
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="stylesheet" href="{_SWAGGER_UI}/swagger-ui.css" crossorigin="anonymous"
+ integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I"></head>
 <body><div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"})</script>
+<script src="{_SWAGGER_UI}/swagger-ui-bundle.js" crossorigin="anonymous"
+ integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}})</script>
 </body></html>"""
 
 
