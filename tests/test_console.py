@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.builders import (
     ADMIN_KEY,
@@ -189,8 +190,10 @@ async def test_login_attempts_are_limited_per_ip(
         for _ in range(3):
             wrong = await api.http.post("/console/login", data={"key": "wrong-key"}, headers=me)
             assert wrong.status_code == 403
+        refusals = REGISTRY.get_sample_value("wallet_rate_limited_total") or 0.0
         limited = await api.http.post("/console/login", data={"key": ADMIN_KEY}, headers=me)
         assert limited.status_code == 429
+        assert REGISTRY.get_sample_value("wallet_rate_limited_total") == refusals + 1  # on /metrics
         other = {"X-Forwarded-For": f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.1"}
         assert (
             await api.http.post("/console/login", data={"key": ADMIN_KEY}, headers=other)

@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from wallet import idempotency, statements
+from wallet import idempotency, observability, statements
 from wallet.auth import valid_client_id
 from wallet.console import queries
 from wallet.console.sessions import COOKIE, Session, Sessions
@@ -219,6 +219,7 @@ async def login_form(request: Request) -> Response:
 async def login(request: Request) -> Response:
     settings = _svc(request).settings
     if not await _sessions(request).login_allowed(client_ip(request.scope, settings.trusted_proxies)):
+        observability.RATE_LIMITED.inc()  # a rate-limit refusal like the API's (SPEC §6, /metrics)
         return page(
             request, "login.html", status=429, error="Too many attempts: wait a minute and try again."
         )
