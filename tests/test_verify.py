@@ -231,10 +231,23 @@ WEAKENINGS: dict[str, tuple[list[str], list[str]]] = {
             " AS $$ BEGIN IF TG_OP = 'TRUNCATE' THEN RETURN NULL; END IF; RETURN OLD; END $$"
         ],
         [
-            "ledger_no_update_delete runs another function",
-            "ledger_no_truncate runs another function",
+            "ledger_no_update_delete: the body of ledger_is_append_only was changed",
+            "ledger_no_truncate: the body of ledger_is_append_only was changed",
             "let this session UPDATE",
             "let this session DELETE",
+        ],
+    ),
+    "trigger runs another function": (
+        [
+            "CREATE FUNCTION ledger_let_through() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RETURN OLD; END $$",
+            "DROP TRIGGER ledger_no_update_delete ON ledger_entries",
+            "CREATE TRIGGER ledger_no_update_delete BEFORE UPDATE OR DELETE ON ledger_entries"
+            " FOR EACH ROW EXECUTE FUNCTION ledger_let_through()",
+        ],
+        [
+            "ledger_no_update_delete runs another function than ledger_is_append_only",
+            "let this session UPDATE",
         ],
     ),
     "same name, DELETE missing": (

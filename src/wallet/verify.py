@@ -420,12 +420,10 @@ async def _protection_faults(engine: AsyncEngine) -> list[str]:
         origin_only |= trigger.tgenabled == "O"
         if trigger.tgtype != tgtype or trigger.has_when or trigger.has_columns:
             reasons.append(f"append-only trigger {name} no longer fires before every event it guards")
-        if (
-            trigger.proname != _GUARD_FUNCTION
-            or trigger.lanname != "plpgsql"
-            or trigger.prosrc.split() != _GUARD_BODY.split()
-        ):
+        if trigger.proname != _GUARD_FUNCTION:
             reasons.append(f"append-only trigger {name} runs another function than {_GUARD_FUNCTION}")
+        elif trigger.lanname != "plpgsql" or trigger.prosrc.split() != _GUARD_BODY.split():
+            reasons.append(f"append-only trigger {name}: the body of {_GUARD_FUNCTION} was changed")
     if origin_only:
         for row in replica_defaults:
             reasons.append(
