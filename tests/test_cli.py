@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -82,7 +83,6 @@ async def test_serve_uses_database_url(database_url: str, provider: Provider) ->
         assert (await http.get("/ready")).status_code == 200
         assert not any("embedded PostgreSQL" in line for line in server.lines)
         assert not any("more database connections" in line for line in server.lines)
-        assert not any("counts are per process" in line for line in server.lines)  # one worker
 
 
 async def test_serve_warns_when_its_pools_could_exhaust_the_database(
@@ -105,21 +105,34 @@ async def test_serve_warns_when_its_pools_could_exhaust_the_database(
     assert (warning["level"], warning["wanted"], warning["allowed"]) == ("warning", 200 * workers, allowed)
 
 
-async def test_serve_says_when_each_worker_counts_rate_limits_alone(
-    database_url: str, provider: Provider
-) -> None:
-    """Without REDIS_URL each process counts for itself: with two workers a client may make twice
-    RATE_LIMIT, and the operator is told so at start."""
+async def test_workers_without_redis_share_one_rate_limit(database_url: str, provider: Provider) -> None:
+    """SPEC §1: counts that must be shared live in PostgreSQL or Redis. With two workers and no
+    Redis, a client opening a new connection per request (spread over both workers) still gets
+    exactly RATE_LIMIT answers before its 429s, and as many login attempts as the console allows."""
     env = {
         "DATABASE_URL": database_url,
         "FULFILLMENT_API_URL": provider.url,
         "WORKERS": "2",
-        "RATE_LIMIT": "100/minute",
-        "LOG_FORMAT": "json",
+        "RATE_LIMIT": "5/minute",
+        "CONSOLE_LOGIN_RATE": "3/minute",
+        "TRUSTED_PROXIES": "127.0.0.1/32",
     }
+
+    async def fresh_connection(method: str, path: str, ip: str, **extra: Any) -> int:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            response = await http.request(method, path, headers={"X-Forwarded-For": ip}, **extra)
+        return response.status_code
+
     async with spawn_service(env, unset=("REDIS_URL",)) as server:
-        lines = [json.loads(line) for line in server.lines if "counts are per process" in line]
-    assert [(w["level"], w["workers"], w["rate_limit"]) for w in lines] == [("warning", 2, "100/minute")]
+        # Without a client-id each read is a 400, counted like any other answer.
+        reads = [await fresh_connection("GET", "/wallet/balance", "192.0.2.1") for _ in range(12)]
+        # The console's login limit, counted alike (5 attempts: within the API's limit too).
+        logins = [
+            await fresh_connection("POST", "/console/login", "192.0.2.2", data={"key": "no"})
+            for _ in range(5)
+        ]
+    assert reads == [400] * 5 + [429] * 7
+    assert logins == [403] * 3 + [429] * 2
 
 
 def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:

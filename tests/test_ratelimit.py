@@ -1,6 +1,7 @@
 """Rate limits per client IP (SPEC §6): headers on every response, 429 past the limit, shared
-through Redis when REDIS_URL is set. Each test uses its own client IPs (via a trusted proxy's
-X-Forwarded-For), so runs never share a bucket in Redis."""
+through Redis when REDIS_URL is set, else through PostgreSQL when several workers serve. Each
+test uses its own client IPs (via a trusted proxy's X-Forwarded-For), so runs never share a
+bucket in Redis."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import asyncio
 import ipaddress
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import coredis
 import httpx
+import pytest
 from limits import parse
 from prometheus_client import REGISTRY
 from starlette.types import Scope
 
 from tests.builders import Provider, dead_redis_url, mute_redis, start_service
+from wallet.database import create_engine
 from wallet.ratelimit import (
     CLIENT_NAME,
     REDIS_TIMEOUT_SECONDS,
     MemoryCounts,
+    PostgresCounts,
     RedisCounts,
     SlidingWindow,
     client_ip,
@@ -34,6 +39,24 @@ def fresh_ip() -> str:
 
 def behind_proxy(ip: str) -> dict[str, str]:
     return {"X-Forwarded-For": ip}
+
+
+@pytest.fixture(params=["redis or memory", "postgres"])
+async def counts(
+    request: pytest.FixtureRequest, redis_url: str | None, database_url: str
+) -> AsyncIterator[MemoryCounts | RedisCounts | PostgresCounts]:
+    """Each store the counts may live in: Redis where there is one (else this process's memory),
+    and PostgreSQL (several workers, no Redis) on the test's own database."""
+    if request.param == "redis or memory":
+        yield RedisCounts(redis_url) if redis_url else MemoryCounts()
+        return
+    engine = create_engine(database_url, pool_size=2)
+    shared = PostgresCounts()
+    shared.attach(engine)
+    try:
+        yield shared
+    finally:
+        await engine.dispose()
 
 
 def limiter(redis_url: str | None, limit: str, **extra: Any) -> dict[str, Any]:
@@ -107,11 +130,12 @@ async def test_a_concurrent_burst_is_cut_at_exactly_the_limit(
         assert batches < 30
 
 
-async def test_the_count_carries_over_a_window_boundary(redis_url: str | None) -> None:
+async def test_the_count_carries_over_a_window_boundary(
+    counts: MemoryCounts | RedisCounts | PostgresCounts,
+) -> None:
     """Requests just before and just after a fixed window's end count down as one sequence: the
     previous window's hits still (almost) all fall inside the sliding window."""
     now = [1_800_000.0 - 0.002]  # 2 ms before a 60 s window ends
-    counts = RedisCounts(redis_url) if redis_url else MemoryCounts()
     window = SlidingWindow(parse("5/minute"), counts, clock=lambda: now[0])
     ip = fresh_ip()
     try:
@@ -125,11 +149,12 @@ async def test_the_count_carries_over_a_window_boundary(redis_url: str | None) -
     assert not allowed
 
 
-async def test_a_client_that_waits_retry_after_is_served(redis_url: str | None) -> None:
+async def test_a_client_that_waits_retry_after_is_served(
+    counts: MemoryCounts | RedisCounts | PostgresCounts,
+) -> None:
     """Retry-After is when one more request will be allowed, not the end of the window: right
     after it, the window's hits (refused ones too) still weigh almost in full."""
     now = [1_800_000.0 + 10]  # 10 s into a 60 s window
-    counts = RedisCounts(redis_url) if redis_url else MemoryCounts()
     window = SlidingWindow(parse("5/minute"), counts, clock=lambda: now[0])
     full, half = fresh_ip(), fresh_ip()
     try:

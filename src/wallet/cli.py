@@ -89,13 +89,6 @@ def serve(app: str = "wallet.http.app:app_from_env") -> None:
         settings = load_settings()
         asyncio.run(migrate_url(url, pooler=settings.db_pooler))
         _log_connections(settings, url)
-        if workers > 1 and settings.rate_limit_item is not None and not settings.redis_url:
-            structlog.get_logger("wallet.cli").warning(
-                "rate-limit counts are per process without REDIS_URL: a client may make up to"
-                " WORKERS times RATE_LIMIT",
-                workers=workers,
-                rate_limit=settings.rate_limit,
-            )
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
         # previous handler in place. Make that handler an orderly exit, so the `with` above
         # still stops the embedded PostgreSQL instead of the process dying by the signal.

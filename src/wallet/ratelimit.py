@@ -1,5 +1,6 @@
-"""Per-IP rate limiting, counted in process memory or in Redis when REDIS_URL is set so that
-every worker and host shares one count.
+"""Per-IP rate limiting, counted in Redis when REDIS_URL is set, else in PostgreSQL when several
+processes serve (an UNLOGGED table, migration 0015), so that every worker and host shares one
+count; in process memory only for a single process.
 
 The count is a sliding-window counter: the hits of the current fixed window plus the previous
 window's, weighted by how much of it the sliding window still covers, that weighted share
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 import coredis
 import structlog
 from limits import RateLimitItem
-from limits.aio.storage import MemoryStorage, Storage
-from limits.storage import storage_from_string
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wallet import observability
@@ -63,16 +64,6 @@ def _is_trusted(address: str, trusted: tuple[IpNetwork, ...]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def make_storage(redis_url: str | None) -> Storage:
-    """The `limits` store of the console's login limit (rare requests, a moving window)."""
-    if redis_url is None:
-        return MemoryStorage()
-    scheme, sep, rest = redis_url.partition("://")
-    storage = storage_from_string(f"async+{scheme}{sep}{rest}", key_prefix="wallet-rl")
-    assert isinstance(storage, Storage)
-    return storage
-
-
 @dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: bool
@@ -96,6 +87,49 @@ class MemoryCounts:
 
     def close(self) -> None:
         """Nothing to release: the counts live in this process."""
+
+
+# One statement per batch: drop windows no count reads any more, add the batch's hits to this
+# window (in IP order, so two workers' batches lock rows in one order and cannot deadlock), and
+# read the previous window beside them.
+_ADD_COUNTS = text("""
+WITH purged AS (
+    DELETE FROM rate_limit_counts WHERE window_ms = :window_ms AND window_index < :index - 1
+), added AS (
+    INSERT INTO rate_limit_counts AS c (window_ms, window_index, ip, hits)
+    SELECT :window_ms, :index, a.ip, a.n
+    FROM unnest(CAST(:ips AS text[]), CAST(:hits AS integer[])) AS a(ip, n)
+    ORDER BY a.ip
+    ON CONFLICT (window_ms, window_index, ip) DO UPDATE SET hits = c.hits + EXCLUDED.hits
+    RETURNING c.ip, c.hits
+)
+SELECT a.ip, a.hits AS current, coalesce(p.hits, 0) AS previous
+FROM added a LEFT JOIN rate_limit_counts p
+    ON p.window_ms = :window_ms AND p.window_index = :index - 1 AND p.ip = a.ip
+""")
+
+
+class PostgresCounts:
+    """Counts shared by the processes of every host through PostgreSQL (several workers and no
+    REDIS_URL): one statement per batch, on the service's own pool, given at start (`attach`)."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncEngine | None = None
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def add(self, hits: Counter[str], index: int, window_ms: int) -> dict[str, tuple[int, int]]:
+        if self.engine is None:
+            raise RuntimeError("rate-limit counts used before the database pool was attached")
+        ips = sorted(hits)
+        params = {"window_ms": window_ms, "index": index, "ips": ips, "hits": [hits[ip] for ip in ips]}
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(_ADD_COUNTS, params)).all()
+        return {row.ip: (row.previous, row.current) for row in rows}
+
+    def close(self) -> None:
+        """Nothing to release: the pool is the service's."""
 
 
 CLIENT_NAME = "wallet-rate-limit"  # how the counts' connections appear in Redis's CLIENT LIST
@@ -136,7 +170,10 @@ class SlidingWindow:
     """`hit(ip)`: this request's verdict, counted with the other requests of its pass."""
 
     def __init__(
-        self, item: RateLimitItem, counts: MemoryCounts | RedisCounts, clock: Callable[[], float] = time.time
+        self,
+        item: RateLimitItem,
+        counts: MemoryCounts | RedisCounts | PostgresCounts,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.limit = item.amount
         self.window_ms = item.get_expiry() * 1000
@@ -151,6 +188,11 @@ class SlidingWindow:
         """The IP's count as it stands, this request not counted (probes and scrapes): so that
         their answers carry the headers too, as every answer does (SPEC §6)."""
         return await self.batcher.submit((ip, False))
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """Give counts kept in PostgreSQL the service's pool, once it exists (at start)."""
+        if isinstance(self.counts, PostgresCounts):
+            self.counts.attach(engine)
 
     def close(self) -> None:
         self.counts.close()
@@ -187,10 +229,15 @@ class SlidingWindow:
         return window - into + max(0, math.ceil(window * (1 - (limit - 1) / current)))
 
 
-def make_counter(item: RateLimitItem | None, redis_url: str | None) -> SlidingWindow | None:
+def make_counter(item: RateLimitItem | None, redis_url: str | None, workers: int) -> SlidingWindow | None:
+    """Counts in Redis when there is one; else in PostgreSQL when several processes serve, so
+    they share one count (the lifespan attaches the pool); in this process's memory only when it
+    is the only one."""
     if item is None:
         return None
-    return SlidingWindow(item, RedisCounts(redis_url) if redis_url else MemoryCounts())
+    if redis_url:
+        return SlidingWindow(item, RedisCounts(redis_url))
+    return SlidingWindow(item, PostgresCounts() if workers > 1 else MemoryCounts())
 
 
 class RateLimit:

@@ -7,8 +7,9 @@ a copy of the table opens no session.
 
 A form's CSRF token is HMAC-SHA256(admin key digest, "csrf" || session secret): bound to the
 session, unknown to any other site (the cookie is HttpOnly and SameSite=Strict as well), and it
-needs no storage. Login attempts count per client IP in the rate limiter's store (Redis when
-REDIS_URL is set), so the limit holds across workers.
+needs no storage. Login attempts count per client IP with the API's rate limiter
+(`ratelimit.SlidingWindow`, keys of their own), in the same store: Redis when REDIS_URL is set,
+else PostgreSQL when several workers serve, so the limit holds across workers.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from limits import RateLimitItem
-from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wallet.auth import digest
-from wallet.ratelimit import REDIS_TIMEOUT_SECONDS
+from wallet.ratelimit import REDIS_TIMEOUT_SECONDS, SlidingWindow
 
 log = structlog.get_logger(__name__)
 
@@ -62,24 +60,22 @@ class Sessions:
         *,
         admin_key_digest: bytes,
         ttl_hours: float,
-        login_item: RateLimitItem | None,
-        storage: Storage,
+        login_limit: SlidingWindow | None,
     ) -> None:
         self.single = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.admin_key_digest = admin_key_digest
         self.ttl = timedelta(hours=ttl_hours)
-        self.login_item = login_item
-        self.limiter = MovingWindowRateLimiter(storage)
+        self.login_limit = login_limit
 
     async def login_allowed(self, ip: str) -> bool:
         """Counts this attempt; False past the limit. A store that fails or does not answer in
         time lets the attempt through, loudly, as the API's limit does: the admin key is what
         keeps the console shut, and an operator must be able to log in while Redis is down."""
-        if self.login_item is None:
+        if self.login_limit is None:
             return True
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-                return await self.limiter.hit(self.login_item, "console-login", ip)
+                return (await self.login_limit.hit(f"console-login:{ip}")).allowed
         except Exception as exc:
             log.error("login limiter unavailable; attempt allowed", error=str(exc) or type(exc).__name__)
             return True

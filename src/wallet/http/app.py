@@ -31,7 +31,7 @@ from wallet.http.middleware import BodyLimit, CatchAll
 from wallet.http.routing import Endpoint, starlette_routes
 from wallet.logs import configure_logging
 from wallet.observability import RequestContext
-from wallet.ratelimit import RateLimit, make_counter, make_storage
+from wallet.ratelimit import RateLimit, make_counter
 from wallet.settings import ClientAuth, Settings
 from wallet.simulator import Simulator
 from wallet.wire import JSONBytes, dumps
@@ -80,9 +80,10 @@ def create_app(settings: Settings) -> Starlette:
     ]
     if settings.simulator:
         routes.append(Mount("/_simulator", Simulator().asgi("/fulfillments")))
-    # The console's login limit; the API's own counts are the RateLimit's (both in Redis when set).
-    storage = make_storage(settings.redis_url)
-    counter = make_counter(settings.rate_limit_item, settings.redis_url)  # the lifespan closes it
+    # The API's limit and the console's login limit, counted alike; the lifespan gives them the
+    # pool (counts in PostgreSQL) and closes them.
+    counter = make_counter(settings.rate_limit_item, settings.redis_url, settings.worker_count)
+    login_counter = make_counter(settings.console_login_item, settings.redis_url, settings.worker_count)
     app = Starlette(
         routes=routes,
         # Outermost first: the request id and access log see every answer, the 500 included.
@@ -99,8 +100,8 @@ def create_app(settings: Settings) -> Starlette:
     # 307 to a URL built from the client's Host header.
     app.router.redirect_slashes = False
     app.state.settings = settings
-    app.state.limiter_storage = storage
     app.state.rate_counter = counter
+    app.state.login_counter = login_counter
     return app
 
 

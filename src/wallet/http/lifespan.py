@@ -69,13 +69,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     webhook_http = webhook_send.new_http_client(settings)
     deliverer = delivery.Deliverer(engine, settings, box, webhook_http)
     app.state.engine = engine
+    limits = [c for c in (app.state.rate_counter, app.state.login_counter) if c is not None]
+    for counter in limits:
+        counter.attach(engine)
     admin_key_digest = hashlib.sha256(settings.admin_key.encode()).digest()
     app.state.console_sessions = Sessions(
         engine,
         admin_key_digest=admin_key_digest,
         ttl_hours=settings.console_session_hours,
-        login_item=settings.console_login_item,
-        storage=app.state.limiter_storage,
+        login_limit=app.state.login_counter,
     )
     app.state.replica = replica
     listen_url = settings.key_cache_listen_url
@@ -119,8 +121,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await http.close()
         await webhook_http.close()
         await engine.dispose()
-        if app.state.rate_counter is not None:
-            app.state.rate_counter.close()
+        for counter in limits:
+            counter.close()
         if replica is not None:
             await replica.dispose()
         untrack_pool(settings.db_pool_size)
