@@ -61,6 +61,9 @@ CASES = [
     ('200 {"id": "ff-1", "extra": true}', Kind.FULFILLED, None),
     ("201 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a 2xx without an id
     ('201 {"id": null}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),
+    ('201 {"id": " "}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # blank: nothing to match it by
+    ('201 {"id": "a\\u0000b"}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a NUL cannot be stored
+    ('201 {"id": "\\ud800"}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a lone surrogate
     ("200 <html>ok</html>", Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a 2xx whose body is not JSON
     ('400 {"error": "bad"}', Kind.REFUSED, Failure.PROVIDER_ERROR),
     ("404 {}", Kind.REFUSED, Failure.PROVIDER_ERROR),

@@ -64,6 +64,12 @@ class Answer:
     reached: bool = True  # False only when the request provably never left
 
 
+def _usable(provider_id: str) -> bool:
+    """An id an operator can read back and match: not blank, no control characters (a NUL cannot
+    even be stored) and no lone surrogates."""
+    return bool(provider_id.strip()) and provider_id.isprintable()
+
+
 def classify(status: int, body: bytes) -> Answer:
     """The provider answered `status` with `body`."""
     if 200 <= status < 300:
@@ -71,10 +77,14 @@ def classify(status: int, body: bytes) -> Answer:
             provider_id = orjson.loads(body)["id"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return Answer(Kind.UNKNOWN, f"provider answered {status} without an id", status=status)
-        if provider_id is None or isinstance(provider_id, bool | dict | list) or str(provider_id) == "":
-            return Answer(Kind.UNKNOWN, f"provider answered {status} with an unusable id", status=status)
         if isinstance(provider_id, float):  # orjson reads an integer past 64 bits as a float too:
             provider_id = json.loads(body, parse_float=str, parse_int=str)["id"]  # the id as written
+        if (
+            not isinstance(provider_id, str | int)
+            or isinstance(provider_id, bool)
+            or not _usable(str(provider_id))
+        ):
+            return Answer(Kind.UNKNOWN, f"provider answered {status} with an unusable id", status=status)
         fulfillment_id = str(provider_id)[:256]
         return Answer(Kind.FULFILLED, f"provider answered {status}", fulfillment_id, status=status)
     if 400 <= status < 500 and status not in NOT_A_REFUSAL:
