@@ -1,5 +1,5 @@
-"""WORKERS=N: N processes on one port. With REDIS_URL they share one rate limit, and /metrics in
-any of them reports all of them."""
+"""WORKERS=N: N processes on one port. They share one rate limit (through Redis with REDIS_URL,
+else through PostgreSQL), and /metrics in any of them reports all of them."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ async def send_requests(server: ServerProcess, client_ip: str) -> list[tuple[str
     return sent
 
 
-async def test_workers_share_the_rate_limit_through_redis(database_url: str, redis_url: str | None) -> None:
+async def test_workers_share_the_rate_limit(database_url: str, redis_url: str | None) -> None:
     # Its own bucket: the Redis may be shared with other runs of this test.
     client_ip = str(ipaddress.IPv6Address(uuid.uuid4().int))
     env = {
@@ -91,17 +91,11 @@ async def test_workers_share_the_rate_limit_through_redis(database_url: str, red
     statuses = [response.status_code for _, response in sent]
     refused = statuses.count(429)
 
-    if redis_url:
-        # One count for both workers: exactly the limit gets through, in order.
-        assert statuses == [200] * LIMIT + [429] * (REQUESTS - LIMIT)
-        remaining = [int(response.headers["ratelimit-remaining"]) for _, response in sent[:LIMIT]]
-        assert remaining == list(range(LIMIT - 1, -1, -1))
-    else:
-        # Without Redis each process counts alone: a worker refuses only past its own limit.
-        for responses in per_worker.values():
-            codes = [response.status_code for response in responses]
-            allowed = min(len(codes), LIMIT)
-            assert codes == [200] * allowed + [429] * (len(codes) - allowed)
+    # One count for both workers (in Redis, or without it in PostgreSQL): exactly the limit gets
+    # through, in order.
+    assert statuses == [200] * LIMIT + [429] * (REQUESTS - LIMIT)
+    remaining = [int(response.headers["ratelimit-remaining"]) for _, response in sent[:LIMIT]]
+    assert remaining == list(range(LIMIT - 1, -1, -1))
     assert all(
         int(response.headers["retry-after"]) >= 1 for _, response in sent if response.status_code == 429
     )
