@@ -162,6 +162,22 @@ async def test_actions_need_the_sessions_csrf_token(database_url: str, provider:
         assert await api.balance("C1") == 5
 
 
+async def test_a_body_that_is_not_a_form_is_refused_not_a_500(database_url: str, provider: Provider) -> None:
+    broken = {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=xx"}}
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 10)
+        for path in ("/console/logout", "/console/clients/C1/credit"):
+            assert (await api.http.post(path, **broken)).status_code == 403, path  # type: ignore[arg-type]
+        login_page = await api.http.post("/console/login", **broken)  # type: ignore[arg-type]
+        assert login_page.status_code == 400
+        assert "could not be read" in login_page.text
+        browser = await login(api)
+        response = await browser.post("/console/clients/C1/credit", **broken)  # type: ignore[arg-type]
+        assert response.status_code == 400
+        assert "text/html" in response.headers["content-type"]
+        assert await api.balance("C1") == 10
+
+
 async def test_expired_and_logged_out_sessions_are_refused(database_url: str, provider: Provider) -> None:
     async with start_service(database_url, provider.url) as api:
         browser = await login(api)

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import structlog
 from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -163,12 +164,22 @@ async def viewer(request: Request) -> Session:
     return session
 
 
+async def read_form(request: Request) -> dict[str, str]:
+    """The posted form's text fields. A body that is not a form (broken multipart, too many
+    fields) is the sender's mistake: 400, never a 500."""
+    try:
+        form = await request.form()
+    except HTTPException:  # Starlette's own verdict on the body
+        raise BadRequest("That form could not be read: reload the page and try again.") from None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
 async def actor(request: Request) -> tuple[Session, dict[str, str]]:
     """For actions: a session and the form's CSRF token, else 403. Returns the form."""
     session = await _session(request)
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-    if session is None:
+    if session is None:  # before the body is read: without a session, what it holds is moot
         raise Denied(error_page(request, 403, "Your session has ended: log in again."))
+    form = await read_form(request)
     if not _sessions(request).csrf_ok(session, form.get("csrf")):
         raise Denied(error_page(request, 403, "This form has expired: reload the page and try again."))
     return session, form
@@ -223,9 +234,9 @@ async def login(request: Request) -> Response:
         return page(
             request, "login.html", status=429, error="Too many attempts: wait a minute and try again."
         )
-    form = await request.form()
+    form = await read_form(request)
     key = form.get("key")
-    if not isinstance(key, str) or not _sessions(request).key_matches(key):
+    if key is None or not _sessions(request).key_matches(key):
         return page(request, "login.html", status=403, error="That key is not the admin key.")
     session = await _sessions(request).open()
     response = RedirectResponse("/console", status_code=303)
