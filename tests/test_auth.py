@@ -67,6 +67,7 @@ async def test_issued_key_lets_its_client_in_and_nothing_else_does(
         missing = await balance_as(api, "ACME", None)
         assert missing.status_code == 401
         assert missing.json()["code"] == "UNAUTHORIZED"
+        assert missing.headers["WWW-Authenticate"] == "Bearer"
         other_scheme = await api.http.get(
             "/wallet/balance", headers={"client-id": "ACME", "Authorization": f"Basic {key['apiKey']}"}
         )
@@ -199,7 +200,9 @@ async def test_key_administration_errors(database_url: str, provider: Provider) 
         malformed = await api.http.post("/admin/clients/bad%20id/api-keys", headers=api.admin_headers)
         assert malformed.status_code == 400
         assert malformed.json()["success"] is False
-        assert (await api.http.post("/admin/clients/NOBODY/api-keys")).status_code == 401
+        no_admin_key = await api.http.post("/admin/clients/NOBODY/api-keys")
+        assert no_admin_key.status_code == 401
+        assert no_admin_key.headers["WWW-Authenticate"] == "Bearer"
         wrong_admin = await api.http.post(
             "/admin/clients/NOBODY/api-keys", headers={"Authorization": "Bearer not-the-admin-key"}
         )

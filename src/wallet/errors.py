@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+CHALLENGE = "Bearer"  # both the admin's key and a client's are bearer tokens
+
 
 class WalletError(Exception):
     status: ClassVar[int] = 500
@@ -50,8 +52,13 @@ class BalanceCapExceeded(WalletError):
 
 
 class Unauthorized(WalletError):
+    """Says which scheme to answer with (RFC 9110 §11.6.1: a 401 always does)."""
+
     status = 401
     code = "UNAUTHORIZED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": CHALLENGE})
 
 
 class Forbidden(WalletError):

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from wallet.auth import CLIENT_ID
+from wallet.errors import CHALLENGE
 from wallet.http.deps import Params
 from wallet.http.routing import Auth, Endpoint
 from wallet.http.schemas import ErrorEnvelope, error_responses
@@ -37,6 +38,7 @@ _RATE_HEADERS = {
         ("RateLimit-Reset", "Seconds until the window frees a request"),
     )
 }
+_CHALLENGE = {"description": "The scheme to authenticate with", "schema": {"const": CHALLENGE}}
 _RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
 
 
@@ -55,6 +57,8 @@ def _fix_responses(operation: dict[str, Any], extra: dict[int | str, dict[str, A
             headers.update(_RATE_HEADERS)
             if status == "429":
                 headers["Retry-After"] = {**_RETRY_AFTER, "required": True}
+        if status == "401":
+            headers["WWW-Authenticate"] = {**_CHALLENGE, "required": True}
 
 
 TITLE = "Wallet service"
