@@ -77,6 +77,9 @@ async def test_limit_headers_then_429(database_url: str, provider: Provider, red
         assert remaining == [4, 3, 2, 1, 0]
         refused = await api.http.get("/wallet/balance", headers=headers)
         assert refused.status_code == 429
+        # Any path counts, one under the simulator's prefix too when no simulator is mounted.
+        assert (await api.http.get("/_simulator/fulfillments", headers=headers)).status_code == 429
+        assert (await api.http.get("/_x", headers=headers)).status_code == 429
         assert refused.json() == {
             "success": False,
             "error": "Too many requests, please try again later",

@@ -39,7 +39,7 @@ from wallet.settings import IpNetwork
 from wallet.wire import dumps
 
 log = structlog.get_logger(__name__)
-# Probes and scrapes, and the built-in simulator under /_simulator, are not client traffic: never
+# Probes and scrapes (and the built-in simulator, when mounted) are not client traffic: never
 # counted nor refused, but told the caller's count like every other answer.
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
@@ -249,10 +249,14 @@ class RateLimit:
         *,
         counter: SlidingWindow | None,
         trusted_proxies: tuple[IpNetwork, ...],
+        uncounted_prefix: str | None = None,
     ) -> None:
         self.app = app
         self.counter = counter
         self.trusted = trusted_proxies
+        # The development simulator's mount: the service calling its own provider must not use up
+        # the loopback client's quota. Only when it is mounted: elsewhere the path is a 404 like any.
+        self.uncounted_prefix = uncounted_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -260,7 +264,9 @@ class RateLimit:
         if scope["type"] != "http" or counter is None:
             await self.app(scope, receive, send)
             return
-        exempt = path in EXEMPT_PATHS or path.startswith("/_")
+        exempt = path in EXEMPT_PATHS or (
+            self.uncounted_prefix is not None and path.startswith(self.uncounted_prefix)
+        )
         try:
             ip = client_ip(scope, self.trusted)
             verdict = await (counter.peek(ip) if exempt else counter.hit(ip))

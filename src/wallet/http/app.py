@@ -63,6 +63,9 @@ _DOCS_PAGE = f"""<!doctype html>
 </body></html>"""
 
 
+SIMULATOR_MOUNT = "/_simulator"
+
+
 def create_app(settings: Settings) -> Starlette:
     configure_logging(settings.log_level, settings.log_renderer)
 
@@ -79,7 +82,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/docs", docs, include_in_schema=False),
     ]
     if settings.simulator:
-        routes.append(Mount("/_simulator", Simulator().asgi("/fulfillments")))
+        routes.append(Mount(SIMULATOR_MOUNT, Simulator().asgi("/fulfillments")))
     # The API's limit and the console's login limit, counted alike; the lifespan gives them the
     # pool (counts in PostgreSQL) and closes them.
     counter = make_counter(settings.rate_limit_item, settings.redis_url, settings.worker_count)
@@ -90,7 +93,12 @@ def create_app(settings: Settings) -> Starlette:
         middleware=[
             Middleware(RequestContext),
             Middleware(CatchAll, production=settings.production),
-            Middleware(RateLimit, counter=counter, trusted_proxies=settings.trusted_proxies),
+            Middleware(
+                RateLimit,
+                counter=counter,
+                trusted_proxies=settings.trusted_proxies,
+                uncounted_prefix=f"{SIMULATOR_MOUNT}/" if settings.simulator else None,
+            ),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         exception_handlers=errors.handlers(settings.production),
