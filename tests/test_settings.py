@@ -25,6 +25,10 @@ def settings(**values: Any) -> Settings:
     [
         ({"fulfillment_api_url": PROVIDER}, "ADMIN_API_KEY"),
         ({"admin_api_key": "short", "fulfillment_api_url": PROVIDER}, "ADMIN_API_KEY"),
+        # Keys no Authorization header can carry as written: they would never match.
+        ({"admin_api_key": "ключ-админа-" + STRONG, "fulfillment_api_url": PROVIDER}, "ADMIN_API_KEY"),
+        ({"admin_api_key": f" {STRONG}", "fulfillment_api_url": PROVIDER}, "ADMIN_API_KEY"),
+        ({"admin_api_key": f"{STRONG[:16]} {STRONG[16:]}", "fulfillment_api_url": PROVIDER}, "ADMIN_API_KEY"),
         ({"admin_api_key": STRONG}, "FULFILLMENT_API_URL"),
         ({"admin_api_key": STRONG, "fulfillment_api_url": PROVIDER, "simulator": True}, "SIMULATOR"),
         ({"admin_api_key": STRONG, "fulfillment_api_url": PROVIDER}, "LEDGER_KEY"),

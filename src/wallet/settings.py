@@ -22,6 +22,7 @@ from wallet.database import Pooler
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ZERO_PERIOD = re.compile(r"(/|per)\s*0+\s*[a-z]", re.IGNORECASE)  # '5/0 minute'
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # a header value with no space: what a bearer token can be
 
 
 class AppEnv(StrEnum):
@@ -180,6 +181,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Settings:
+        if self.admin_api_key is not None and not _TOKEN.fullmatch(self.admin_api_key):
+            # Sent as `Authorization: Bearer <key>`: a space or a non-ASCII letter never arrives as written
+            raise ValueError("ADMIN_API_KEY: must be printable ASCII without spaces")
         if self.app_env is AppEnv.PRODUCTION:
             if not self.admin_api_key or len(self.admin_api_key) < 32:
                 raise ValueError("ADMIN_API_KEY: production requires a key of at least 32 characters")
