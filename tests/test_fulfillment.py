@@ -162,8 +162,9 @@ async def test_the_resolver_looks_the_order_up_first_when_it_can(lookup: str, ki
 
 async def test_nothing_found_while_an_earlier_call_may_still_arrive_proves_nothing() -> None:
     """The provider has no record yet, but the request's last POST may still be on its way (in
-    a queue, a buffer): refunding now could refund an order carried out a moment later. The
-    resolver posts again with the same key instead, which is safe either way."""
+    a queue, a buffer): refunding now could refund an order carried out a moment later. Posting
+    again would only restart that wait, so nothing is sent: the order is asked about again once
+    the answer would prove "never received"."""
     async with (
         raw_provider('201 {"id": "ff-3"}') as (url, poster),
         raw_provider("404 {}") as (status_url, looker),
@@ -173,8 +174,9 @@ async def test_nothing_found_while_an_earlier_call_may_still_arrive_proves_nothi
         outcome = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=soon)
         long_ago = datetime.now(UTC) - timedelta(seconds=60)
         settled = await client.ask_again(ORDER_ID, "C1", 1050, quiet_since=long_ago)
-    assert outcome.kind is Kind.FULFILLED
-    assert outcome.fulfillment_id == "ff-3"
-    assert len(poster.requests) == 1
+    assert outcome.kind is Kind.UNKNOWN
+    assert outcome.sent_by == soon  # the earlier calls' deadline stands: this one sent nothing
+    assert poster.requests == []
     assert settled.kind is Kind.REFUSED  # nothing found long after the last call: never received
+    assert settled.failure is Failure.UNREACHABLE
     assert len(looker.requests) == 2

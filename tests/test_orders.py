@@ -413,6 +413,7 @@ async def test_settling_reads_only_its_orders_whatever_the_pending_backlog(
             "detail": "test",
             "delay": 1.0,
             "resolver_attempt": 0,
+            "sent_by": None,
             "review_after": 3600.0,
             "announce": False,
             **ledger_key().sql_params(),

@@ -135,6 +135,36 @@ async def test_resolving_as_failed_refunds_once_and_a_second_resolution_is_409(
         assert replayed_order.json()["data"]["status"] == "FAILED"
 
 
+async def test_a_provider_that_never_received_the_order_has_it_refunded_without_another_post(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
+    """Every POST answers 500 (proves nothing) and the status lookup says it has no record. The
+    resolver retries faster than the request's calls could settle: it believes the lookup once no
+    earlier call can still arrive, and never posts again meanwhile (which would restart that wait)."""
+    provider.set(error_status=500, lookup_status=404)
+    async with start_service(
+        database_url,
+        provider.url,
+        fulfillment_timeout_seconds=0.3,
+        fulfillment_max_attempts=2,
+        fulfillment_retry_max_seconds=0.05,
+        fulfillment_status_url=provider.url,
+    ) as api:
+        await api.credit("C1", 100)
+        order_id = assert_accepted(await api.order("C1", 30), 30)
+        await api.settled(commits, "C1", order_id)
+        order = await admin_order(api, order_id)
+        assert (order["status"], order["failure"]) == ("FAILED", "UNREACHABLE")
+        await assert_held(api, "C1", 100, 0)
+        assert [t for t, *_ in await ledger_types(database_url, "C1")] == [
+            "CREDIT",
+            "ORDER_DEDUCTION",
+            "ORDER_REFUND",
+        ]
+        assert len(provider.simulator.calls) == 2  # the request's two attempts, no more
+        assert provider.simulator.lookups.count(order_id) >= 1
+
+
 async def test_resolve_requests_are_validated(database_url: str, provider: Provider) -> None:
     async with stuck_orders(database_url, provider, recovery_interval_seconds=3600) as (api, [order_id]):
         for body in (

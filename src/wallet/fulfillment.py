@@ -111,6 +111,9 @@ class Outcome:
     detail: str
     fulfillment_id: str | None = None
     failure: Failure | None = None  # for REFUSED, and for UNKNOWN if it must be refunded anyway
+    # Set when nothing was sent, so the earlier calls' deadline stands: the provider's "no record"
+    # came too early to prove anything, and proves "never received" one timeout after this.
+    sent_by: datetime | None = None
 
 
 def _combine(answers: list[Answer]) -> Outcome:
@@ -177,15 +180,18 @@ class Provider:
 
         "Never received" is proof only once no earlier call can still arrive: `quiet_since` is
         when the last call this service may have made could have reached the provider at the
-        latest, and a lookup before that (plus one timeout) that finds nothing falls back to
-        the POST, which the key makes safe whether or not the earlier one lands."""
+        latest, and a lookup before that (plus one timeout) that finds nothing sends nothing
+        and stays unknown, to be asked again once it would prove it (`Outcome.sent_by`)."""
         if self._status_url is not None:
             answer = await self.lookup(order_id, request_id)
-            settled_in = timedelta(seconds=self._timeout)
-            quiet = quiet_since is None or datetime.now(UTC) >= quiet_since + settled_in
-            if answer.kind is Kind.FULFILLED or (answer.kind is Kind.REFUSED and quiet):
-                failure = Failure.UNREACHABLE if answer.kind is Kind.REFUSED else None
-                return Outcome(answer.kind, 1, answer.detail, answer.fulfillment_id, failure)
+            if answer.kind is Kind.FULFILLED:
+                return Outcome(answer.kind, 1, answer.detail, answer.fulfillment_id)
+            if answer.kind is Kind.REFUSED:
+                if quiet_since is None or datetime.now(UTC) >= quiet_since + timedelta(seconds=self._timeout):
+                    return Outcome(Kind.REFUSED, 1, answer.detail, failure=Failure.UNREACHABLE)
+                # Too early to believe, and a POST now would only restart the wait: ask again later.
+                detail = "the provider has no record of the order yet; an earlier call may still arrive"
+                return Outcome(Kind.UNKNOWN, 0, detail, failure=Failure.UNREACHABLE, sent_by=quiet_since)
         answer = await self.post(order_id, client_id, amount, request_id)
         if answer.kind is Kind.REFUSED and not answer.reached:
             answer = Answer(Kind.UNKNOWN, answer.detail)

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 import structlog
@@ -165,6 +165,9 @@ _COMPLETE_MANY = Statement.of(
     )
 )
 # Outcome unknown: the next attempt is due after `delay`; past the review window it is flagged.
+# Every call of this attempt has ended, so the last could reach the provider by now at the latest
+# (`sent_by`, shortening the lease the request or the claim reserved), or, if it sent nothing, by
+# when the calls before it could.
 # Events: order.pending when the request answers 202 (`announce`), order.needs_review once; each
 # stamped now, when it is written (a reschedule leaves the order's updated_at as it was), so a
 # client polling `GET /events?after=` sees it.
@@ -172,6 +175,7 @@ _RESCHEDULE = text(f"""
 WITH {settling("orders WHERE orders.order_id = :order_id")}, kept AS (
 UPDATE orders
 SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay),
+    sent_by = least(orders.sent_by, coalesce(CAST(:sent_by AS timestamptz), clock_timestamp())),
     attempts = attempts + :attempts, resolver_attempts = resolver_attempts + :resolver_attempt,
     last_error = :detail,
     flagged_at = CASE
@@ -482,10 +486,14 @@ class Orders:
         tries = order.resolver_attempts + (1 if resolver else 0)
         base = self.settings.fulfillment_backoff_seconds * 2 ** min(tries, 30)
         delay = min(base * random.uniform(0.5, 1.5), self.settings.fulfillment_retry_max_seconds)
+        if outcome.sent_by is not None:  # not before the provider's "no record" would prove it
+            proof_at = outcome.sent_by + timedelta(seconds=self.settings.fulfillment_timeout_seconds)
+            delay = max(delay, (proof_at - datetime.now(UTC)).total_seconds())
         params = {
             "order_id": order.order_id,
             "delay": delay,
-            "attempts": outcome.attempts if not resolver else 1,
+            "sent_by": outcome.sent_by,
+            "attempts": min(outcome.attempts, 1) if resolver else outcome.attempts,
             "resolver_attempt": 1 if resolver else 0,
             "detail": outcome.detail,
             "review_after": self.settings.fulfillment_resolve_hours * 3600,
