@@ -325,6 +325,23 @@ async def test_refund_on_unknown_fails_and_refunds_a_timeout_with_503(
         await assert_held(api, "C1", 100, 0)
 
 
+async def test_refund_on_unknown_never_refunds_an_order_the_provider_accepted(
+    database_url: str, provider: Provider
+) -> None:
+    """A 2xx whose id is unusable still says the provider took the order: held, not refunded."""
+    provider.set(success_body=b"{}")
+    async with start_service(
+        database_url,
+        provider.url,
+        fulfillment_max_attempts=2,
+        fulfillment_on_unknown="refund",
+        recovery_interval_seconds=3600,
+    ) as api:
+        await api.credit("C1", 100)
+        assert_accepted(await api.order("C1", 30), 30)
+        await assert_held(api, "C1", 70, 30)
+
+
 # --- replays tell the current state --------------------------------------------------------
 
 

@@ -110,7 +110,7 @@ class Outcome:
     attempts: int
     detail: str
     fulfillment_id: str | None = None
-    failure: Failure | None = None  # for REFUSED, and for UNKNOWN if it must be refunded anyway
+    failure: Failure | None = None  # for REFUSED; for UNKNOWN, what a refund would say (None: never)
     # Set when nothing was sent, so the earlier calls' deadline stands: the provider's "no record"
     # came too early to prove anything, and proves "never received" one timeout after this.
     sent_by: datetime | None = None
@@ -125,7 +125,10 @@ def _combine(answers: list[Answer]) -> Outcome:
     if all(not a.reached for a in answers):
         return Outcome(Kind.REFUSED, len(answers), last.detail, failure=Failure.UNREACHABLE)
     # Some call may have reached the provider. If the money has to go back regardless
-    # (FULFILLMENT_ON_UNKNOWN=refund), say 502 if it ever answered, 503 if it never did.
+    # (FULFILLMENT_ON_UNKNOWN=refund), say 502 if it ever answered, 503 if it never did; but a
+    # provider that answered 2xx accepted the order (only its id was unusable): never refunded.
+    if any(a.status is not None and 200 <= a.status < 300 for a in answers):
+        return Outcome(Kind.UNKNOWN, len(answers), last.detail)
     answered = any(a.status is not None for a in answers)
     failure = Failure.PROVIDER_ERROR if answered else Failure.UNREACHABLE
     return Outcome(Kind.UNKNOWN, len(answers), last.detail, failure=failure)

@@ -411,7 +411,7 @@ class Orders:
             if outcome.kind is Kind.FULFILLED:
                 assert outcome.fulfillment_id is not None
                 return await self._complete(order, outcome.fulfillment_id, outcome.attempts)
-            refund = self.settings.fulfillment_on_unknown is OnUnknown.REFUND
+            refund = self.settings.fulfillment_on_unknown is OnUnknown.REFUND and outcome.failure is not None
             if outcome.kind is Kind.REFUSED or refund:
                 return await self._refund(order, outcome)
             return await self._reschedule(order, outcome, resolver=path == "resolver")
