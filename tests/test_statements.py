@@ -31,6 +31,13 @@ async def entry_times(database_url: str, client_id: str) -> list[datetime]:
     return [row["created_at"] for row in rows]
 
 
+async def shown_time(api: Api, client_id: str, n: int) -> str:
+    """The createdAt the API shows for the client's n-th entry (from 0, oldest first)."""
+    response = await api.http.get("/wallet/transactions", headers={"client-id": client_id})
+    created: str = list(reversed(response.json()["data"]))[n]["createdAt"]
+    return created
+
+
 def at(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
@@ -138,15 +145,18 @@ async def test_balance_at_a_moment(database_url: str, provider: Provider) -> Non
             return response.json()["data"]["balance"]
 
         assert await balance_at("2000-01-01T00:00:00Z") == 0
-        assert await balance_at(at(times[0])) == 0  # an entry written at `at` is not yet in it
-        # `at` is read to the millisecond the API shows: an entry shown at it is not yet in it.
-        assert await balance_at(at(times[0] + timedelta(microseconds=1))) == 0
-        assert await balance_at(at(times[0] + timedelta(milliseconds=1))) == 10
-        assert await balance_at(at(times[1])) == 10
+        # An entry dated at `at` is in it, read to the millisecond the API shows: an entry's
+        # createdAt gives the balance after it, the millisecond before gives the one before.
+        shown = [await shown_time(api, "C1", n) for n in (0, 1)]
+        assert await balance_at(shown[0]) == 10
+        assert await balance_at(at(times[0])) == 10
+        assert await balance_at(at(times[0] - timedelta(milliseconds=1))) == 0
+        assert await balance_at(shown[1]) == 30.05
         assert await balance_at("2999-01-01T00:00:00+02:00") == 30.05
-        # Without `at`, the usual answer.
+        # Without `at`, the usual answer; `at` its lastUpdated gives that balance again.
         now = await api.wallet("C1")
         assert now["balance"] == 30.05
+        assert await balance_at(now["lastUpdated"]) == 30.05
         assert "held" in now
         missing = await api.http.get(
             "/wallet/balance", params={"at": at(times[0])}, headers={"client-id": "X"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -93,15 +93,23 @@ async def statement(
     return Statement(client_id, start, upper, opening or 0, closing or 0, totals, list(rows))
 
 
+_SHOWN_PRECISION = timedelta(milliseconds=1)  # `at` covers its whole millisecond (wire.parse_time)
+
+
 async def balance_at(reads: Connector, primary: Connector, client_id: str, at: datetime) -> int:
-    """A past moment is history, read where history is read (`reads`: the replica when there is
+    """The balance after every entry dated at or before `at` as the API shows times (to the
+    millisecond): `at` a balance's `lastUpdated`, or an entry's `createdAt`, gives the balance
+    shown then. (A statement's `to` is exclusive instead, so periods never share an entry.)
+
+    A past moment is history, read where history is read (`reads`: the replica when there is
     one). A moment not yet past asks for the balance now, which must show the client's own last
     write (a balance right after an order): the primary."""
     async with (reads if at < datetime.now(UTC) else primary).connect() as conn:
         known = (await conn.execute(_NOW, {"client_id": client_id})).one().known
         if not known:
             raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
-        value = (await conn.execute(BALANCE_BEFORE_SQL, {"client_id": client_id, "at": at})).scalar()
+        params = {"client_id": client_id, "at": at + _SHOWN_PRECISION}
+        value = (await conn.execute(BALANCE_BEFORE_SQL, params)).scalar()
     return int(value or 0)
 
 

@@ -18,8 +18,8 @@ class BalanceWhen(Params):
     at: TimeText | None = Field(
         None,
         max_length=64,
-        description="ISO 8601 time with a zone: the balance after every entry written before it "
-        "(0 before the first; a future time gives the balance now)",
+        description="ISO 8601 time with a zone: the balance after every entry dated at or before it, "
+        "to the millisecond shown (0 before the first; a future time gives the balance now)",
     )
 
 
