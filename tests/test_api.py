@@ -239,6 +239,8 @@ BODIES_REFUSED = {
     "description with NUL": b'{"client_id": "C1", "amount": 1, "description": "a\\u0000b"}',
     "name with NUL": b'{"client_id": "C1", "amount": 1, "name": "a\\u0000b"}',
     "email with NUL": b'{"client_id": "C1", "amount": 1, "email": "a\\u0000@b.test"}',
+    "email that is no address": b'{"client_id": "C1", "amount": 1, "email": "not-an-email"}',
+    "email with a space": b'{"client_id": "C1", "amount": 1, "email": "ops @acme.test"}',
     "client_id with NUL": b'{"client_id": "C1\\u0000", "amount": 1}',
     "name as a number": b'{"client_id": "C1", "amount": 1, "name": 12}',
     "deeply nested": b'{"client_id": "C1", "amount": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",

@@ -22,7 +22,9 @@ class CreditRequest(RequestBody):
     client_id: ClientIdField
     amount: Amount
     name: Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")] | None = None
-    email: Annotated[str, Field(max_length=320, pattern=r"^[^\x00]*$")] | None = None
+    # An address at least shaped like one (one @, something on both sides, no spaces): a typo
+    # caught here is a client an operator can still write to.
+    email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")] | None = None
     description: Text | None = None
 
 
