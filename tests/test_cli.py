@@ -174,6 +174,27 @@ def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.mark.parametrize("command", ["serve", "migrate", "verify"])
+def test_a_database_it_cannot_use_is_one_line_naming_the_variable(
+    postgres_url: str, tmp_path: Path, command: str
+) -> None:
+    missing = f"wallet_cli_missing_{uuid.uuid4().hex[:12]}"
+    url = make_url(plain_url(postgres_url)).set(database=missing).render_as_string(hide_password=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "wallet.cli", command],
+        env={**os.environ, "DATABASE_URL": url, "PORT": "0", "DATA_DIR": str(tmp_path / "data")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f'wallet: cannot use the database (DATABASE_URL): database "{missing}" does not exist'
+    assert "Traceback" not in result.stderr
+
+
 @contextlib.asynccontextmanager
 async def standalone_simulator(*flags: str) -> AsyncIterator[str]:
     """`wallet simulator --port 0 FLAGS` as its own process; yields the URL it announces."""

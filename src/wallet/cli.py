@@ -16,12 +16,14 @@ from types import FrameType
 
 import structlog
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from wallet.database import (
     Pooler,
     connection_limit,
     create_engine,
     embedded_postgres,
+    is_unavailable,
     lock_timeout_setting,
     migrate_url,
 )
@@ -45,13 +47,23 @@ def load_settings() -> Settings:
 
 @contextlib.contextmanager
 def database(settings: Settings) -> Iterator[str]:
-    """The configured DATABASE_URL, or an embedded server for as long as the block runs."""
-    if settings.database_url:
-        yield settings.database_url
-        return
-    with embedded_postgres(settings.data_dir) as url:
-        print(f"wallet: embedded PostgreSQL under {settings.data_dir}", file=sys.stderr)
-        yield url
+    """The configured DATABASE_URL, or an embedded server for as long as the block runs. A
+    database the block cannot reach or enter (refused, unknown, wrong password) stops the command
+    with one line naming the variable, as a bad setting does, and exit 1."""
+    try:
+        if settings.database_url:
+            yield settings.database_url
+            return
+        with embedded_postgres(settings.data_dir) as url:
+            print(f"wallet: embedded PostgreSQL under {settings.data_dir}", file=sys.stderr)
+            yield url
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"wallet: cannot use the database (DATABASE_URL): {reason}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def serve(app: str = "wallet.http.app:app_from_env") -> None:
