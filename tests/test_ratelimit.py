@@ -300,3 +300,10 @@ def test_client_ip_is_the_nearest_untrusted_hop() -> None:
     assert client_ip(scope("127.0.0.1", None), trusted) == "127.0.0.1"
     assert client_ip(scope("127.0.0.1", "not-an-ip, 10.0.0.1"), trusted) == "not-an-ip"
     assert client_ip(scope("127.0.0.1", "203.0.113.7"), ()) == "127.0.0.1"
+    # Hops written with a port (some proxies do) are the same client, and a trusted proxy so written
+    # is still trusted.
+    assert client_ip(scope("127.0.0.1", "203.0.113.7:5678"), trusted) == "203.0.113.7"
+    assert client_ip(scope("127.0.0.1", "[2001:db8::1]:443"), trusted) == "2001:db8::1"
+    assert client_ip(scope("127.0.0.1", "[2001:db8::1]"), trusted) == "2001:db8::1"
+    assert client_ip(scope("127.0.0.1", "2001:db8::1"), trusted) == "2001:db8::1"
+    assert client_ip(scope("127.0.0.1", "203.0.113.7, 10.0.0.1:80"), trusted) == "203.0.113.7"

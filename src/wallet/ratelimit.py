@@ -49,11 +49,25 @@ def client_ip(scope: Scope, trusted: tuple[IpNetwork, ...]) -> str:
     if not trusted or not _is_trusted(peer, trusted):
         return peer
     forwarded = [value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"]
-    hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
+    hops = [_address(hop.strip()) for value in forwarded for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted):
-            return str(hop)
+            return hop
     return peer
+
+
+def _address(hop: str) -> str:
+    """A hop as its bare address: some proxies write `1.2.3.4:5678` or `[::1]:5678`, and one
+    client must not count under a new key per source port (nor a trusted proxy pass for a client)."""
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        pass
+    host = hop[1 : hop.find("]")] if hop.startswith("[") and "]" in hop else hop.rsplit(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return hop
 
 
 def _is_trusted(address: str, trusted: tuple[IpNetwork, ...]) -> bool:
