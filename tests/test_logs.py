@@ -83,6 +83,7 @@ async def test_two_busy_workers_write_one_whole_stamped_access_line_per_request(
     parsed = [json.loads(line) for line in lines]  # every line is whole JSON
     access = [entry for entry in parsed if entry["event"] == "request"]
     assert Counter(entry["request_id"] for entry in access) == Counter(sent)
+    assert {entry["client"] for entry in access} == {"127.0.0.1"}  # who asked
     assert len({entry["pid"] for entry in access}) == 2  # both workers wrote
     stamps = [datetime.fromisoformat(entry["timestamp"]) for entry in access]
     assert all(stamp.utcoffset() == timedelta(0) for stamp in stamps)

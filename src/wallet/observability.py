@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -148,9 +149,10 @@ def _route_of(scope: Scope) -> str:
 class RequestContext:
     """Request id in and out (`X-Request-ID`), one access log line, request metrics."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, client_address: Callable[[Scope], str] | None = None) -> None:
         self.app = app
         self.log = structlog.get_logger("wallet.access")
+        self.client_address = client_address  # the caller, by the rate limit's rule (trusted proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,5 +192,6 @@ class RequestContext:
                 path=scope["path"],
                 status=status,
                 duration_ms=round(elapsed * 1000, 2),
+                client=self.client_address(scope) if self.client_address else None,
             )
             REQUEST_ID.reset(token)

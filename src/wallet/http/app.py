@@ -31,7 +31,7 @@ from wallet.http.middleware import BodyLimit, CatchAll
 from wallet.http.routing import Endpoint, starlette_routes
 from wallet.logs import configure_logging
 from wallet.observability import RequestContext
-from wallet.ratelimit import RateLimit, make_counter
+from wallet.ratelimit import RateLimit, client_ip, make_counter
 from wallet.settings import ClientAuth, Settings
 from wallet.simulator import Simulator
 from wallet.wire import JSONBytes, dumps
@@ -91,7 +91,9 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         # Outermost first: the request id and access log see every answer, the 500 included.
         middleware=[
-            Middleware(RequestContext),
+            Middleware(
+                RequestContext, client_address=lambda scope: client_ip(scope, settings.trusted_proxies)
+            ),
             Middleware(CatchAll, production=settings.production),
             Middleware(
                 RateLimit,
