@@ -210,7 +210,7 @@ def json_lines(lines: list[str]) -> list[dict[str, Any]]:
 async def test_production_logs_are_json_lines_with_the_request_id(
     database_url: str, provider: Provider
 ) -> None:
-    env = production_env(database_url, provider, workers=1)
+    env = {**production_env(database_url, provider, workers=1), "RATE_LIMIT": "1000/minute"}
     async with spawn_service(env) as server:
         await server.wait_for("Uvicorn running on")
 
@@ -245,6 +245,7 @@ async def test_production_logs_are_json_lines_with_the_request_id(
                 "code": "INTERNAL_ERROR",
             }
             assert broken.headers["x-request-id"] == failing
+            assert broken.headers["ratelimit-limit"] == "1000"  # a 500 is a response like any other
             await server.wait_for('"event":"request"', count=3)
 
     errors = [entry for entry in json_lines(server.lines) if entry.get("request_id") == failing]

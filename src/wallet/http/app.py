@@ -89,18 +89,19 @@ def create_app(settings: Settings) -> Starlette:
     login_counter = make_counter(settings.console_login_item, settings.redis_url, settings.worker_count)
     app = Starlette(
         routes=routes,
-        # Outermost first: the request id and access log see every answer, the 500 included.
+        # Outermost first: the request id and access log see every answer, and the rate limit's
+        # headers go on every answer, the 500 included.
         middleware=[
             Middleware(
                 RequestContext, client_address=lambda scope: client_ip(scope, settings.trusted_proxies)
             ),
-            Middleware(CatchAll, production=settings.production),
             Middleware(
                 RateLimit,
                 counter=counter,
                 trusted_proxies=settings.trusted_proxies,
                 uncounted_prefix=f"{SIMULATOR_MOUNT}/" if settings.simulator else None,
             ),
+            Middleware(CatchAll, production=settings.production),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         exception_handlers=errors.handlers(settings.production),
