@@ -104,10 +104,11 @@ def fuzz_config(live: Live) -> SchemathesisConfig:
             # A schema-valid request may still be refused by a business rule (400, 422): allowed
             # here, and `refused_only_by_business_rules` checks that it was one.
             "checks": {
-                # Off until understood: twice in CI an endpoint made by POST /webhook-endpoints
-                # answered 404 to the next linked call. The suspicion (not proven) is a deletion
-                # through /admin/webhook-endpoints/{endpoint_id} in between, which the check does
-                # not know deletes the same resource. Reproducing it is the next session's first job.
+                # Off: the check takes a 404 for a lost resource unless a DELETE of the same path
+                # came before, and an endpoint a client made may be removed by the operator at
+                # /admin/webhook-endpoints/{endpoint_id}. Reproduced (2026-11-28): POST
+                # /webhook-endpoints 201, DELETE /admin/webhook-endpoints/{id} 200, then DELETE
+                # /webhook-endpoints/{id} 404, flagged (schemathesis' resource_was_deleted).
                 "ensure_resource_availability": {"enabled": False},
                 "positive_data_acceptance": {
                     "expected-statuses": [
