@@ -610,8 +610,30 @@ async def test_legacy_ledger_keeps_verifying_after_the_upgrade(
         await admin.close()
 
 
+async def test_an_unkeyed_wallet_forged_under_ids_no_legacy_entry_had_is_named(
+    database_url: str, provider: Provider, tmp_path: Path
+) -> None:
+    """Ids are the forger's to choose (OVERRIDING SYSTEM VALUE): a wallet of unkeyed entries with
+    ids at or below 0 passes the keying CHECK of a database that never had legacy entries, and
+    its plain SHA-256 chain needs no key. Only ids a real legacy entry could have are legacy."""
+    async with start_service(database_url, provider.url) as api:
+        await make_ledger(api, provider)
+        await _write_legacy_ledger(database_url, first_id=-1)
+        faults = (await http_verdict(api))["faults"]
+    assert [(f["clientId"], f["entryNo"]) for f in faults] == [("L", 1)]
+    assert "unkeyed hash on an entry written since the ledger was keyed" in faults[0]["reason"]
+    result = run_verify(database_url, tmp_path)
+    assert result.returncode == 1
+    assert "L entry 1 " in result.stdout
+
+
 async def _write_legacy_ledger(
-    url: str, *, conn: asyncpg.Connection | None = None, description: str = "opening", replace: bool = False
+    url: str,
+    *,
+    conn: asyncpg.Connection | None = None,
+    description: str = "opening",
+    replace: bool = False,
+    first_id: int | None = None,
 ) -> None:
     """Client L with a credit of 10.00 and a debit of 3.00, hashed as before 0003:
     sha256(previous hash || content), written by direct inserts as the old statements did. The old
@@ -657,6 +679,14 @@ async def _write_legacy_ledger(
                 previous,
                 rows[-1][6],
             )
+            if first_id is not None:  # ids of the writer's choosing
+                await db.executemany(
+                    """INSERT INTO ledger_entries (id, client_id, entry_no, type, amount, balance_before,
+                           balance_after, description, created_at, hash) OVERRIDING SYSTEM VALUE
+                       VALUES ($9::bigint + $1::int - 1, 'L', $1, $2, $3, $4, $5, $6, $7, $8)""",
+                    [(*row, first_id) for row in rows],
+                )
+                return
             await db.executemany(
                 """INSERT INTO ledger_entries (client_id, entry_no, type, amount, balance_before,
                        balance_after, description, created_at, hash)

@@ -278,7 +278,10 @@ def _check_entry(
     if chain.previous_time is not None and row.created_at < chain.previous_time:
         return f"time {row.created_at.isoformat()} is before the previous entry's"
     if row.key_id is None:
-        if chain.keyed or row.id > legacy_until or (keyed_after is not None and row.entry_no > keyed_after):
+        # Legacy only under an id a pre-0003 entry had: identity ids start at 1, and a forger who
+        # picks the id (OVERRIDING SYSTEM VALUE) must not pass for one with 0 or below.
+        legacy = 1 <= row.id <= legacy_until
+        if chain.keyed or not legacy or (keyed_after is not None and row.entry_no > keyed_after):
             return "unkeyed hash on an entry written since the ledger was keyed"
         secret = None
     else:
