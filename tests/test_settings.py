@@ -86,6 +86,13 @@ def test_production_defaults() -> None:
         {"database_url": "postgresql://primary/db", "database_listen_url": "redis://primary"},
         {"database_url": None, "database_listen_url": "postgresql://primary/db"},
         {"api_key_cache_size": -1},
+        {"database_url": "postgresql://"},  # no database: libpq would take the OS user's
+        {"database_url": "postgresql://postgres@127.0.0.1:5432/"},
+        {"database_url": "postgresql://primary/db", "database_read_url": "postgresql://replica"},
+        {"redis_url": "notaurl"},  # redis-py would read it as localhost, database 0
+        {"idempotency_ttl_hours": "inf"},  # every keyed request failed on the interval
+        {"fulfillment_timeout_seconds": "nan"},
+        {"db_lock_timeout_seconds": 0.0001},  # 0 ms to PostgreSQL: no deadline at all
     ],
 )
 def test_invalid_values_are_refused(values: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse, parse_many
 from pydantic import Field, field_validator, model_validator
@@ -41,7 +42,8 @@ class ClientAuth(StrEnum):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # inf and nan are never a setting: IDEMPOTENCY_TTL_HOURS=inf started, then every keyed request failed
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True, allow_inf_nan=False)
 
     app_env: AppEnv = AppEnv.DEVELOPMENT
     database_url: str | None = None
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
     # before PostgreSQL gives up on it: the request is answered 503 and nothing it was to do
     # happened. Without it, one wallet row held by a stuck session would stall every batch of
     # orders that includes it, and with them every order of that worker.
-    db_lock_timeout_seconds: float = Field(5.0, gt=0, le=600)
+    db_lock_timeout_seconds: float = Field(5.0, ge=0.001, le=600)  # PostgreSQL counts milliseconds; 0 is none
     recovery_interval_seconds: float = Field(5.0, gt=0, le=3600)
     idempotency_ttl_hours: float = Field(24.0, ge=24)
 
@@ -163,6 +165,16 @@ class Settings(BaseSettings):
             ("postgresql://", "postgres://", "postgresql+asyncpg://")
         ):
             raise ValueError("must be a postgresql:// URL")
+        if value is not None and not urlsplit(value).path.strip("/"):
+            # libpq would pick the OS user's database: the service would migrate whatever that is
+            raise ValueError("must name its database: postgresql://user@host:5432/dbname")
+        return value or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_only(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value or None
 
     @field_validator("rate_limit", "console_login_rate")
