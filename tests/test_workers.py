@@ -7,13 +7,15 @@ import asyncio
 import collections
 import ipaddress
 import json
+import os
+import sys
 import uuid
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.builders import ADMIN_KEY, ServerProcess, spawn_service
+from tests.builders import ADMIN_KEY, LEDGER_KEY, Provider, ServerProcess, production_env, spawn_service
 
 LIMIT = 30
 REQUESTS = 40
@@ -152,3 +154,27 @@ async def test_connections_are_spread_over_the_workers(database_url: str) -> Non
         # of 40,000 rounds.
         assert len(per_worker) == 2, per_worker
         assert min(per_worker.values()) >= connections // 4, per_worker
+
+
+async def test_a_second_service_on_a_port_in_use_refuses_to_start(
+    database_url: str, provider: Provider
+) -> None:
+    """The workers bind with SO_REUSEPORT, which a second `wallet serve` of the same user could
+    share, silently taking half of the first one's connections: it must stop instead."""
+    env = production_env(database_url, provider, workers=2)
+    async with spawn_service(env) as server:
+        port = server.url.rsplit(":", 1)[1]
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "wallet.cli",
+            "serve",
+            env={**os.environ, "LEDGER_KEY": LEDGER_KEY, **env, "PORT": port, "HOST": "127.0.0.1"},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 3
+        assert f"wallet: cannot listen on HOST:PORT 127.0.0.1:{port}" in stderr.decode()
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get("/health")).status_code == 200

@@ -75,6 +75,11 @@ def serve(app: str = "wallet.http.app:app_from_env") -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_renderer)
+    try:
+        several.check_free(settings.host, settings.port)
+    except OSError as exc:
+        print(f"wallet: cannot listen on HOST:PORT {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        raise SystemExit(STARTUP_FAILURE) from None
     with database(settings) as url, contextlib.ExitStack() as cleanup:
         env = {"DATABASE_URL": url}
         if not settings.admin_api_key:

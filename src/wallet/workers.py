@@ -7,8 +7,8 @@ connections, six runs: 21/11, 4/28, 32/0, 2/30, 23/9, 22/10, and throughput halv
 
 Here every worker binds its own socket to the address with SO_REUSEPORT, and the kernel spreads
 new connections over those sockets by a hash of each connection's addresses and ports. The
-parent binds the address the same way, so that a port in use fails once at start, but never
-listens on it: the kernel hands connections to listening sockets only. What the parent gives
+parent binds the address the same way (after `check_free`), so that a port in use fails once at
+start, but never listens on it: the kernel hands connections to listening sockets only. What the parent gives
 uvicorn's supervisor is a `WorkerSocket`, which multiprocessing pickles into each spawned worker,
 a restarted one included, as "bind a socket of your own to this address".
 
@@ -47,6 +47,17 @@ def bind(family: int, address: tuple[Any, ...]) -> WorkerSocket:
         sock.close()
         raise
     return sock
+
+
+def check_free(host: str, port: int) -> None:
+    """Raises OSError unless HOST:PORT can be listened on by this service alone. The workers bind
+    with SO_REUSEPORT, which another process of the same user may share: a second `wallet serve`
+    started on a port in use would silently take half of its connections. A bind without the
+    option fails if any socket holds the address, so it is tried first, then given back."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
 
 
 def run(config: uvicorn.Config) -> None:
