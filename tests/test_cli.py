@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.builders import Provider, spawn_service
-from wallet.database import connection_limit, plain_url
+from wallet.database import connection_limit, migrate_url, plain_url
 
 
 async def test_serve_with_embedded_postgres_answers_the_original_examples(
@@ -193,6 +193,38 @@ def test_a_database_it_cannot_use_is_one_line_naming_the_variable(
     last = result.stderr.strip().splitlines()[-1]
     assert last == f'wallet: cannot use the database (DATABASE_URL): database "{missing}" does not exist'
     assert "Traceback" not in result.stderr
+
+
+def test_a_database_migrated_by_a_newer_release_is_one_line(postgres_url: str, tmp_path: Path) -> None:
+    name = f"wallet_cli_{uuid.uuid4().hex[:12]}"
+    url = make_url(plain_url(postgres_url)).set(database=name).render_as_string(hide_password=False)
+
+    async def run(statement: str, on: str) -> None:
+        conn = await asyncpg.connect(on)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"', plain_url(postgres_url)))
+    try:
+        asyncio.run(migrate_url(url))
+        asyncio.run(run("UPDATE alembic_version SET version_num = '9999'", url))
+        result = subprocess.run(
+            [sys.executable, "-m", "wallet.cli", "migrate"],
+            env={**os.environ, "DATABASE_URL": url},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            "wallet: cannot migrate the database (DATABASE_URL): Can't locate revision identified by '9999'"
+        )
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', plain_url(postgres_url)))
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 import structlog
+from alembic.util.exc import CommandError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
@@ -57,6 +58,9 @@ def database(settings: Settings) -> Iterator[str]:
         with embedded_postgres(settings.data_dir) as url:
             print(f"wallet: embedded PostgreSQL under {settings.data_dir}", file=sys.stderr)
             yield url
+    except CommandError as exc:  # Alembic: e.g. a database migrated by a newer release
+        print(f"wallet: cannot migrate the database (DATABASE_URL): {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as exc:
         if not is_unavailable(exc):
             raise
