@@ -149,7 +149,8 @@ def create_engine(
     **kwargs: Any,
 ) -> AsyncEngine:
     """A fixed-size pool: overflow connections would be opened and closed under every burst.
-    Requests wait up to `pool_timeout` for a connection, then get 503. `lock_timeout` (seconds):
+    Requests wait up to `pool_timeout` for a connection, and as long for a new one to be made,
+    then get 503. `lock_timeout` (seconds):
     how long a statement waits for a lock before the server gives up on it (`GaveUp`), set on
     each connection; behind a transaction pooler it cannot be (PgBouncer refuses such startup
     parameters), and the database role's own setting applies (README, Poolers and replicas).
@@ -164,7 +165,9 @@ def create_engine(
     server_settings = {"application_name": APPLICATION_NAME}
     if lock_timeout is not None and pooler is Pooler.NONE:
         server_settings["lock_timeout"] = f"{round(lock_timeout * 1000)}ms"
-    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    # A connection that cannot be made within the pool's own wait is unavailability, not a wait of
+    # asyncpg's default 60 s (a paused PgBouncer accepts the socket and then holds the handshake).
+    connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": pool_timeout}
     if pooler is Pooler.TRANSACTION:
         connect_args |= {
             "statement_cache_size": 0,
