@@ -128,6 +128,22 @@ async def test_statements_and_past_balances_from_the_replica_now_from_the_primar
             assert await statement(api, *own) == (["CREDIT"], 100)
             assert await statement(api, *admin) == (["CREDIT"], 100)
             assert await balance_at(api, "STMT", after_the_order) == 100
+            # A client created since the replica stopped replaying exists all the same: its reads
+            # that the replica cannot answer come from the primary, never a 404.
+            assert (await api.credit("NEWCOMER", 5)).status_code == 200
+            newcomer = {"client-id": "NEWCOMER"}
+            for path, headers in (
+                ("/wallet/transactions", newcomer),
+                ("/orders", newcomer),
+                ("/wallet/statement", newcomer),
+                ("/admin/clients/NEWCOMER", api.admin_headers),
+                ("/admin/clients/NEWCOMER/ledger", api.admin_headers),
+                ("/admin/clients/NEWCOMER/statement", api.admin_headers),
+            ):
+                answer = await api.http.get(path, headers=headers)
+                assert answer.status_code == 200, (path, answer.text)
+            assert await balance_at(api, "NEWCOMER", datetime.now(UTC)) == 5
+            assert (await api.http.get("/admin/clients/NOBODY", headers=api.admin_headers)).status_code == 404
             # The balance now (no `at`, or an `at` not yet past) must show the order: the primary.
             assert await api.balance("STMT") == 70
             assert await balance_at(api, "STMT", datetime.now(UTC) + timedelta(days=1)) == 70

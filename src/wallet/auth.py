@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wallet.batching import Batcher
 from wallet.database import Statement, direct
-from wallet.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from wallet.errors import BadRequest, ClientNotFound, Forbidden, NotFound, Unauthorized
 from wallet.events import INSERT_EVENT, time_sql
 from wallet.keycache import KeyCache
 from wallet.settings import ClientAuth
@@ -132,7 +132,7 @@ class ClientAuthenticator:
         async with self.engine.begin() as conn:
             created = (await conn.execute(_CREATE_KEY, params)).scalar()
         if created is None:
-            raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
+            raise ClientNotFound(f"Client {client_id} not found")
         return IssuedKey(key_id, api_key, created)
 
     async def revoke(self, client_id: str, key_id: str) -> datetime:

@@ -71,6 +71,10 @@ class NotFound(WalletError):
     code = "NOT_FOUND"
 
 
+class ClientNotFound(NotFound):
+    code = "CLIENT_NOT_FOUND"
+
+
 class Conflict(WalletError):
     status = 409
     code = "IDEMPOTENCY_IN_PROGRESS"

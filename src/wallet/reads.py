@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 
 from wallet.database import Direct, Statement
-from wallet.errors import NotFound
+from wallet.errors import ClientNotFound, NotFound
 
 # Money out of the wallet for orders whose outcome is not known yet (orders_pending_client).
 HELD_SQL = (
@@ -102,7 +102,7 @@ _BALANCES = Statement.of(
 
 
 def no_wallet(client_id: str) -> NotFound:
-    return NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+    return ClientNotFound(f"Wallet not found for client {client_id}")
 
 
 async def balances(conn: Direct, client_ids: Sequence[str]) -> list[Balance | NotFound]:

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import text
 
 from wallet.database import Connector
-from wallet.errors import BadRequest, NotFound
+from wallet.errors import BadRequest, ClientNotFound
 from wallet.money import from_cents
 from wallet.wire import iso
 
@@ -74,7 +74,7 @@ async def statement(
     async with snapshots.connect() as conn:
         now = (await conn.execute(_NOW, {"client_id": client_id})).one()
         if not now.known:
-            raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+            raise ClientNotFound(f"Wallet not found for client {client_id}")
         upper = end if end is not None else now.now
         lower = start if start is not None else _BEGINNING
         params = {"client_id": client_id, "start": lower, "end": upper}
@@ -107,7 +107,7 @@ async def balance_at(reads: Connector, primary: Connector, client_id: str, at: d
     async with (reads if at < datetime.now(UTC) else primary).connect() as conn:
         known = (await conn.execute(_NOW, {"client_id": client_id})).one().known
         if not known:
-            raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+            raise ClientNotFound(f"Wallet not found for client {client_id}")
         params = {"client_id": client_id, "at": at + _SHOWN_PRECISION}
         value = (await conn.execute(BALANCE_BEFORE_SQL, params)).scalar()
     return int(value or 0)

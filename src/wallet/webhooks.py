@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wallet import ssrf
 from wallet.chain import LedgerKey
-from wallet.errors import Conflict, NotFound
+from wallet.errors import ClientNotFound, Conflict, NotFound
 from wallet.wire import iso
 
 ROTATION_OVERLAP = timedelta(hours=24)
@@ -206,7 +206,7 @@ class Webhooks:
         async with self.single.connect() as conn:
             row = (await conn.execute(_CREATE, params)).first()
         if row is None:
-            raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
+            raise ClientNotFound(f"Client {client_id} not found")
         return endpoint_json(row, secret)
 
     async def page(self, client_id: str | None, limit: int, key: int | None) -> Page:

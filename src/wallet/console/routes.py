@@ -36,7 +36,7 @@ from wallet.console import queries
 from wallet.console.sessions import COOKIE, Session, Sessions
 from wallet.database import is_unavailable
 from wallet.errors import BadRequest, NotFound, WalletError
-from wallet.http.deps import Services, invalid
+from wallet.http.deps import Services, invalid, read_lagging
 from wallet.http.movements import CreditRequest, DebitRequest
 from wallet.http.review import ResolvedFailed, ResolvedFulfilled, ResolveRequest
 from wallet.http.statements import statement_response
@@ -422,7 +422,9 @@ async def statement(request: Request) -> Response:
     params = request.query_params
     start = parse_time(params.get("from") or None, "from")
     end = parse_time(params.get("to") or None, "to")
-    st = await statements.statement(_svc(request).snapshots, client_id, start, end)
+    st = await read_lagging(
+        _svc(request).snapshots, lambda snapshots: statements.statement(snapshots, client_id, start, end)
+    )
     return statement_response(st, params.get("format", "csv") == "csv")
 
 

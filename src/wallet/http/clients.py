@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import text
 from starlette.responses import Response
 
-from wallet.errors import NotFound
-from wallet.http.deps import ClientPath
+from wallet.database import Connector
+from wallet.errors import ClientNotFound
+from wallet.http.deps import ClientPath, read_lagging
 from wallet.http.pages import Page, ledger_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import ClientEnvelope, LedgerPage, error_responses
@@ -34,10 +37,15 @@ class ClientPage(ClientPath, Page):
 )
 async def client_profile(call: Call, params: ClientPath) -> Response:
     client_id = params.client_id
-    async with call.svc.reads.connect() as conn:
-        row = (await conn.execute(_PROFILE, {"client_id": client_id})).first()
-    if row is None:
-        raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
+
+    async def profile(reads: Connector) -> Any:
+        async with reads.connect() as conn:
+            row = (await conn.execute(_PROFILE, {"client_id": client_id})).first()
+        if row is None:
+            raise ClientNotFound(f"Client {client_id} not found")
+        return row
+
+    row = await read_lagging(call.svc.reads, profile)
     data = {
         "clientId": row.client_id,
         "name": row.name,
@@ -58,4 +66,6 @@ async def client_profile(call: Call, params: ClientPath) -> Response:
     responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)},
 )
 async def client_ledger(call: Call, params: ClientPage) -> Response:
-    return await ledger_page(call.svc.reads, params.client_id, params.limit, params.cursor)
+    return await read_lagging(
+        call.svc.reads, lambda reads: ledger_page(reads, params.client_id, params.limit, params.cursor)
+    )

@@ -4,7 +4,7 @@ no coercion, a 400 envelope on anything wrong) and the fields several of them us
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -14,8 +14,8 @@ from starlette.responses import Response
 
 from wallet import idempotency
 from wallet.auth import CLIENT_ID_PATTERN, ClientAuthenticator
-from wallet.database import Connector
-from wallet.errors import BadRequest, NotFound
+from wallet.database import Connector, ReadRouter
+from wallet.errors import BadRequest, ClientNotFound, NotFound
 from wallet.money import parse_json
 from wallet.orders import ORDER_ID_PATTERN, Orders
 from wallet.settings import Settings
@@ -24,6 +24,7 @@ from wallet.webhooks import Webhooks
 from wallet.wire import JSONBytes, Reply
 
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
+R = TypeVar("R")
 
 
 def order_id_or_404(order_id: str) -> str:
@@ -48,6 +49,19 @@ class Services:
     # reads that must agree with each other (a statement).
     reads: Connector
     snapshots: Connector
+
+
+async def read_lagging(reads: Connector, read: Callable[[Connector], Awaitable[R]]) -> R:
+    """`read(reads)`, about one client, where a replica may lag: a client it does not know yet
+    (created after the WAL it has replayed) is asked of the primary, so a lagging replica may show
+    an older page but never says that a client who exists does not. Costs a second query only
+    when the client is unknown to the replica."""
+    try:
+        return await read(reads)
+    except ClientNotFound:
+        if not isinstance(reads, ReadRouter):
+            raise
+        return await read(reads.primary)
 
 
 class RequestBody(BaseModel):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from wallet import idempotency
+from wallet.database import Connector
 from wallet.errors import FulfillmentFailed
 from wallet.fulfillment import Failure
-from wallet.http.deps import OrderPath, RequestBody, order_id_or_404, replayed
+from wallet.http.deps import OrderPath, RequestBody, order_id_or_404, read_lagging, replayed
 from wallet.http.pages import Page, order_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import OrderEnvelope, OrderPage, error_responses
@@ -81,7 +82,10 @@ async def get_order(call: Call, params: OrderPath) -> Response:
 
 @routes.get("/orders", responses={200: {"model": OrderPage}, **error_responses(400, 401, 403, 404, 429)})
 async def own_orders(call: Call, params: OrderFilter) -> Response:
-    async with call.svc.reads.connect() as conn:
-        return await order_page(
-            conn, params.limit, params.cursor, admin=False, client_id=call.client_id, status=params.status
-        )
+    async def page(reads: Connector) -> Response:
+        async with reads.connect() as conn:
+            return await order_page(
+                conn, params.limit, params.cursor, admin=False, client_id=call.client_id, status=params.status
+            )
+
+    return await read_lagging(call.svc.reads, page)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from wallet.database import Connector
-from wallet.errors import BadRequest, NotFound
+from wallet.errors import BadRequest, ClientNotFound
 from wallet.http.deps import Params
 from wallet.orders import admin_order_json, order_json
 from wallet.reads import ORDER_COLUMNS, OrderRow
@@ -129,7 +129,7 @@ async def require_wallet(conn: AsyncConnection, client_id: str) -> None:
     """An empty page of a client's own list is a 404 when the client has no wallet, as the
     balance is (asked only then: a page with rows needs no second look)."""
     if (await conn.execute(_WALLET_EXISTS, {"client_id": client_id})).first() is None:
-        raise NotFound(f"Wallet not found for client {client_id}", code="CLIENT_NOT_FOUND")
+        raise ClientNotFound(f"Wallet not found for client {client_id}")
 
 
 async def ledger_page(engine: Connector, client_id: str, limit: int, cursor: str | None) -> Response:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from wallet import statements
-from wallet.http.deps import ClientPath, Params
+from wallet.http.deps import ClientPath, Params, read_lagging
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import StatementEnvelope, error_responses
 from wallet.wire import TIME_DOC, TimeText, json_response, ok, parse_time
@@ -63,7 +63,9 @@ def statement_response(st: statements.Statement, as_csv: bool) -> Response:
 
 async def _statement(call: Call, client_id: str, period: Period) -> Response:
     begin, until = parse_time(period.start, "from"), parse_time(period.end, "to")
-    st = await statements.statement(call.svc.snapshots, client_id, begin, until)
+    st = await read_lagging(
+        call.svc.snapshots, lambda snapshots: statements.statement(snapshots, client_id, begin, until)
+    )
     return statement_response(st, wants_csv(call.request, period.format))
 
 

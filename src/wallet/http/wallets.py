@@ -6,7 +6,7 @@ from pydantic import Field
 from starlette.responses import Response
 
 from wallet import statements
-from wallet.http.deps import Params
+from wallet.http.deps import Params, read_lagging
 from wallet.http.pages import Page, ledger_page
 from wallet.http.routing import Auth, Call, Routes
 from wallet.http.schemas import BalanceAtEnvelope, BalanceEnvelope, LedgerPage, error_responses
@@ -40,7 +40,9 @@ async def get_balance(call: Call, params: BalanceWhen) -> Response:
     svc, client_id = call.svc, call.client_id
     moment = parse_time(params.at, "at")
     if moment is not None:
-        cents = await statements.balance_at(svc.reads, svc.wallets.single, client_id, moment)
+        cents = await read_lagging(
+            svc.reads, lambda reads: statements.balance_at(reads, svc.wallets.single, client_id, moment)
+        )
         data_at = {"clientId": client_id, "balance": from_cents(cents), "at": iso(moment)}
         return json_response(200, ok(data_at))
     balance = await svc.wallets.balance(client_id)
@@ -57,4 +59,6 @@ async def get_balance(call: Call, params: BalanceWhen) -> Response:
     "/wallet/transactions", responses={200: {"model": LedgerPage}, **error_responses(400, 401, 403, 404, 429)}
 )
 async def own_transactions(call: Call, params: Page) -> Response:
-    return await ledger_page(call.svc.reads, call.client_id, params.limit, params.cursor)
+    return await read_lagging(
+        call.svc.reads, lambda reads: ledger_page(reads, call.client_id, params.limit, params.cursor)
+    )

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from wallet import events
-from wallet.errors import NotFound
+from wallet.errors import ClientNotFound, NotFound
 from wallet.events import EVENT_ID_PATTERN, EventType
 from wallet.http.deps import ClientIdField, ClientPath, Params, RequestBody, Text
 from wallet.http.pages import Page, decode_cursor, page_response, require_wallet
@@ -245,7 +245,7 @@ async def set_low_balance_threshold(call: Call, params: ClientPath, body: Thresh
     async with call.svc.wallets.single.connect() as conn:
         found = (await conn.execute(_SET_THRESHOLD, {"client_id": client_id, "amount": body.amount})).first()
     if found is None:
-        raise NotFound(f"Client {client_id} not found", code="CLIENT_NOT_FOUND")
+        raise ClientNotFound(f"Client {client_id} not found")
     amount = found.low_balance_threshold
     data = {"clientId": client_id, "lowBalanceThreshold": None if amount is None else from_cents(amount)}
     return json_response(200, ok(data, "Low-balance threshold set"))
