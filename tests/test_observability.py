@@ -15,10 +15,14 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 
 from tests.builders import ADMIN_KEY, Api, Provider, dead_url, production_env, spawn_service, start_service
-from wallet.database import plain_url
+from wallet.database import create_engine, plain_url
+from wallet.observability import track_pool, untrack_pool
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -344,3 +348,37 @@ def test_counts_of_a_forked_worker_are_its_own_and_add_up(tmp_path: Path) -> Non
     assert len(list(tmp_path.glob("counter_*.db"))) == 2
     assert child_id != parent_id
     assert re.fullmatch(r"[0-9a-f]{32}", child_id)
+
+
+async def test_the_pool_gauge_counts_only_connections_checked_out(database_url: str) -> None:
+    """A pooled connection the database dropped is made anew at its next checkout; if that fails
+    (the database still away: here the `connect` hook raises), it was never checked out, and the
+    gauge must not go below zero."""
+
+    def in_use() -> float:
+        return REGISTRY.get_sample_value("wallet_db_pool_connections_in_use") or 0.0
+
+    engine = create_engine(database_url, pool_size=2)
+    track_pool(engine, 2)
+    failures: list[OSError] = []
+
+    def set_up(dbapi_connection: Any, record: Any) -> None:
+        if failures:
+            raise failures.pop()
+
+    event.listen(engine.sync_engine, "connect", set_up)
+    before = in_use()
+    try:
+        async with engine.connect() as dropped:
+            await dropped.invalidate()  # as after the database went away
+        failures.append(OSError("the database went away while the connection was set up"))
+        with pytest.raises(OSError, match="went away"):
+            async with engine.connect():
+                pass
+        assert in_use() == before
+        async with engine.connect():
+            assert in_use() == before + 1
+        assert in_use() == before
+    finally:
+        untrack_pool(2)
+        await engine.dispose()

@@ -8,6 +8,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -124,8 +125,22 @@ def track_pool(engine: AsyncEngine, size: int) -> None:
     with several workers each process's value must be current when any one of them is scraped."""
     DB_POOL_SIZE.inc(size)
     pool = engine.sync_engine.pool
-    event.listen(pool, "checkout", lambda *_: DB_POOL_IN_USE.inc())
-    event.listen(pool, "checkin", lambda *_: DB_POOL_IN_USE.dec())
+    # The records checked out. A new connection that fails while it is set up (the database
+    # going away) is checked in without ever having been checked out: counting that checkin
+    # drove the gauge below zero for good.
+    out: set[int] = set()
+
+    def checkout(_: Any, record: Any, __: Any) -> None:
+        out.add(id(record))
+        DB_POOL_IN_USE.inc()
+
+    def checkin(_: Any, record: Any) -> None:
+        if id(record) in out:
+            out.discard(id(record))
+            DB_POOL_IN_USE.dec()
+
+    event.listen(pool, "checkout", checkout)
+    event.listen(pool, "checkin", checkin)
 
 
 def untrack_pool(size: int) -> None:
