@@ -8,6 +8,8 @@ import collections
 import ipaddress
 import json
 import os
+import re
+import signal
 import sys
 import uuid
 from typing import Any
@@ -178,3 +180,20 @@ async def test_a_second_service_on_a_port_in_use_refuses_to_start(
         assert f"wallet: cannot listen on HOST:PORT 127.0.0.1:{port}" in stderr.decode()
         async with httpx.AsyncClient(base_url=server.url) as http:
             assert (await http.get("/health")).status_code == 200
+
+
+async def test_a_replaced_worker_leaves_no_samples_behind(database_url: str, provider: Provider) -> None:
+    """A worker killed and replaced: gauges every worker keeps live (the pools' sizes) count the
+    workers serving, not the dead one as well."""
+    env = production_env(database_url, provider, workers=2)
+    async with spawn_service(env) as server, httpx.AsyncClient(base_url=server.url) as http:
+        await server.wait_for("Application startup complete", count=2)
+        pools = metric((await http.get("/metrics")).text, "wallet_db_pool_connections_max")
+        assert pools > 0
+        pids = [
+            int(p) for line in server.lines for p in re.findall(r"Started server process \[(\d+)\]", line)
+        ]
+        os.kill(pids[0], signal.SIGKILL)
+        await server.wait_for(f"Child process [{pids[0]}] died")
+        await server.wait_for("Application startup complete", count=3)
+        assert metric((await http.get("/metrics")).text, "wallet_db_pool_connections_max") == pools
