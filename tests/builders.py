@@ -418,6 +418,14 @@ class ServerProcess:
     def count(self, text: str) -> int:
         return sum(text in line for line in self.lines)
 
+    async def ended(self) -> None:
+        """Until the process has exited and every line it wrote has been read."""
+        await self.process.wait()
+        assert self.process.stderr is not None
+        stderr = self.process.stderr
+        async with self._seen:
+            await self._seen.wait_for(stderr.at_eof)
+
 
 def production_env(database_url: str, provider: Provider, *, workers: int) -> dict[str, str]:
     """What `wallet serve` needs to run as in production, with JSON logs at info and no rate

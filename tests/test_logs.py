@@ -88,3 +88,14 @@ async def test_two_busy_workers_write_one_whole_stamped_access_line_per_request(
     stamps = [datetime.fromisoformat(entry["timestamp"]) for entry in access]
     assert all(stamp.utcoffset() == timedelta(0) for stamp in stamps)
     assert began - timedelta(seconds=1) <= min(stamps) <= max(stamps) <= ended + timedelta(seconds=1)
+
+
+async def test_a_graceful_stop_writes_every_workers_last_lines(database_url: str, provider: Provider) -> None:
+    """Lines are written when their event-loop pass ends; a worker's last ones (uvicorn's shutdown
+    lines) come after its loop's last pass, and spawned workers never run atexit."""
+    async with spawn_service(production_env(database_url, provider, workers=2)) as server:
+        await server.wait_for("Application startup complete", count=2)
+        server.process.terminate()
+        await server.ended()
+        assert server.count("Application shutdown complete") == 2, "\n".join(server.lines[-12:])
+        assert server.count("Finished server process") == 2

@@ -99,6 +99,7 @@ class PassWriter:
         self._lines: list[str] = []
         self._due = False  # a flush is scheduled on a running loop
         self._lock = threading.RLock()  # a signal handler that logs may interrupt a write
+        self.through = False  # write each line at once: the process is about to end (`write_through`)
 
     def msg(self, message: str) -> None:
         try:
@@ -107,7 +108,7 @@ class PassWriter:
             loop = None
         with self._lock:
             self._lines.append(message)
-            if loop is not None:
+            if loop is not None and not self.through:
                 if not self._due:
                     self._due = True
                     loop.call_soon(self.flush)
@@ -147,6 +148,15 @@ def _writer_for(stream: TextIO) -> PassWriter:
     return writer
 
 
+def write_through() -> None:
+    """From now on every line is written when it is logged. Called as a worker's shutdown ends:
+    its last lines (uvicorn's) come in the loop's last passes, and a spawned worker may then be
+    ended by the SIGTERM uvicorn raises again, before a pass's flush runs or atexit could."""
+    writer = _writer_for(sys.stderr)
+    writer.flush()
+    writer.through = True
+
+
 class _ToWriter(logging.Handler):
     """The stdlib's records, rendered by structlog, into the same writer."""
 
@@ -176,6 +186,7 @@ def configure_logging(level: str, renderer: str) -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     writer = _writer_for(sys.stderr)
+    writer.through = False  # a new app in this process (tests make many): passes again
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, render],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

@@ -20,6 +20,7 @@ from wallet.database import Connector, ReadRouter, create_engine, single, snapsh
 from wallet.fulfillment import Provider, new_http_client
 from wallet.http.deps import Services
 from wallet.keycache import KeyCache, Listener
+from wallet.logs import write_through
 from wallet.observability import track_pool, untrack_pool
 from wallet.orders import Orders
 from wallet.settings import Settings
@@ -126,3 +127,4 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if replica is not None:
             await replica.dispose()
         untrack_pool(settings.db_pool_size)
+        write_through()
