@@ -133,12 +133,17 @@ async def test_metrics_count_rate_limit_refusals_and_unknown_routes(
     async with start_service(database_url, provider.url, rate_limit="3/minute", redis_url=None) as api:
         before = await scrape(api)
         statuses = [(await api.http.get("/no/such/route")).status_code for _ in range(5)]
+        refused = await api.http.get("/orders/ORD-1703251234567-a1b2c3d4", headers={"client-id": "C1"})
         after = await scrape(api)
     assert statuses == [404, 404, 404, 429, 429]
-    assert delta(before, after, "wallet_rate_limited_total") == 2
+    assert refused.status_code == 429
+    assert delta(before, after, "wallet_rate_limited_total") == 3
     unmatched = {"method": "GET", "route": "unmatched"}
     assert delta(before, after, "wallet_http_requests_total", status="404", **unmatched) == 3
     assert delta(before, after, "wallet_http_requests_total", status="429", **unmatched) == 2
+    # Refused before routing, yet counted under its route's template (never the path).
+    order_route = {"method": "GET", "route": "/orders/{order_id}"}
+    assert delta(before, after, "wallet_http_requests_total", status="429", **order_route) == 1
 
 
 async def test_pool_gauge_counts_connections_in_use(database_url: str, provider: Provider) -> None:

@@ -7,7 +7,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram, values
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wallet.logs import REQUEST_ID, process_id
@@ -155,8 +156,12 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _route_of(scope: Scope) -> str:
+def _route_of(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route's template (never the path: one series per order id would be unbounded). A
+    request answered before routing (a 429, a 413) is matched here, so refusals count by route."""
     route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
 
@@ -164,10 +169,16 @@ def _route_of(scope: Scope) -> str:
 class RequestContext:
     """Request id in and out (`X-Request-ID`), one access log line, request metrics."""
 
-    def __init__(self, app: ASGIApp, client_address: Callable[[Scope], str] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        client_address: Callable[[Scope], str] | None = None,
+        routes: Sequence[BaseRoute] = (),
+    ) -> None:
         self.app = app
         self.log = structlog.get_logger("wallet.access")
         self.client_address = client_address  # the caller, by the rate limit's rule (trusted proxies)
+        self.routes = routes  # the app's, to name the route of a request refused before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,7 +208,7 @@ class RequestContext:
             status = CLIENT_CLOSED_REQUEST
         finally:
             elapsed = time.perf_counter() - started
-            route = _route_of(scope)
+            route = _route_of(scope, self.routes)
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_LATENCY.labels(method, route).observe(elapsed)

@@ -93,7 +93,9 @@ def create_app(settings: Settings) -> Starlette:
         # headers go on every answer, the 500 included.
         middleware=[
             Middleware(
-                RequestContext, client_address=lambda scope: client_ip(scope, settings.trusted_proxies)
+                RequestContext,
+                client_address=lambda scope: client_ip(scope, settings.trusted_proxies),
+                routes=routes,
             ),
             Middleware(
                 RateLimit,
