@@ -68,6 +68,10 @@ async def test_issued_key_lets_its_client_in_and_nothing_else_does(
         assert missing.status_code == 401
         assert missing.json()["code"] == "UNAUTHORIZED"
         assert missing.headers["WWW-Authenticate"] == "Bearer"
+        # Credentials first: no key is a 401 whatever else the request lacks.
+        for headers in ({}, {"client-id": "not valid!"}):
+            anonymous = await api.http.get("/wallet/balance", headers=headers)
+            assert anonymous.status_code == 401, headers
         other_scheme = await api.http.get(
             "/wallet/balance", headers={"client-id": "ACME", "Authorization": f"Basic {key['apiKey']}"}
         )

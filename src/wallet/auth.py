@@ -102,13 +102,16 @@ class ClientAuthenticator:
         self._lookups = Batcher("api_key", self._owners)
 
     async def authenticate(self, client_id_header: str | None, token: str | None) -> str:
+        """Who asks. With API keys, a request with no key is a 401 whatever else it lacks:
+        credentials come before what the request says (its client-id, then its body)."""
+        if self.mode is ClientAuth.API_KEY and not token:
+            raise Unauthorized("Client authentication required: Authorization: Bearer <API key>")
         if client_id_header is None:
             raise BadRequest("Missing client-id header", code="MISSING_CLIENT_ID")
         client_id = valid_client_id(client_id_header)
         if self.mode is ClientAuth.HEADER:
             return client_id
-        if not token:
-            raise Unauthorized("Client authentication required: Authorization: Bearer <API key>")
+        assert token is not None
         hashed = digest(token)
         lookup = self._lookups.submit
         owner = await (self.cache.owner(hashed, lookup) if self.cache else lookup(hashed))
