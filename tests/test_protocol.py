@@ -51,6 +51,26 @@ async def test_a_one_megabyte_header_is_431(api: Api) -> None:
     await assert_still_serving(api)
 
 
+async def test_the_parsers_refusals_carry_the_callers_rate_limit(
+    database_url: str, provider: Provider, redis_url: str | None
+) -> None:
+    """Every answer carries the RateLimit headers (SPEC §6), those the app never sees too; the
+    refusal itself is not counted, as a probe is not. (Counted in Redis when there is one.)"""
+    limited = {"rate_limit": "5/minute", "redis_url": redis_url}
+    async with start_service(database_url, provider.url, **limited) as api:
+        remaining = set()
+        for refused in (
+            await raw_exchange(api, request(header("X-Big", 1024 * 1024))),
+            await raw_exchange(api, request(target=b"/" + b"x" * (MAX_LINE_BYTES + 1))),
+            await raw_exchange(api, request(b"X-Bad: a\x00b")),
+        ):
+            assert refused.status in (400, 414, 431), refused
+            assert refused.headers["ratelimit-limit"] == "5"
+            assert int(refused.headers["ratelimit-reset"]) > 0
+            remaining.add(refused.headers["ratelimit-remaining"])
+        assert len(remaining) == 1  # none of them was counted
+
+
 async def test_an_oversized_head_is_refused_before_it_ends(api: Api) -> None:
     """The server stops reading at the bound: it answers a head that is still arriving (here
     never finished), so it never buffers more than the bound of one."""

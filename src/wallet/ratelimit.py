@@ -243,6 +243,15 @@ class SlidingWindow:
         return window - into + max(0, math.ceil(window * (1 - (limit - 1) / current)))
 
 
+def rate_headers(limit: int, verdict: Verdict) -> list[tuple[bytes, bytes]]:
+    """What every answer says of its caller's count (SPEC §6)."""
+    return [
+        (b"ratelimit-limit", str(limit).encode()),
+        (b"ratelimit-remaining", str(verdict.remaining).encode()),
+        (b"ratelimit-reset", str(verdict.reset).encode()),
+    ]
+
+
 def make_counter(item: RateLimitItem | None, redis_url: str | None, workers: int) -> SlidingWindow | None:
     """Counts in Redis when there is one; else in PostgreSQL when several processes serve, so
     they share one count (the lifespan attaches the pool); in this process's memory only when it
@@ -289,11 +298,7 @@ class RateLimit:
             await self.app(scope, receive, send)
             return
         reset = verdict.reset
-        headers = [
-            (b"ratelimit-limit", str(counter.limit).encode()),
-            (b"ratelimit-remaining", str(verdict.remaining).encode()),
-            (b"ratelimit-reset", str(reset).encode()),
-        ]
+        headers = rate_headers(counter.limit, verdict)
         if not verdict.allowed:
             observability.RATE_LIMITED.inc()
             error = RateLimited("Too many requests, please try again later")

@@ -30,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from wallet.errors import BadRequest, HeaderFieldsTooLarge, UriTooLong, WalletError
 from wallet.observability import new_request_id
+from wallet.ratelimit import client_ip, rate_headers
 from wallet.wire import dumps
 
 MAX_LINE_BYTES = 8 * 1024  # the request target; one header line (name, ": ", value)
@@ -185,10 +186,35 @@ class JsonErrorsHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(self._refusal or _MALFORMED)
 
     def _refuse(self, error: WalletError) -> None:
+        """Answer `error` and end the connection. With a rate limit, the answer carries the
+        caller's RateLimit headers as every answer does (SPEC §6), once the count is read: a
+        refusal the app never saw is not counted, as a probe is not (`SlidingWindow.peek`)."""
+        self._refused = True  # from now on what the client sends is dropped
+        state = getattr(self.app, "state", None)
+        counter = getattr(state, "rate_counter", None)
+        if counter is None:
+            self._answer(error, [])
+            return
+        scope = {"client": self.client, "headers": self.headers or []}
+        ip = client_ip(scope, state.settings.trusted_proxies)  # type: ignore[union-attr]
+        self.loop.create_task(self._answer_counted(error, counter, ip))
+
+    async def _answer_counted(self, error: WalletError, counter: Any, ip: str) -> None:
+        try:
+            verdict = await counter.peek(ip)
+        except Exception:  # the counts' store is down: answer without them, as the app does
+            headers = []
+        else:
+            headers = rate_headers(counter.limit, verdict)
+        if not self.transport.is_closing():
+            self._answer(error, headers)
+
+    def _answer(self, error: WalletError, extra: list[tuple[bytes, bytes]]) -> None:
         body = dumps(error.body())
         phrase = http.HTTPStatus(error.status).phrase
         head = [f"HTTP/1.1 {error.status} {phrase}\r\n".encode()]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [name + b": " + value + b"\r\n" for name, value in extra]
         head += [
             # every answer carries a request id (the document says so), refusals too
             b"x-request-id: " + new_request_id().encode() + b"\r\n",
@@ -197,7 +223,6 @@ class JsonErrorsHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
-        self._refused = True
         in_flight = self.cycle is not None and not self.cycle.response_complete
         if in_flight or not self.transport.can_write_eof():  # a pipelined request's answer is lost
             self.transport.close()
