@@ -222,8 +222,8 @@ async def test_an_operator_logs_in_while_the_login_limits_store_is_down(
     database_url: str, provider: Provider, store: str
 ) -> None:
     """Redis refusing connections, or accepting them and never answering: the login is counted
-    nowhere, so it is let through (logged), within the counts' deadline. It was a 500 page, and
-    a login that never ended."""
+    in the process, or nowhere once the counts' deadline passes, and let through (logged). It
+    was a 500 page, and a login that never ended."""
     async with contextlib.AsyncExitStack() as stack:
         url = dead_redis_url()
         if store == "mute":

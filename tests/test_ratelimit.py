@@ -258,23 +258,23 @@ async def test_a_stopped_service_leaves_no_counting_connection(
     assert during == (before + 1 if redis_url else 0)
 
 
-async def test_redis_down_fails_open(database_url: str, provider: Provider) -> None:
-    """A limiter whose Redis is unreachable lets requests through rather than failing them."""
+async def test_redis_down_counts_in_the_process(database_url: str, provider: Provider) -> None:
+    """A limiter whose Redis is unreachable neither fails requests nor stops limiting: the
+    process counts alone meanwhile, and its answers carry the headers."""
     async with start_service(
-        database_url, provider.url, rate_limit="1/minute", redis_url=dead_redis_url()
+        database_url, provider.url, rate_limit="2/minute", redis_url=dead_redis_url()
     ) as api:
-        for _ in range(3):
-            response = await api.http.get("/wallet/balance", headers={"client-id": "nobody"})
-            assert response.status_code == 404
-            assert "RateLimit-Limit" not in response.headers
+        answers = [await api.http.get("/wallet/balance", headers={"client-id": "nobody"}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [404, 404, 429]
+    assert [a.headers["RateLimit-Remaining"] for a in answers] == ["1", "0", "0"]
 
 
-async def test_a_redis_that_stops_answering_fails_open_by_its_deadline(
+async def test_a_redis_that_stops_answering_is_done_without_by_its_deadline(
     database_url: str, provider: Provider
 ) -> None:
     """A Redis that never answers costs a request the counts' deadline, twice at most (coredis
-    tries a batch again on a fresh connection), and then the request is served: nothing waits
-    for it for ever."""
+    tries a batch again on a fresh connection), and then the request is served, counted in the
+    process: nothing waits for it for ever."""
     async with (
         mute_redis() as redis,
         start_service(database_url, provider.url, rate_limit="1/minute", redis_url=redis.url) as api,
@@ -282,7 +282,7 @@ async def test_a_redis_that_stops_answering_fails_open_by_its_deadline(
         async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS + 3):
             response = await api.http.get("/wallet/balance", headers={"client-id": "nobody"})
         assert response.status_code == 404
-        assert "RateLimit-Limit" not in response.headers
+        assert response.headers["RateLimit-Remaining"] == "0"
         assert redis.asked.is_set()  # the counts were asked for, and never answered
 
 

@@ -192,6 +192,10 @@ class SlidingWindow:
         self.limit = item.amount
         self.window_ms = item.get_expiry() * 1000
         self.counts = counts
+        # While the shared counts cannot be had (Redis or PostgreSQL down), this process counts
+        # alone: each worker then allows the limit on its own, and every answer still carries
+        # the headers, rather than no limit at all.
+        self.alone = None if isinstance(counts, MemoryCounts) else MemoryCounts()
         self.clock = clock
         self.batcher: Batcher[tuple[str, bool], Verdict] = Batcher("rate_limit", self._count, limit=1024)
 
@@ -216,7 +220,13 @@ class SlidingWindow:
         index, into = divmod(now_ms, self.window_ms)
         hits = Counter({ip: 0 for ip, _ in calls})  # a peek's IP is read, adding nothing
         hits.update(ip for ip, counted in calls if counted)
-        counts = await self.counts.add(hits, index, self.window_ms)
+        try:
+            counts = await self.counts.add(hits, index, self.window_ms)
+        except Exception as exc:
+            if self.alone is None:
+                raise
+            log.error("shared rate-limit counts unavailable; counting in this process", error=repr(exc))
+            counts = await self.alone.add(hits, index, self.window_ms)
         weight = 1 - into / self.window_ms  # the share of the previous window still covered
         reset = math.ceil((self.window_ms - into) / 1000)
         seen: Counter[str] = Counter()
@@ -293,7 +303,7 @@ class RateLimit:
         try:
             ip = client_ip(scope, self.trusted)
             verdict = await (counter.peek(ip) if exempt else counter.hit(ip))
-        except Exception as exc:  # the counts' store is down: fail open, loudly
+        except Exception as exc:  # even counting alone failed (a bug): fail open, loudly
             log.error("rate limiter unavailable; request allowed", error=str(exc))
             await self.app(scope, receive, send)
             return
