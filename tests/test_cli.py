@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,43 +135,47 @@ async def test_workers_without_redis_share_one_rate_limit(database_url: str, pro
     assert logins == [403] * 3 + [429] * 2
 
 
-def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:
+def wallet(command: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`wallet <command>` as an operator runs it, in `cwd` (which holds no .env)."""
+    return subprocess.run(
+        [sys.executable, "-m", "wallet.cli", command],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def scratch_database(postgres_url: str) -> Iterator[str]:
+    """A new, empty database for the block (its URL), dropped afterwards."""
     name = f"wallet_cli_{uuid.uuid4().hex[:12]}"
-    url = make_url(plain_url(postgres_url)).set(database=name).render_as_string(hide_password=False)
-
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(plain_url(postgres_url))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    async def tables() -> set[str]:
-        conn = await asyncpg.connect(url)
-        try:
-            rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        finally:
-            await conn.close()
-        return {r["tablename"] for r in rows}
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(sql(plain_url(postgres_url), f'CREATE DATABASE "{name}"'))
     try:
-        for _ in range(2):  # the second run finds nothing to do
-            result = subprocess.run(
-                [sys.executable, "-m", "wallet.cli", "migrate"],
-                env={**os.environ, "DATABASE_URL": url},
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert result.returncode == 0, result.stderr
-        assert {"clients", "wallets", "ledger_entries", "orders", "idempotency_keys", "api_keys"} <= (
-            asyncio.run(tables())
-        )
+        yield make_url(plain_url(postgres_url)).set(database=name).render_as_string(hide_password=False)
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(sql(plain_url(postgres_url), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def sql(url: str, statement: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(statement)
+    finally:
+        await conn.close()
+    return rows
+
+
+def test_migrate_creates_the_schema(postgres_url: str, tmp_path: Path) -> None:
+    with scratch_database(postgres_url) as url:
+        for _ in range(2):  # the second run finds nothing to do
+            result = wallet("migrate", {"DATABASE_URL": url}, tmp_path)
+            assert result.returncode == 0, result.stderr
+        rows = asyncio.run(sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
+    tables = {r["tablename"] for r in rows}
+    assert {"clients", "wallets", "ledger_entries", "orders", "idempotency_keys", "api_keys"} <= tables
 
 
 @pytest.mark.parametrize("command", ["serve", "migrate", "verify"])
@@ -180,15 +184,7 @@ def test_a_database_it_cannot_use_is_one_line_naming_the_variable(
 ) -> None:
     missing = f"wallet_cli_missing_{uuid.uuid4().hex[:12]}"
     url = make_url(plain_url(postgres_url)).set(database=missing).render_as_string(hide_password=False)
-    result = subprocess.run(
-        [sys.executable, "-m", "wallet.cli", command],
-        env={**os.environ, "DATABASE_URL": url, "PORT": "0", "DATA_DIR": str(tmp_path / "data")},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = wallet(command, {"DATABASE_URL": url, "PORT": "0", "DATA_DIR": str(tmp_path / "data")}, tmp_path)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last == f'wallet: cannot use the database (DATABASE_URL): database "{missing}" does not exist'
@@ -196,35 +192,14 @@ def test_a_database_it_cannot_use_is_one_line_naming_the_variable(
 
 
 def test_a_database_migrated_by_a_newer_release_is_one_line(postgres_url: str, tmp_path: Path) -> None:
-    name = f"wallet_cli_{uuid.uuid4().hex[:12]}"
-    url = make_url(plain_url(postgres_url)).set(database=name).render_as_string(hide_password=False)
-
-    async def run(statement: str, on: str) -> None:
-        conn = await asyncpg.connect(on)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"', plain_url(postgres_url)))
-    try:
+    with scratch_database(postgres_url) as url:
         asyncio.run(migrate_url(url))
-        asyncio.run(run("UPDATE alembic_version SET version_num = '9999'", url))
-        result = subprocess.run(
-            [sys.executable, "-m", "wallet.cli", "migrate"],
-            env={**os.environ, "DATABASE_URL": url},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert result.returncode == 1
-        assert result.stderr.strip() == (
-            "wallet: cannot migrate the database (DATABASE_URL): Can't locate revision identified by '9999'"
-        )
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', plain_url(postgres_url)))
+        asyncio.run(sql(url, "UPDATE alembic_version SET version_num = '9999'"))
+        result = wallet("migrate", {"DATABASE_URL": url}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "wallet: cannot migrate the database (DATABASE_URL): Can't locate revision identified by '9999'"
+    )
 
 
 @contextlib.asynccontextmanager
