@@ -225,7 +225,7 @@ async def test_many_wallets_in_one_batch_with_idempotency_keys(database_url: str
         calls += [("w00", "w00-0"), ("nobody", "nob-0")]
         results = await asyncio.gather(*(pay(orders, w, 40, key(k)) for w, k in calls))
         outcome = [type(r).__name__ for r in results]
-        assert outcome == ["OrderRow"] * 40 + ["InsufficientFunds"] * 20 + ["Conflict", "NotFound"]
+        assert outcome == ["OrderRow"] * 40 + ["InsufficientFunds"] * 20 + ["Conflict", "ClientNotFound"]
         for w in wallets:
             rows = await entries(database_url, w)
             assert_serial(rows)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.builders import Receiver, free_port, start_receiver
+from tests.builders import Receiver, free_port, raw_server, start_receiver
 from wallet.settings import Settings
 from wallet.webhook_send import Attempt, new_http_client, retry_after, send
 from wallet.webhooks import new_secret
@@ -106,3 +106,27 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after(format_datetime(datetime(2000, 1, 1, tzinfo=UTC), usegmt=True)) == 0.0
     for unusable in (None, "", "soon", "-5", "1.5"):
         assert retry_after(unusable) is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "ok", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok\x00ok", 200, True, "ok\ufffdok"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n\x1f\x8b\x08", 200, True, "\x1f\ufffd\x08"),
+        (b"HTTP/1.1 799 Odd\r\ncontent-length: 2\r\n\r\nno", None, False, "no"),
+    ],
+    ids=["NUL", "binary", "status 799"],
+)
+async def test_any_answer_is_an_attempt_the_log_can_hold(
+    reply: bytes, status: int | None, ok: bool, body: str
+) -> None:
+    """An answer whose body holds a NUL or binary (a gzip body: compression is never asked for),
+    or whose status is not HTTP's, was an attempt the database refused to log: the delivery was
+    then sent again for ever. Whatever comes back is an attempt with text the log can store."""
+    async with raw_server(reply) as (url, receiver), sender() as attempt:
+        result = await attempt(url, [new_secret()])
+    assert (result.ok, result.status, result.body) == (ok, status, body)
+    assert "\x00" not in (result.body or "")
+    if status is None:
+        assert result.error == "answered an invalid HTTP status 799"
+    assert b"accept-encoding: identity" in receiver.requests[0].lower()

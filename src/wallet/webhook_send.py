@@ -89,6 +89,8 @@ async def send(
     attempted_at = datetime.now(UTC)
     headers = {
         "content-type": "application/json",
+        # Answers are logged as they come (never decompressed: no bombs), so ask for them plain.
+        "accept-encoding": "identity",
         "user-agent": "wallet-webhooks/1",
         "webhook-id": event_id,
         "webhook-timestamp": str(int(attempted_at.timestamp())),
@@ -100,7 +102,7 @@ async def send(
         await ssrf.check_url(url, allow_private=settings.webhooks_private_ok)
         async with http.post(url, data=body, headers=headers, allow_redirects=False) as resp:
             status = resp.status
-            answer = (await resp.content.read(BODY_LOG_BYTES)).decode(errors="replace")
+            answer = loggable(await resp.content.read(BODY_LOG_BYTES))
             if status in (429, 503):
                 wait = retry_after(resp.headers.get("Retry-After"))
     except ssrf.UnsafeTarget as exc:
@@ -110,6 +112,14 @@ async def send(
     except (aiohttp.ClientError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:500]
     latency = int((time.monotonic() - started) * 1000)
+    if status is not None and not 100 <= status <= 599:  # not HTTP: a failed attempt, logged as one
+        error, status = f"answered an invalid HTTP status {status}", None
     if error is None and not success(status):
         error = f"HTTP {status}"
     return Attempt(attempted_at, status, latency, error, answer, wait)
+
+
+def loggable(raw: bytes) -> str:
+    """A receiver's answer as text the delivery log can hold, whatever its bytes (compressed,
+    binary, a NUL): an attempt that could not be recorded was sent again for ever."""
+    return raw.decode(errors="replace").replace("\x00", "\ufffd")
