@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -24,6 +25,7 @@ from tests.builders import (
     start_receiver,
     start_service,
 )
+from wallet.database import plain_url
 
 FAST = {
     "webhook_allow_private": True,
@@ -255,7 +257,7 @@ async def test_replay_one_event_or_every_failed_one(
     receiver = Receiver(answers=[500] * 1000)
     async with start_receiver(receiver), service(database_url, provider) as api:
         await api.credit("C1", 10)
-        endpoint = await register(api, receiver.url)
+        endpoint = await register(api, receiver.url, eventTypes=["wallet.debited"])  # not its own disabling
         await api.debit("C1", 1)
         await api.debit("C1", 2)
         path = f"/webhook-endpoints/{endpoint['id']}"
@@ -286,6 +288,42 @@ async def test_replay_one_event_or_every_failed_one(
             f"{path}/replay", json={"since": since, "eventId": again}, headers={"client-id": "C1"}
         )
         assert both.status_code == 400
+
+
+async def test_events_of_a_disabled_endpoint_are_sent_by_a_replay_since_once_it_is_enabled(
+    database_url: str, commits: Commits, provider: Provider
+) -> None:
+    """The recovery the README gives (fix the receiver, enable, replay since): the events made
+    while the endpoint was off are among the failed ones, dated when they failed."""
+    receiver = Receiver()
+    async with start_receiver(receiver), service(database_url, provider) as api:
+        await api.credit("C1", 10)
+        endpoint = await register(api, receiver.url)
+        path = f"/webhook-endpoints/{endpoint['id']}"
+        since = datetime.now(UTC).isoformat()
+        off = await api.http.patch(path, json={"enabled": False}, headers={"client-id": "C1"})
+        assert off.json()["data"]["enabled"] is False
+        await api.debit("C1", 1)
+        await api.debit("C1", 2)
+
+        async def missed() -> bool:
+            conn = await asyncpg.connect(plain_url(database_url))
+            try:
+                failed = await conn.fetchval(
+                    "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'FAILED'",
+                    endpoint["id"],
+                )
+            finally:
+                await conn.close()
+            return bool(failed == 2)
+
+        await commits.until(missed, what="the disabled endpoint's deliveries made, failed")
+        assert receiver.got == []
+        await api.http.patch(path, json={"enabled": True}, headers={"client-id": "C1"})
+        replayed = await api.http.post(f"{path}/replay", json={"since": since}, headers={"client-id": "C1"})
+        assert replayed.json()["data"] == {"replayed": 2}
+        await receiver.arrived(2)
+        assert sorted(e["data"]["amountDebited"] for e in receiver.events()) == [1, 2]
 
 
 async def test_an_event_replays_only_to_an_endpoint_that_subscribes_to_its_type(

@@ -3,8 +3,10 @@
 Each pass (`Deliverer.run`, a background job like the order resolver):
 
 1. fan-out: queued events (`event_queue`, filled by a statement trigger in the event's own transaction)
-   become one delivery row per matching enabled endpoint registered before the event, in one
-   statement (older events reach a new endpoint only by replay);
+   become one delivery row per matching endpoint registered before the event, in one statement
+   (older events reach a new endpoint only by replay). A disabled endpoint's is FAILED at once,
+   so that replaying "since" after re-enabling it sends what it missed; the endpoints are read
+   FOR KEY SHARE, so one deleted meanwhile is skipped rather than failing the whole batch;
 2. claim: due deliveries are taken with FOR UPDATE SKIP LOCKED and their due time moved past a
    lease (`Settings.webhook_lease_seconds`), committed at once: no lock is held during a call;
 3. call: POST the event (`webhook_send.send`: no redirects, WEBHOOK_TIMEOUT_SECONDS, the target
@@ -51,13 +53,17 @@ WITH taken AS (
     WHERE q.client_id = t.client_id AND q.event_no = t.event_no
     RETURNING q.client_id, q.event_no
 ), made AS (
-    INSERT INTO webhook_deliveries (client_id, endpoint_id, event_no)
-    SELECT e.client_id, w.endpoint_id, e.id
+    INSERT INTO webhook_deliveries (client_id, endpoint_id, event_no, status, next_attempt_at, last_error)
+    SELECT e.client_id, w.endpoint_id, e.id,
+           CASE WHEN w.enabled THEN 'PENDING' ELSE 'FAILED' END,
+           CASE WHEN w.enabled THEN statement_timestamp() END,
+           CASE WHEN w.enabled THEN NULL ELSE 'endpoint disabled' END
     FROM taken t
     JOIN events e ON e.client_id = t.client_id AND e.id = t.event_no
-    JOIN webhook_endpoints w ON (w.client_id IS NULL OR w.client_id = e.client_id) AND w.enabled
+    JOIN webhook_endpoints w ON (w.client_id IS NULL OR w.client_id = e.client_id)
         AND (w.event_types IS NULL OR e.type = ANY (w.event_types)) AND w.created_at <= e.created_at
     ORDER BY e.id
+    FOR KEY SHARE OF w
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM taken) AS taken, (SELECT count(*) FROM made) AS made

@@ -142,7 +142,7 @@ _REPLAY_FAILED = text(f"""
 INSERT INTO webhook_deliveries (client_id, endpoint_id, event_no)
 SELECT DISTINCT d.client_id, d.endpoint_id, d.event_no
 FROM webhook_endpoints w JOIN webhook_deliveries d ON d.endpoint_id = w.endpoint_id
-WHERE {_owned("w.")} AND d.status = 'FAILED' AND d.created_at >= :since
+WHERE {_owned("w.")} AND d.status = 'FAILED' AND d.updated_at >= :since
   AND NOT EXISTS (
       SELECT 1 FROM webhook_deliveries later
       WHERE later.endpoint_id = d.endpoint_id AND later.client_id = d.client_id
