@@ -3,6 +3,7 @@ loopback, signatures checked with the `standardwebhooks` library as a receiver w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -324,6 +325,31 @@ async def test_events_of_a_disabled_endpoint_are_sent_by_a_replay_since_once_it_
         assert replayed.json()["data"] == {"replayed": 2}
         await receiver.arrived(2)
         assert sorted(e["data"]["amountDebited"] for e in receiver.events()) == [1, 2]
+
+
+async def test_a_receiver_that_hangs_holds_up_no_other_endpoint(
+    database_url: str, provider: Provider
+) -> None:
+    """Each endpoint's deliveries are a task of their own: one receiver that never answers (here
+    until the test ends, far inside its 60 s timeout) delays only its own events."""
+    hanging = Receiver(gate=asyncio.Event())
+    healthy = Receiver()
+    async with (
+        start_receiver(hanging),
+        start_receiver(healthy),
+        service(database_url, provider, webhook_timeout_seconds=60.0) as api,
+    ):
+        await api.credit("C1", 10)
+        await api.credit("C2", 10)
+        await register(api, hanging.url, client_id="C1")
+        await register(api, healthy.url, client_id="C2")
+        await api.debit("C1", 1)
+        await hanging.arrived(1)  # at the receiver, unanswered
+        await api.debit("C2", 2)
+        await healthy.wait_for(lambda: len(healthy.got) == 1, within=20, what="the healthy endpoint's event")
+        assert [e["data"]["amountDebited"] for e in healthy.events()] == [2]
+        assert not hanging.gate.is_set()  # type: ignore[union-attr]
+        hanging.gate.set()  # type: ignore[union-attr]
 
 
 async def test_an_event_replays_only_to_an_endpoint_that_subscribes_to_its_type(

@@ -8,7 +8,10 @@ Each pass (`Deliverer.run`, a background job like the order resolver):
    so that replaying "since" after re-enabling it sends what it missed; the endpoints are read
    FOR KEY SHARE, so one deleted meanwhile is skipped rather than failing the whole batch;
 2. claim: due deliveries are taken with FOR UPDATE SKIP LOCKED and their due time moved past a
-   lease (`Settings.webhook_lease_seconds`), committed at once: no lock is held during a call;
+   lease (`Settings.webhook_lease_seconds`, times the delivery's turn among its endpoint's),
+   committed at once: no lock is held during a call. Each endpoint's deliveries are then a task
+   of their own, and the endpoints this process is calling are not claimed again meanwhile, so a
+   slow receiver holds up only its own events;
 3. call: POST the event (`webhook_send.send`: no redirects, WEBHOOK_TIMEOUT_SECONDS, the target
    checked against SSRF again), `webhook-id` = the event id so receivers de-duplicate;
 4. record, in one transaction: the attempt in the log, then delivered (2xx), a retry after the
@@ -68,15 +71,24 @@ WITH taken AS (
 )
 SELECT (SELECT count(*) FROM taken) AS taken, (SELECT count(*) FROM made) AS made
 """)
+# Due deliveries of endpoints this process is not already calling, each leased for as long as
+# its turn may take: an endpoint's deliveries go out one after another, so the n-th of them is
+# the lease n times over (one lease each would expire while it waits, and another process
+# would send it in parallel).
 _CLAIM = text("""
-WITH claimed AS (
+WITH due AS (
+    SELECT client_id, id, endpoint_id FROM webhook_deliveries
+    WHERE status = 'PENDING' AND next_attempt_at <= statement_timestamp()
+      AND endpoint_id <> ALL (CAST(:busy AS text[]))
+    ORDER BY next_attempt_at LIMIT :batch FOR UPDATE SKIP LOCKED
+), turns AS (
+    SELECT client_id, id, row_number() OVER (PARTITION BY endpoint_id ORDER BY id) AS turn FROM due
+), claimed AS (
     UPDATE webhook_deliveries d
-    SET next_attempt_at = statement_timestamp() + make_interval(secs => :lease),
+    SET next_attempt_at = statement_timestamp() + make_interval(secs => :lease * turns.turn),
         attempts = d.attempts + 1, updated_at = statement_timestamp()
-    FROM (SELECT client_id, id FROM webhook_deliveries
-          WHERE status = 'PENDING' AND next_attempt_at <= statement_timestamp()
-          ORDER BY next_attempt_at LIMIT :batch FOR UPDATE SKIP LOCKED) due
-    WHERE d.client_id = due.client_id AND d.id = due.id
+    FROM turns
+    WHERE d.client_id = turns.client_id AND d.id = turns.id
     RETURNING d.client_id, d.id, d.endpoint_id, d.event_no, d.attempts
 )
 SELECT c.client_id, c.id, c.endpoint_id, c.attempts, e.id AS event_no, e.event_id, e.type, e.data,
@@ -159,36 +171,51 @@ class Deliverer:
         self.settings = settings
         self.box = box
         self.http = http
+        # Endpoints this process is calling: each its own task, so a slow or hanging receiver
+        # holds up its own deliveries only, never the pass nor other endpoints'.
+        self._busy: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> int:
-        """One pass: fan out every queued event, then deliver whatever is due, a batch at a time."""
+        """One pass: fan out every queued event, then start delivering whatever is due, a batch
+        at a time, to the endpoints this process is not calling yet; returns the number claimed."""
         async with self.single.connect() as conn:
             while (await conn.execute(_FAN_OUT, {"batch": 500})).one().taken == 500:
                 pass
         total = 0
         while True:
-            params = {"lease": self.settings.webhook_lease_seconds, "batch": _BATCH}
+            params = {"lease": self.settings.webhook_lease_seconds, "batch": _BATCH, "busy": list(self._busy)}
             async with self.single.connect() as conn:
                 claimed = (await conn.execute(_CLAIM, params)).all()
             by_endpoint: dict[str, list[Any]] = {}
             for row in claimed:
                 by_endpoint.setdefault(row.endpoint_id, []).append(row)
-            await asyncio.gather(*(self._deliver_in_order(rows) for rows in by_endpoint.values()))
+            for endpoint_id, rows in by_endpoint.items():
+                self._busy[endpoint_id] = asyncio.create_task(self._deliver_in_order(endpoint_id, rows))
             total += len(claimed)
             if len(claimed) < _BATCH:
                 break
         await self._measure()
         return total
 
-    async def _deliver_in_order(self, rows: list[Any]) -> None:
+    async def close(self) -> None:
+        """Stop the calls in progress (shutdown): their claims expire and another pass sends
+        them again under the same webhook-id."""
+        for task in list(self._busy.values()):
+            task.cancel()
+        await asyncio.gather(*self._busy.values(), return_exceptions=True)
+
+    async def _deliver_in_order(self, endpoint_id: str, rows: list[Any]) -> None:
         """One endpoint's deliveries one after another, oldest event first: a receiver sees a
         client's events in the order they happened (retries aside; `createdAt` orders them)."""
-        for row in rows:
-            try:
-                if not await self._record(row, await self._call(row)):
-                    return  # the endpoint was just disabled: the rest were failed with it
-            except Exception:
-                log.exception("webhook delivery failed; it will be claimed again", delivery_id=row.id)
+        try:
+            for row in rows:
+                try:
+                    if not await self._record(row, await self._call(row)):
+                        return  # the endpoint was just disabled: the rest were failed with it
+                except Exception:
+                    log.exception("webhook delivery failed; it will be claimed again", delivery_id=row.id)
+        finally:
+            self._busy.pop(endpoint_id, None)
 
     async def _call(self, row: Any) -> Attempt:
         if not row.enabled:

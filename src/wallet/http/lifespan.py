@@ -119,6 +119,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
+        await deliverer.close()
         await http.close()
         await webhook_http.close()
         await engine.dispose()
