@@ -396,3 +396,21 @@ async def test_responses_carry_a_request_id(database_url: str, provider: Provide
         assert given.headers["X-Request-ID"] == "trace-123"
         fresh = await api.http.get("/health", headers={"X-Request-ID": "bad id\twith tab"})
         assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["X-Request-ID"])
+
+
+async def test_a_header_sent_twice_with_different_values_is_refused(
+    database_url: str, provider: Provider
+) -> None:
+    """Who asks, and which request this is, must not depend on which copy a reader takes."""
+    async with start_service(database_url, provider.url) as api:
+        await api.credit("C1", 100)
+        await api.credit("C2", 100)
+        who = await api.http.get("/wallet/balance", headers=[("client-id", "C1"), ("client-id", "C2")])
+        assert_error(who, 400, "DUPLICATE_HEADER")
+        keys = [("client-id", "C1"), ("Idempotency-Key", "k-1"), ("Idempotency-Key", "k-2")]
+        order = await api.http.post("/orders", json={"amount": 5}, headers=keys)
+        assert_error(order, 400, "DUPLICATE_HEADER")
+        assert await api.balance("C1") == Decimal(100)
+        assert provider.simulator.calls == []
+        same = await api.http.get("/wallet/balance", headers=[("client-id", "C1"), ("client-id", "C1")])
+        assert same.status_code == 200

@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from wallet.auth import check_admin
+from wallet.errors import BadRequest
 from wallet.http.deps import Params, Services, invalid, parse_body
 
 _PATH_NAMES = re.compile(r"{([^}:]+)")
@@ -80,14 +82,15 @@ class Endpoint:
         headers = request.headers
         client_id = ""
         if self.auth is Auth.ADMIN:
-            check_admin(bearer_token(headers.get("authorization")), svc.admin_key_digest)
+            check_admin(bearer_token(one_header(headers, "authorization")), svc.admin_key_digest)
         elif self.auth is Auth.CLIENT:
-            token = bearer_token(headers.get("authorization"))
-            client_id = await svc.clients.authenticate(headers.get("client-id"), token)
+            token = bearer_token(one_header(headers, "authorization"))
+            client_id = await svc.clients.authenticate(one_header(headers, "client-id"), token)
         kwargs: dict[str, Any] = {}
         if self.params is not None:
             kwargs["params"] = self._params(request)
-        key = headers.get("idempotency-key") if self.idempotent else None  # checked by idempotency.key_for
+        # checked by idempotency.key_for
+        key = one_header(headers, "idempotency-key") if self.idempotent else None
         if self.body is not None:
             kwargs["body"] = await parse_body(request, self.body)
         return await self.handler(Call(request, svc, client_id, key), **kwargs)
@@ -100,6 +103,17 @@ class Endpoint:
             return self.params.model_validate(values)
         except ValidationError as exc:
             raise invalid(exc, lambda name: ("path" if name in self.path_names else "query",)) from None
+
+
+def one_header(headers: Headers, name: str) -> str | None:
+    """A header that says who asks or which request this is: sent twice with different values,
+    no reading of it is the right one, so the request is refused rather than one picked."""
+    values = headers.getlist(name)
+    if len(values) > 1 and any(value != values[0] for value in values[1:]):
+        raise BadRequest(
+            f"The {name} header was sent more than once, with different values", code="DUPLICATE_HEADER"
+        )
+    return values[0] if values else None
 
 
 def bearer_token(authorization: str | None) -> str | None:
