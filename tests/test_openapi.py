@@ -217,6 +217,9 @@ def test_document_lists_every_route_and_the_docs_page_serves(database_url: str) 
         ("PUT", "/admin/clients/{client_id}/low-balance-threshold"),
     }
     assert doc["paths"]["/orders"]["post"]["security"] == [{"ClientKey": []}]
+    for path, status in (("/orders", "201"), ("/orders", "202"), ("/admin/wallet/credit", "200")):
+        assert "Idempotent-Replayed" in doc["paths"][path]["post"]["responses"][status]["headers"]
+    assert "Idempotent-Replayed" not in doc["paths"]["/wallet/balance"]["get"]["responses"]["200"]["headers"]
     assert doc["paths"]["/admin/wallet/credit"]["post"]["security"] == [{"AdminKey": []}]
     assert "HTTPValidationError" not in str(doc)
     assert docs.status_code == 200

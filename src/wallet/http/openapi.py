@@ -18,6 +18,7 @@ from wallet.errors import CHALLENGE
 from wallet.http.deps import Params
 from wallet.http.routing import Auth, Endpoint
 from wallet.http.schemas import ErrorEnvelope, error_responses
+from wallet.idempotency import REPLAYED_HEADER
 from wallet.ratelimit import EXEMPT_PATHS
 from wallet.settings import ClientAuth
 
@@ -39,10 +40,17 @@ _RATE_HEADERS = {
     )
 }
 _CHALLENGE = {"description": "The scheme to authenticate with", "schema": {"const": CHALLENGE}}
+_REPLAYED = {
+    "description": "`true` when this is the stored answer to an earlier request with the same "
+    "Idempotency-Key (nothing moved again)",
+    "schema": {"const": "true"},
+}
 _RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
 
 
-def _fix_responses(operation: dict[str, Any], extra: dict[int | str, dict[str, Any]], limited: bool) -> None:
+def _fix_responses(
+    operation: dict[str, Any], extra: dict[int | str, dict[str, Any]], limited: bool, idempotent: bool
+) -> None:
     responses: dict[str, Any] = operation["responses"]
     for status, response in extra.items():
         responses.setdefault(str(status), {"description": response["description"]})
@@ -59,6 +67,8 @@ def _fix_responses(operation: dict[str, Any], extra: dict[int | str, dict[str, A
                 headers["Retry-After"] = {**_RETRY_AFTER, "required": True}
         if status == "401":
             headers["WWW-Authenticate"] = {**_CHALLENGE, "required": True}
+        if idempotent:
+            headers[REPLAYED_HEADER] = _REPLAYED
 
 
 TITLE = "Wallet service"
@@ -193,7 +203,7 @@ def document(endpoints: Sequence[Endpoint], client_auth: ClientAuth) -> dict[str
         extra = error_responses(414, 431, 500)
         if limited:
             extra.update(error_responses(429, 503))
-        _fix_responses(operation, extra, limited)
+        _fix_responses(operation, extra, limited, endpoint.idempotent)
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
     security = dict(_SECURITY_SCHEMES)
     if client_auth is ClientAuth.HEADER:  # the client key is not asked for, so not documented
