@@ -150,6 +150,7 @@ async def test_a_wallet_held_elsewhere_is_503_in_time_and_its_key_stays_free(
             },
         )
         assert (debit.status_code, debit.json()["code"]) == (503, "SERVICE_UNAVAILABLE")
+        assert debit.json()["error"] == "Service temporarily unavailable; no money moved"
         await assert_held(api, "C1", 100, 0)
         assert await ledger_types(direct_database_url, "C1") == [("CREDIT", 10000, 0, 10000)]
         again = await api.order("C1", 30, headers=key)

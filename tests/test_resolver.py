@@ -133,6 +133,14 @@ async def test_resolving_as_failed_refunds_once_and_a_second_resolution_is_409(
         # The client sees the refusal the way a refused order always looks.
         replayed_order = await api.get_order("C1", order_id)
         assert replayed_order.json()["data"]["status"] == "FAILED"
+        # A client retrying its order request learns who decided, not that the provider refused.
+        keyed = assert_accepted(await api.order("C1", 10, headers={"Idempotency-Key": "o-1"}), 10)
+        await resolve(api, keyed, {"outcome": "failed", "note": "never shipped"})
+        retried = await api.order("C1", 10, headers={"Idempotency-Key": "o-1"})
+        assert (retried.status_code, retried.json()["error"]) == (
+            502,
+            "An operator found the order was not carried out; it failed and was refunded",
+        )
 
 
 async def test_a_provider_that_never_received_the_order_has_it_refunded_without_another_post(

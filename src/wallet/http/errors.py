@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from wallet.database import Unavailable, is_unavailable
+from wallet.database import Unavailable, gave_up, is_unavailable
 from wallet.errors import ServiceUnavailable, WalletError
 from wallet.wire import json_response
 
@@ -51,7 +51,9 @@ def handlers(production: bool) -> Mapping[Any, Callable[[Request, Exception], Aw
         if not is_unavailable(exc):
             return internal_error_response(exc, production)
         log.error("database unavailable", error=str(exc))
-        return json_response(503, ServiceUnavailable("Service temporarily unavailable").body())
+        # A lock not granted in time: the server rolled the statement back, so that much is known.
+        message = "Service temporarily unavailable" + ("; no money moved" if gave_up(exc) else "")
+        return json_response(503, ServiceUnavailable(message).body())
 
     # Every family a database error can come from: SQLAlchemy's, asyncpg's own (the group-commit
     # statements run on asyncpg, database.Direct), and the socket's.

@@ -50,6 +50,13 @@ async def create_order(call: Call, body: OrderRequest) -> Response:
     return placed_response(await call.svc.orders.place(call.client_id, body.amount, idem, REQUEST_ID.get()))
 
 
+_FAILED_BECAUSE: dict[str, str] = {
+    Failure.UNREACHABLE: "Fulfillment provider could not be reached; the order failed and was refunded",
+    Failure.PROVIDER_ERROR: "Fulfillment provider rejected the order; the order failed and was refunded",
+    Failure.RESOLVED_FAILED: "An operator found the order was not carried out; it failed and was refunded",
+}
+
+
 def placed_response(placed: Placed) -> Response:
     """What placing an order answers, from the order's state: the same for the request that
     placed it and for every replay, so a client retrying a 202 learns the outcome."""
@@ -61,9 +68,7 @@ def placed_response(placed: Placed) -> Response:
     else:
         unreachable = order.failure == Failure.UNREACHABLE
         failed = FulfillmentFailed(
-            "Fulfillment provider could not be reached; the order failed and was refunded"
-            if unreachable
-            else "Fulfillment provider rejected the order; the order failed and was refunded",
+            _FAILED_BECAUSE.get(order.failure or "", _FAILED_BECAUSE[Failure.PROVIDER_ERROR]),
             status=503 if unreachable else 502,
             data=order_json(order),
         )
