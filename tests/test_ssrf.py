@@ -53,6 +53,7 @@ def test_public_addresses_are_allowed(address: str) -> None:
         "http://93.184.215.14/hook",  # public, but not https
         "https://user:pass@93.184.215.14/hook",
         "https://exa]mple.com/",  # not a URL at all: refused, not a crash
+        "https://93.184.215.14:0/hook",  # no port to call (it was read as 443)
         "https://\u00e4\ud94f\udfa6.example/",  # a name IDNA cannot encode
     ],
 )

@@ -52,6 +52,8 @@ def _host_port(url: str, allow_private: bool) -> tuple[str, int]:
         raise UnsafeTarget(f"webhook URLs must be {' or '.join(schemes)}")
     if not host or parts.username is not None or parts.password is not None:
         raise UnsafeTarget("webhook URLs need a host and no credentials")
+    if port == 0:  # `:0` is no port to call; it was read as the scheme's default
+        raise UnsafeTarget("webhook URL port must be 1-65535")
     return host, port or (443 if parts.scheme == "https" else 80)
 
 

@@ -60,8 +60,17 @@ class EndpointFilter(Page):
     client_id: ClientIdField | None = Field(None, alias="clientId")
 
 
+# What the document can say of a webhook URL: http(s), a host (a name, or an IPv6 address in
+# brackets), no credentials, an optional numeric port, then anything printable. Whether the host
+# may be called (public, resolving) only the service can tell: INVALID_WEBHOOK_URL.
+WEBHOOK_URL = (
+    r"^https?://(?:[^\x00-\x20/?#@\[\]:]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:[/?#][^\x00-\x20]*)?$"
+)
+
+
 class EndpointRequest(RequestBody):
-    url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://[^\x00-\x20]+$")]
+    url: Annotated[str, Field(min_length=1, max_length=2048, pattern=WEBHOOK_URL)]
     eventTypes: Annotated[list[EventType], Field(min_length=1, max_length=20)] | None = None
     description: Text | None = None
 
