@@ -59,12 +59,14 @@ async def fulfill(url: str, attempts: int, status_url: str | None = None) -> Out
 CASES = [
     ('201 {"id": 7}', Kind.FULFILLED, None),
     ('200 {"id": "ff-1", "extra": true}', Kind.FULFILLED, None),
-    ("201 {}", Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a 2xx without an id
-    ('201 {"id": null}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),
-    ('201 {"id": " "}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # blank: nothing to match it by
-    ('201 {"id": "a\\u0000b"}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a NUL cannot be stored
-    ('201 {"id": "\\ud800"}', Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a lone surrogate
-    ("200 <html>ok</html>", Kind.UNKNOWN, Failure.PROVIDER_ERROR),  # a 2xx whose body is not JSON
+    # A 2xx whose id is unusable: the provider took the order, so even FULFILLMENT_ON_UNKNOWN=
+    # refund never refunds it (no failure to refund it with).
+    ("201 {}", Kind.UNKNOWN, None),  # a 2xx without an id
+    ('201 {"id": null}', Kind.UNKNOWN, None),
+    ('201 {"id": " "}', Kind.UNKNOWN, None),  # blank: nothing to match it by
+    ('201 {"id": "a\\u0000b"}', Kind.UNKNOWN, None),  # a NUL cannot be stored
+    ('201 {"id": "\\ud800"}', Kind.UNKNOWN, None),  # a lone surrogate
+    ("200 <html>ok</html>", Kind.UNKNOWN, None),  # a 2xx whose body is not JSON
     ('400 {"error": "bad"}', Kind.REFUSED, Failure.PROVIDER_ERROR),
     ("404 {}", Kind.REFUSED, Failure.PROVIDER_ERROR),
     ("422 {}", Kind.REFUSED, Failure.PROVIDER_ERROR),
