@@ -65,6 +65,8 @@ WITH taken AS (
     JOIN events e ON e.client_id = t.client_id AND e.id = t.event_no
     JOIN webhook_endpoints w ON (w.client_id IS NULL OR w.client_id = e.client_id)
         AND (w.event_types IS NULL OR e.type = ANY (w.event_types)) AND w.created_at <= e.created_at
+        -- an endpoint is not told of its own disabling: the one receiver known not to answer
+        AND NOT (e.type = 'webhook_endpoint.disabled' AND e.data ->> 'id' = w.endpoint_id)
     ORDER BY e.id
     FOR KEY SHARE OF w
     RETURNING 1
