@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import json
 import os
@@ -174,8 +175,13 @@ async def test_a_second_service_on_a_port_in_use_refuses_to_start(
             env={**os.environ, "LEDGER_KEY": LEDGER_KEY, **env, "PORT": port, "HOST": "127.0.0.1"},
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, workers included
         )
-        _, stderr = await asyncio.wait_for(second.communicate(), 60)
+        try:
+            _, stderr = await asyncio.wait_for(second.communicate(), 60)
+        finally:  # if it did start (the fault this test is about), it must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(second.pid, signal.SIGKILL)
         assert second.returncode == 3
         assert f"wallet: cannot listen on HOST:PORT 127.0.0.1:{port}" in stderr.decode()
         async with httpx.AsyncClient(base_url=server.url) as http:
